@@ -1,0 +1,94 @@
+"""The VITask losses as pure tensor functions.
+
+Every function here takes logits already gathered at *response* positions: a tensor of shape
+``(N, V)`` for the N teacher-forced response tokens of a batch (see :func:`response_logits`),
+and returns one loss value per token, shape ``(N,)``. The trainer weights and reduces them with
+:func:`reduce_tokens`. Keeping the per-token form makes the losses testable by hand, lets the
+EP and no-EP passes be aligned token by token (the exemplar shifts positions, not responses),
+and gives gradient accumulation the right normaliser (``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def response_logits(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather next-token logits at response positions.
+
+    A causal LM predicts ``labels[:, t + 1]`` from position ``t``; this shifts once and keeps
+    the positions whose target is not ``ignore_index``. Returns ``(logits (N, V), targets (N,))``
+    in row-major order, so two passes with the same responses give aligned rows even when
+    their prompts differ in length.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, length)")
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != ignore_index
+    return shift_logits[keep], shift_labels[keep]
+
+
+def response_row_ids(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Batch row of each response token, in the order of :func:`response_logits`."""
+    return (labels[:, 1:] != ignore_index).nonzero()[:, 0]
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each response token, ``-log softmax(logits)[target]``; shape ``(N,)``."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def rda_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Response distribution alignment, ``KL(p_student || p_teacher)`` per token over the vocabulary.
+
+    Student first, as in VITask: the distribution without the exemplar is pulled toward the
+    exemplar-prompted one. The teacher is detached here (stop-gradient), whatever the caller
+    passes: without the detach the paper reports no gain. With a temperature ``T`` both
+    distributions are softened and the result is scaled by ``T**2`` so gradients keep their size.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ in shape"
+        )
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
+def crt_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Contrastive response tuning, ``-log softmax(logits_pos - logits_neg)[target]`` per token.
+
+    ``pos_logits`` come from the correct image, ``neg_logits`` from a mismatched image with the
+    same teacher-forced response. The loss is low when the correct image makes the response
+    token more likely *relative to* the wrong image than any other vocabulary entry. No margin;
+    gradients flow through both branches.
+    """
+    if pos_logits.shape != neg_logits.shape:
+        raise ValueError(f"positive {tuple(pos_logits.shape)} and negative {tuple(neg_logits.shape)} logits differ")
+    return F.cross_entropy(pos_logits.float() - neg_logits.float(), targets, reduction="none")
+
+
+def reduce_tokens(per_token: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over tokens divided by ``num_items_in_batch`` (all response tokens of the accumulated
+    batch, as the ``Trainer`` counts them), or the plain mean when it is ``None``.
+
+    An empty selection gives a zero that still carries a graph, so a micro-batch without a
+    valid token (e.g. no contrastive negative) does not break ``backward``.
+    """
+    if num_items_in_batch is None:
+        return per_token.sum() / max(per_token.numel(), 1)
+    return per_token.sum() / num_items_in_batch
+
+
+def response_ce(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masked response cross-entropy of a full ``(B, L, V)`` logit tensor: the SFT loss."""
+    resp, targets = response_logits(logits, labels)
+    return reduce_tokens(token_ce(resp, targets), num_items_in_batch)

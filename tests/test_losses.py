@@ -1,0 +1,106 @@
+"""The VITask losses against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from hf_vitask.losses import (
+    crt_loss,
+    rda_kl,
+    reduce_tokens,
+    response_ce,
+    response_logits,
+    response_row_ids,
+    token_ce,
+)
+
+
+def test_response_logits_shifts_and_masks():
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    labels = torch.tensor([[-100, -100, 2, 1], [-100, 0, -100, -100]])
+    resp, targets = response_logits(logits, labels)
+    # row 0: positions 1 and 2 predict labels 2 and 1; row 1: position 0 predicts label 0
+    assert targets.tolist() == [2, 1, 0]
+    assert torch.equal(resp, torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]))
+    assert response_row_ids(labels).tolist() == [0, 0, 1]
+
+
+def test_response_logits_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="disagree"):
+        response_logits(torch.zeros(1, 5, 3), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_token_ce_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]
+    logits = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])
+    ce = token_ce(logits, torch.tensor([1, 0]))
+    assert ce.tolist() == pytest.approx([-math.log(0.75), -math.log(0.25)], abs=1e-6)
+
+
+def test_rda_kl_is_student_first():
+    student = torch.tensor([[0.0, 0.0]], requires_grad=True)  # p = [1/2, 1/2]
+    teacher = torch.tensor([[math.log(3), 0.0]], requires_grad=True)  # q = [3/4, 1/4]
+    kl = rda_kl(student, teacher)
+    kl_p_q = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # 0.1438
+    kl_q_p = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # 0.1308
+    assert kl.item() == pytest.approx(kl_p_q, abs=1e-6)
+    assert abs(kl.item() - kl_q_p) > 1e-2  # the other direction is a different number
+    kl.sum().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None  # stop-gradient on the teacher
+
+
+def test_rda_kl_temperature_by_hand():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[math.log(3), 0.0]])
+    t = 2.0
+    q1 = math.sqrt(3) / (math.sqrt(3) + 1)  # softmax([ln3 / 2, 0])
+    expected = (0.5 * math.log(0.5 / q1) + 0.5 * math.log(0.5 / (1 - q1))) * t**2
+    assert rda_kl(student, teacher, temperature=t).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rda_kl_zero_for_identical():
+    x = torch.randn(5, 7)
+    assert torch.allclose(rda_kl(x, x.clone()), torch.zeros(5), atol=1e-6)
+
+
+def test_crt_by_hand():
+    pos = torch.tensor([[1.0, 0.0, 0.0]], requires_grad=True)
+    neg = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)
+    loss = crt_loss(pos, neg, torch.tensor([0]))
+    # softmax over pos - neg = [1, 0, -1], target 0
+    expected = -math.log(math.e / (math.e + 1 + math.exp(-1)))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.sum().backward()
+    assert neg.grad is not None and neg.grad.abs().sum() > 0  # gradient through the negative branch
+
+
+def test_crt_ignores_shared_shift():
+    """Adding the same logits to both branches changes nothing: only the difference matters."""
+    pos, neg, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    shift = torch.randn(4, 6)
+    assert torch.allclose(crt_loss(pos + shift, neg + shift, y), crt_loss(pos, neg, y), atol=1e-5)
+
+
+def test_reduce_tokens():
+    per_token = torch.tensor([1.0, 2.0, 3.0])
+    assert reduce_tokens(per_token).item() == pytest.approx(2.0)
+    assert reduce_tokens(per_token, num_items_in_batch=6).item() == pytest.approx(1.0)
+    assert reduce_tokens(per_token, num_items_in_batch=torch.tensor(12)).item() == pytest.approx(0.5)
+    empty = torch.zeros(0, requires_grad=True)
+    out = reduce_tokens(empty)
+    out.backward()
+    assert out.item() == 0.0
+
+
+def test_response_ce_matches_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
+    manual = torch.nn.functional.cross_entropy(
+        torch.stack([logits[0, 1], logits[0, 2], logits[0, 3], logits[1, 0], logits[1, 1]]),
+        torch.tensor([3, 4, 5, 7, 8]),
+    )
+    assert response_ce(logits, labels).item() == pytest.approx(manual.item(), abs=1e-6)
+    assert response_ce(logits, labels, num_items_in_batch=10).item() == pytest.approx(manual.item() / 2, abs=1e-6)
