@@ -1,0 +1,383 @@
+"""Tiny, randomly initialised vision-language models built entirely offline.
+
+Tests and demos need a real ``transformers`` VLM (same classes, same module names, same
+processor behaviour as the production checkpoints) but cannot download one. This module
+builds one in well under a second: a byte-level BPE tokenizer trained on a small corpus,
+the family's real processor class configured for 32x32 images, a chat template, and a
+model with a couple of 64-wide layers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+__all__ = [
+    "DEFAULT_CORPUS",
+    "LLAVA_CHAT_TEMPLATE",
+    "QWEN2_VL_CHAT_TEMPLATE",
+    "TINY_FAMILIES",
+    "build_tiny_tokenizer",
+    "build_tiny_vlm",
+    "save_tiny_vlm",
+]
+
+TINY_FAMILIES = ("llava", "qwen2_vl")
+
+_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+DEFAULT_CORPUS: list[str] = [
+    "Analyze the given image. The possible diagnoses are: pneumonia, normal, effusion, nodule.",
+    "Analyze the given image and answer the question.",
+    "The possible answers are: yes, no.",
+    "Classify the given image. The possible classes are: cat, dog, bird, car, airplane.",
+    "What is shown in this image? Answer with one word.",
+    "Which handwritten digit is shown in the image?",
+    "This is a handwritten digit. The digit is " + ", ".join(_DIGITS) + ".",
+    *[f"The handwritten digit is {word}." for word in _DIGITS],
+    *[f"Answer: {word} ({i})" for i, word in enumerate(_DIGITS)],
+    "Describe the image in detail. The image shows a chest X-ray of a patient.",
+    "Diagnosis: pneumonia. Diagnosis: normal. Diagnosis: benign. Diagnosis: malignant.",
+    "You are a helpful assistant. Please answer the question about the image.",
+    "USER: ASSISTANT: USER: ASSISTANT: user assistant system user assistant system",
+    "Question: what is the label of the image? Answer: the label is",
+    "0 1 2 3 4 5 6 7 8 9 10 42 100",
+    "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z . , : ; ! ? ( ) - ' \"",
+]
+
+# --------------------------------------------------------------------------------------
+# Chat templates. Both satisfy: render(prompt + [assistant]) starts with
+# render(prompt, add_generation_prompt=True), and the assistant turn ends with eos so
+# the model learns to stop. `{% generation %}` marks assistant tokens for
+# `return_assistant_tokens_mask`. `content` may be a string or a list of
+# {"type": "image"} / {"type": "text", "text": ...} items.
+# --------------------------------------------------------------------------------------
+
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ text + '\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}{{ '<image>\n' * n_images }}{{ text + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + text + eos_token }}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}"
+    "{%- set body = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(body='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}"
+    "{%- set ns.body = ns.body + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
+    "{%- elif item['type'] == 'video' -%}"
+    "{%- set ns.body = ns.body + '<|vision_start|><|video_pad|><|vision_end|>' -%}"
+    "{%- elif item['type'] == 'text' -%}"
+    "{%- set ns.body = ns.body + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set body = ns.body -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ body + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ body + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+# Per-family tokenizer layout. Qwen2-VL needs the video pad token too: its processor
+# looks both placeholders up at construction time.
+_TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
+    "llava": {
+        "special_tokens": ["<pad>", "<s>", "</s>", "<image>"],
+        "pad": "<pad>",
+        "bos": "<s>",
+        "eos": "</s>",
+        "extra": {"image_token": "<image>"},
+        "add_bos": True,  # like the real llava-1.5 (Llama) tokenizer
+        "chat_template": LLAVA_CHAT_TEMPLATE,
+    },
+    "qwen2_vl": {
+        "special_tokens": [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ],
+        "pad": "<|endoftext|>",
+        "bos": None,  # like the real Qwen2 tokenizer: no bos is prepended
+        "eos": "<|im_end|>",
+        "extra": {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+        "add_bos": False,
+        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+    },
+}
+
+
+def _tiny_name(family: str) -> str:
+    return f"tiny-{family.replace('_', '-')}"
+
+
+def _check_family(family: str) -> str:
+    if family not in _TOKENIZER_SPECS:
+        raise ValueError(f"No tiny builder for family {family!r}; supported: {', '.join(TINY_FAMILIES)}")
+    return family
+
+
+def build_tiny_tokenizer(
+    family: str = "llava", corpus: list[str] | None = None, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with the family's special tokens.
+
+    Byte-level means every string encodes without unknown tokens and decodes back
+    exactly, so tests can feed arbitrary labels ("café 42!") through it.
+    """
+    spec = _TOKENIZER_SPECS[_check_family(family)]
+    specials: list[str] = spec["special_tokens"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(corpus if corpus is not None else DEFAULT_CORPUS), trainer)
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, backend.token_to_id(bos))],
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    kwargs: dict[str, Any] = {"pad_token": spec["pad"], "eos_token": spec["eos"]}
+    if spec["bos"] is not None:
+        kwargs["bos_token"] = spec["bos"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        padding_side="right",
+        model_max_length=2048,
+        extra_special_tokens=dict(spec["extra"]),
+        chat_template=spec["chat_template"],
+        name_or_path=_tiny_name(family),
+        **kwargs,
+    )
+    return tokenizer
+
+
+def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int) -> ProcessorMixin:
+    chat_template = _TOKENIZER_SPECS[family]["chat_template"]
+    if family == "llava":
+        # patch = image_size / 4 -> 4x4 = 16 patches; the "default" feature strategy drops
+        # the CLS token the processor counts via num_additional_image_tokens=1.
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_center_crop=True,
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=image_size // 4,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=chat_template,
+        )
+    # Qwen2-VL resizes images to a multiple of patch*merge with an area in
+    # [min_pixels, max_pixels]. Pinning both to image_size**2 makes every square image
+    # (whatever its resolution) an (image_size/patch)^2 grid -> 16 tokens after 2x2 merge.
+    patch = image_size // 8
+    common = {
+        "patch_size": patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": image_size * image_size,
+        "max_pixels": image_size * image_size,
+    }
+    image_processor = Qwen2VLImageProcessor(**common)
+    video_processor = Qwen2VLVideoProcessor(**common)
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=chat_template,
+    )
+
+
+def _build_model(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    image_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+) -> PreTrainedModel:
+    vocab = len(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    # Qwen has no bos token; its real config uses <|endoftext|> as bos.
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id
+    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    text_common = {
+        "vocab_size": vocab,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+        "max_position_embeddings": 2048,
+        "pad_token_id": pad_id,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+    }
+    if family == "llava":
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=image_size // 4,
+            projection_dim=32,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**text_common),
+            image_token_index=image_id,
+            image_seq_length=16,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            pad_token_id=pad_id,
+        )
+        model: PreTrainedModel = LlavaForConditionalGeneration(config)
+    else:
+        head_dim = hidden_size // num_heads
+        half = head_dim // 2
+        # M-RoPE splits the rotary half-dim into (temporal, height, width) sections.
+        mrope = [half - 2 * (half // 3), half // 3, half // 3]
+        vision = {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden_size,  # merger output must match the text width
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "in_channels": 3,
+            "patch_size": image_size // 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        text = dict(
+            text_common,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        )
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=image_id,
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+            pad_token_id=pad_id,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+        )
+        model = Qwen2VLForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = pad_id, bos_id, eos_id
+    return model
+
+
+def build_tiny_vlm(
+    family: str = "llava",
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    corpus: list[str] | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build a tiny random ``(model, processor)`` pair for ``family`` ("llava" or "qwen2_vl").
+
+    Same seed, same weights. Every square image becomes 16 image tokens in both families.
+    The model is float32 and in train mode.
+    """
+    _check_family(family)
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise ValueError("hidden_size / num_heads must be an even integer")
+    tokenizer = build_tiny_tokenizer(family, corpus)
+    processor = _build_processor(family, tokenizer, image_size)
+    torch.manual_seed(seed)
+    model = _build_model(
+        family,
+        tokenizer,
+        image_size=image_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+    )
+    model = model.to(torch.float32)
+    # PreTrainedModel copies config.name_or_path at init; set both so logs/model cards say "tiny-llava".
+    model.config.name_or_path = model.name_or_path = _tiny_name(family)
+    model.train()
+    return model, processor
+
+
+def save_tiny_vlm(path: str | os.PathLike, family: str = "llava", **kwargs: Any) -> str:
+    """Build a tiny VLM and save model + processor so the Auto* classes load it offline."""
+    model, processor = build_tiny_vlm(family, **kwargs)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
