@@ -1,0 +1,345 @@
+"""The task-specific model (TSM): a timm image classifier trained on the target task.
+
+VITask uses the TSM twice: its pooled pre-logits feature is the *exemplar* that exemplar
+prompting (EP) feeds to the VLM through a connector, and its accuracy is the bar the tuned
+VLM has to reach. Any timm model works; tests use timm's tiny `test_*` architectures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "tsm_config.json"
+FEATURE_KINDS = ("pooled", "patch")
+
+
+class TaskSpecificModel(nn.Module):
+    """A timm classifier trained on the task; its pooled pre-logits feature is the exemplar (VITask EP).
+
+    `img_size` is passed to timm only when given (ViTs size their position embeddings with it)
+    and also sets the input size of `data_config`, so `preprocess` resizes images to what the
+    model was built for. CNNs take any resolution and reject `img_size`; give them
+    `pretrained_cfg_overlay={"input_size": (3, S, S)}` (a timm kwarg) to preprocess at S px
+    instead of the pretrained resolution (e.g. 32 px digits instead of 224 px).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 2,
+        *,
+        pretrained: bool = False,
+        img_size: int | None = None,
+        **timm_kwargs,
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        size_kwargs = {} if img_size is None else {"img_size": img_size}
+        try:
+            self.model = timm.create_model(
+                model_name, pretrained=pretrained, num_classes=num_classes, **size_kwargs, **timm_kwargs
+            )
+        except TypeError as err:
+            if img_size is not None and "img_size" in str(err):
+                overlay = {"input_size": (3, img_size, img_size)}
+                raise ValueError(
+                    f"timm model {model_name!r} does not take img_size (CNNs accept any resolution); "
+                    f"leave img_size=None and pass pretrained_cfg_overlay={overlay} to preprocess at that size"
+                ) from err
+            raise
+        # What it takes to rebuild this model; weights then come from model.safetensors, so
+        # `pretrained` is deliberately not part of it.
+        self.config = {
+            "model_name": model_name,
+            "num_classes": num_classes,
+            "img_size": img_size,
+            "timm_kwargs": dict(timm_kwargs),
+        }
+        self.feature_dim: int = self.model.num_features
+        self.num_prefix_tokens: int = int(getattr(self.model, "num_prefix_tokens", 0))
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Class logits, shape (B, num_classes)."""
+        return self.model(pixel_values)
+
+    def features(self, pixel_values: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
+        """Exemplar features: "pooled" -> (B, D) pre-logits, "patch" -> (B, N, D) patch tokens.
+
+        The pooled feature is exactly what the classifier head sees (CLS token or global
+        pool, after timm's head norm), which is the exemplar VITask found best.
+        """
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
+        tokens = self.model.forward_features(pixel_values)
+        if kind == "pooled":
+            return self.model.forward_head(tokens, pre_logits=True)
+        return self._patch_tokens(tokens)
+
+    def _patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bring timm's feature output to (B, N, D): drop ViT prefix tokens, flatten CNN maps."""
+        if tokens.ndim == 3:
+            return tokens[:, self.num_prefix_tokens :]
+        if tokens.ndim == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # e.g. Swin, MambaOut
+                return tokens.flatten(1, 2)
+            return tokens.flatten(2).transpose(1, 2)
+        raise ValueError(f"cannot turn a feature output of shape {tuple(tokens.shape)} into patch tokens")
+
+    @property
+    def data_config(self) -> dict:
+        """timm's preprocessing config (size, interpolation, mean/std, crop) for this model."""
+        config = timm.data.resolve_data_config({}, model=self.model)
+        # Lists come back from tsm_config.json (e.g. a pretrained_cfg_overlay); timm uses tuples.
+        config = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
+        if self.config["img_size"] is not None:
+            # timm keeps the pretrained input size in pretrained_cfg even when img_size changes.
+            config["input_size"] = (3, *_pair(self.config["img_size"]))
+        return config
+
+    def image_transform(self, train: bool = False) -> Callable:
+        """PIL image -> normalised tensor.
+
+        Training uses light augmentation only: a mild random-resized crop (>= 85% of the area,
+        near-square) and no flips or colour jitter. timm's default training recipe (crops down
+        to 8% of the image, horizontal flips) destroys small images such as 8x8 digits and
+        changes what a mirrored digit means.
+        """
+        if not train:
+            return timm.data.create_transform(**self.data_config, is_training=False)
+        config = {k: v for k, v in self.data_config.items() if k not in ("crop_pct", "crop_mode")}
+        return timm.data.create_transform(
+            **config, is_training=True, scale=(0.85, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=None
+        )
+
+    def preprocess(self, images: Sequence[Image.Image], train: bool = False) -> torch.Tensor:
+        """Turn PIL images (or one image) of any mode into a (B, 3, H, W) batch for this model."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("preprocess got no images")
+        transform = self.image_transform(train=train)
+        return torch.stack([transform(_to_rgb(image, index)) for index, image in enumerate(images)])
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `model.safetensors` and `tsm_config.json` into `save_directory`."""
+        os.makedirs(save_directory, exist_ok=True)
+        try:
+            config_text = json.dumps(self.config, indent=2, sort_keys=True)
+        except TypeError as err:
+            raise TypeError(f"TSM config is not JSON-serialisable (check timm_kwargs): {err}") from err
+        save_model(self.model, os.path.join(save_directory, WEIGHTS_NAME))
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(config_text + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> TaskSpecificModel:
+        """Rebuild a TSM saved with `save_pretrained` (random init, then the saved weights)."""
+        config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        for required in (config_path, weights_path):
+            if not os.path.isfile(required):
+                raise FileNotFoundError(
+                    f"no {os.path.basename(required)} in {os.fspath(path)!r} (looked for {required})"
+                )
+        with open(config_path) as f:
+            config = json.load(f)
+        tsm = cls(
+            config["model_name"],
+            config["num_classes"],
+            pretrained=False,
+            img_size=config.get("img_size"),
+            **config.get("timm_kwargs", {}),
+        )
+        load_model(tsm.model, weights_path, device=str(map_location))
+        return tsm.to(map_location).eval()
+
+
+def train_tsm(
+    tsm: TaskSpecificModel,
+    train_dataset,
+    *,
+    eval_dataset=None,
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    progress: bool = True,
+) -> dict:
+    """Fully fine-tune the TSM with AdamW and a per-step cosine schedule (VITask trains it alone, first).
+
+    Returns {"train_loss": [mean loss per epoch], "eval_accuracy": [per epoch] (only with an
+    eval_dataset), "best_epoch": 0-based index into those lists}. The weights of the best eval
+    epoch are kept (the last epoch without an eval_dataset), as the paper keeps the best
+    validation checkpoint. `device=None` trains where the TSM already is. Deterministic for
+    a seed: shuffling uses its own `torch.Generator`, and augmentation/dropout draw from a
+    forked, seeded global RNG (the caller's RNG state is left untouched). The TSM ends in eval mode.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    labels = _checked_labels(train_dataset, tsm.num_classes, image_column, label_column, "train_dataset")
+    if eval_dataset is not None:
+        eval_labels = _checked_labels(
+            eval_dataset, tsm.num_classes, image_column, label_column, "eval_dataset"
+        )
+    device = _resolve_device(tsm, device)
+    tsm.to(device)
+
+    steps_per_epoch = len(_batches(list(range(len(labels))), batch_size))
+    optimizer = torch.optim.AdamW(tsm.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    shuffler = torch.Generator().manual_seed(seed)
+    history: dict = {"train_loss": []}
+    if eval_dataset is not None:
+        history["eval_accuracy"] = []
+    best_accuracy, best_state = -1.0, None
+    bar = tqdm(total=epochs * steps_per_epoch, desc="train TSM", disable=not progress)
+
+    with _seeded_rngs(seed, device):
+        for _ in range(epochs):
+            tsm.train()
+            order = torch.randperm(len(labels), generator=shuffler).tolist()
+            epoch_loss = 0.0
+            for rows in _batches(order, batch_size):
+                pixel_values = tsm.preprocess(train_dataset[rows][image_column], train=True).to(device)
+                targets = torch.tensor([labels[i] for i in rows], device=device)
+                loss = F.cross_entropy(tsm(pixel_values), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                epoch_loss += loss.item() * len(rows)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            history["train_loss"].append(epoch_loss / len(order))
+
+            if eval_dataset is not None:
+                probs = tsm_predict(
+                    tsm, eval_dataset, batch_size=batch_size, device=device, image_column=image_column
+                )
+                accuracy = (probs.argmax(-1) == torch.tensor(eval_labels)).float().mean().item()
+                history["eval_accuracy"].append(accuracy)
+                if accuracy > best_accuracy:  # ties keep the earlier epoch
+                    best_accuracy, history["best_epoch"] = accuracy, len(history["eval_accuracy"]) - 1
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in tsm.state_dict().items()}
+                bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", eval_acc=f"{accuracy:.3f}")
+    bar.close()
+
+    if best_state is not None:
+        tsm.load_state_dict(best_state)
+    else:
+        history["best_epoch"] = epochs - 1
+    tsm.eval()
+    return history
+
+
+@torch.no_grad()
+def tsm_predict(
+    tsm: TaskSpecificModel,
+    dataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    image_column: str = "image",
+) -> torch.Tensor:
+    """Softmax class probabilities, (N, num_classes) float32 on CPU, in dataset order."""
+    if len(dataset) == 0:
+        raise ValueError("tsm_predict got an empty dataset")
+    device = _resolve_device(tsm, device)
+    was_training = tsm.training
+    tsm.to(device).eval()
+    chunks = []
+    for start in range(0, len(dataset), batch_size):
+        images = dataset[start : start + batch_size][image_column]
+        chunks.append(tsm(tsm.preprocess(images).to(device)).float().softmax(-1).cpu())
+    tsm.train(was_training)
+    return torch.cat(chunks)
+
+
+def _checked_labels(dataset, num_classes: int, image_column: str, label_column: str, name: str) -> list[int]:
+    """Read all labels once, failing early (before any training step) on bad data."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:
+        missing = [c for c in (image_column, label_column) if c not in columns]
+        if missing:
+            raise ValueError(f"{name} has no column(s) {missing}; its columns are {columns}")
+    labels = [int(label) for label in dataset[label_column]]
+    for row, label in enumerate(labels):
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{name} row {row} has label {label}, outside [0, {num_classes})")
+    return labels
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches of `order`; a trailing single row joins the previous batch,
+    because BatchNorm cannot train on one sample."""
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] += batches.pop()
+    return batches
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int, device: torch.device):
+    """Seed the RNGs that dropout (torch) and timm's augmentations (Python `random`) draw
+    from, and restore the caller's states afterwards, so training is reproducible without
+    side effects."""
+    cuda_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+
+
+def _resolve_device(tsm: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return next(tsm.parameters()).device
+
+
+def _to_rgb(image, index: int) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"item {index} is a {type(image).__name__}, not a PIL image")
+    try:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"item {index} (mode {image.mode!r}) cannot be converted to RGB: {err}") from err
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+__all__ = ["TaskSpecificModel", "train_tsm", "tsm_predict", "WEIGHTS_NAME", "CONFIG_NAME"]
