@@ -1,0 +1,204 @@
+"""VITaskCollator: rows ``{image, label}`` to a VLM training batch with prompt tokens masked.
+
+Tokenisation and masking are trl's vision-language collator (prompt and completion tokenised
+separately, so the training prompt is exactly the inference prompt); this module adds what
+VITask needs on top: the task's instruction/response rendering, TSM pixel values, class ids,
+contrastive negatives, and validation that names the offending row instead of failing at step
+3,000 with a shape error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from hf_vitask.losses import IGNORE_INDEX
+from hf_vitask.task import TaskSpec
+
+
+def load_image(value: Any, where: str) -> Image.Image:
+    """Accept a PIL image, a path, or a datasets ``{"path", "bytes"}`` dict; fail naming the row."""
+    if isinstance(value, dict) and value.get("bytes") is None:
+        value = value.get("path")
+    if value is None:
+        raise ValueError(f"Missing image{where}")
+    # Never put raw bytes in the message: a corrupt 5 MB image would make a 20 MB error.
+    shown = f"<{len(value['bytes'])} bytes>" if isinstance(value, dict) else repr(value)
+    try:
+        if isinstance(value, Image.Image):  # may be lazily loaded: decoding can fail here too
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            import io
+
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        with Image.open(value) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"Image file not found{where}: {shown}") from None
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"Cannot read image{where} ({shown}): {e}") from None
+
+
+def user_message(instruction: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+def assistant_message(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def pick_negatives(class_ids: list[int], rng: random.Random) -> list[int]:
+    """For each row, a random row of the batch with a different class, or -1 when there is none."""
+    out = []
+    for i, c in enumerate(class_ids):
+        pool = [j for j, d in enumerate(class_ids) if d != c and j != i]
+        out.append(rng.choice(pool) if pool else -1)
+    return out
+
+
+@dataclass
+class VITaskCollator:
+    """Build ``input_ids, attention_mask, labels, pixel_values (+ family extras), tsm_pixel_values,
+    class_ids`` (and ``crt_negative_index``) from rows holding an image and a label.
+
+    ``labels`` is -100 on every prompt, image and padding token: only the response is learnt.
+    With ``negatives_dataset`` set (stage 2, CRT), every row gets a negative: a row of the
+    batch with another class, or, when the batch has none, an extra row drawn from the dataset
+    and appended with all labels at -100 (it only lends its image).
+    """
+
+    processor: Any
+    task: TaskSpec
+    tsm: Any = None
+    """TaskSpecificModel whose ``preprocess`` makes ``tsm_pixel_values``; None skips them."""
+    complete_instruction: bool = True
+    max_length: int | None = None
+    """Longer rows raise an error naming them (never silently truncated)."""
+    negatives_dataset: Any = None
+    """Dataset that tops up CRT negatives; None disables ``crt_negative_index``."""
+    with_negatives: bool = False
+    """Emit ``crt_negative_index`` from in-batch negatives only (no dataset top-up)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+    _by_class: dict | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self):
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The processor's tokenizer has no pad token; set tokenizer.pad_token first")
+        self.image_token_id = image_token_id_of(self.processor)
+        self._trl = DataCollatorForVisionLanguageModeling(self.processor, completion_only_loss=True)
+        self._rng = random.Random(self.seed)
+
+    # -- rows -> examples --------------------------------------------------------------------------
+    def _row(self, row: dict, i: int, source: str = "") -> tuple[Image.Image, int]:
+        where = f" in row {i}{source}" + (f" (id {row['id']!r})" if "id" in row else "")
+        if self.image_column not in row:
+            raise KeyError(f"Row {i}{source} has no {self.image_column!r} column; columns: {sorted(row)}")
+        if self.label_column not in row:
+            raise KeyError(f"Row {i}{source} has no {self.label_column!r} column; columns: {sorted(row)}")
+        image = load_image(row[self.image_column], where)
+        return image, self.task.check_label(row[self.label_column], where)
+
+    def _example(self, image: Image.Image, label: int) -> dict:
+        return {
+            "images": [image],
+            "prompt": user_message(self.task.instruction(self.complete_instruction)),
+            "completion": assistant_message(self.task.response(label)),
+        }
+
+    def _dataset_negative(self, label: int) -> tuple[Image.Image, int]:
+        if self._by_class is None:
+            by_class = defaultdict(list)
+            for idx, lab in enumerate(self.negatives_dataset[self.label_column]):
+                by_class[self.task.check_label(lab, f" in row {idx} of the negatives dataset")].append(idx)
+            self._by_class = dict(by_class)
+        classes = [c for c in self._by_class if c != label]
+        if not classes:
+            raise ValueError("CRT needs at least two classes in the training data; it has only one")
+        idx = self._rng.choice(self._by_class[self._rng.choice(classes)])
+        return self._row(self.negatives_dataset[idx], idx, " of the negatives dataset")
+
+    # -- call ------------------------------------------------------------------------------------
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("Empty batch: the dataset or sampler produced no rows")
+        pairs = [self._row(row, i) for i, row in enumerate(rows)]
+        n_real = len(pairs)
+        negatives = None
+        if self.negatives_dataset is not None or self.with_negatives:
+            negatives = pick_negatives([c for _, c in pairs], self._rng)
+            if self.negatives_dataset is not None:
+                for i in range(n_real):
+                    if negatives[i] == -1:
+                        pairs.append(self._dataset_negative(pairs[i][1]))
+                        negatives[i] = len(pairs) - 1
+                negatives += [-1] * (len(pairs) - n_real)
+        batch = self._trl.torch_call([self._example(img, lab) for img, lab in pairs])
+        batch["labels"][n_real:] = IGNORE_INDEX  # extra rows only lend their image to CRT
+        self._validate(batch, n_real)
+        batch["class_ids"] = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        if self.tsm is not None:
+            batch["tsm_pixel_values"] = self.tsm.preprocess([img for img, _ in pairs])
+        if negatives is not None:
+            batch["crt_negative_index"] = torch.tensor(negatives, dtype=torch.long)
+        return dict(batch)
+
+    def _validate(self, batch, n_real: int) -> None:
+        ids = batch["input_ids"]
+        if self.image_token_id is not None:
+            no_image = (~(ids == self.image_token_id).any(1)).nonzero().flatten().tolist()
+            if no_image:
+                raise ValueError(
+                    f"Rows {no_image} have no image token after the chat template: the processor's chat template "
+                    "must render {'type': 'image'} content as the image placeholder"
+                )
+        no_answer = (~(batch["labels"][:n_real] != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
+        if no_answer:
+            raise ValueError(f"Rows {no_answer} have no response token to learn from (empty response template?)")
+        if self.max_length is not None:
+            lengths = batch["attention_mask"].sum(1)
+            too_long = (lengths > self.max_length).nonzero().flatten().tolist()
+            if too_long:
+                raise ValueError(
+                    f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={self.max_length}. "
+                    "Raise max_length (truncating would cut the answer or image tokens)."
+                )
+
+
+def image_token_id_of(processor) -> int | None:
+    """The id of the image placeholder token, as the processor declares it."""
+    token_id = getattr(processor, "image_token_id", None)
+    token = getattr(processor, "image_token", None)
+    if token_id is None and token is not None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(token)
+    return token_id
+
+
+def build_prompts(processor, task: TaskSpec, images: list, complete: bool = True) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch (image + instruction + generation prompt) for generation."""
+    texts = [
+        processor.apply_chat_template(user_message(task.instruction(complete)), add_generation_prompt=True, tokenize=False)
+        for _ in images
+    ]
+    images = [[load_image(img, f" at index {i}")] for i, img in enumerate(images)]
+    return processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+
+
+__all__ = [
+    "VITaskCollator",
+    "assistant_message",
+    "build_prompts",
+    "image_token_id_of",
+    "load_image",
+    "pick_negatives",
+    "user_message",
+]
