@@ -66,9 +66,12 @@ def test_unknown_feature_kind():
         make_vit().features(torch.randn(1, 3, 32, 32), kind="cls")
 
 
-def test_img_size_on_a_cnn_is_a_clear_error():
-    with pytest.raises(ValueError, match="img_size"):
-        TaskSpecificModel("test_resnet", 2, img_size=32)
+def test_img_size_on_a_cnn_sets_the_preprocessing_size(tmp_path):
+    tsm = TaskSpecificModel("test_resnet", 2, img_size=32)
+    assert tsm.data_config["input_size"] == (3, 32, 32)
+    assert tsm.preprocess([Image.new("L", (8, 8))]).shape == (1, 3, 32, 32)
+    tsm.save_pretrained(tmp_path)
+    assert TaskSpecificModel.from_pretrained(tmp_path).data_config["input_size"] == (3, 32, 32)
 
 
 def test_config_never_stores_pretrained():

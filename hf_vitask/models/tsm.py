@@ -29,11 +29,9 @@ FEATURE_KINDS = ("pooled", "patch")
 class TaskSpecificModel(nn.Module):
     """A timm classifier trained on the task; its pooled pre-logits feature is the exemplar (VITask EP).
 
-    `img_size` is passed to timm only when given (ViTs size their position embeddings with it)
-    and also sets the input size of `data_config`, so `preprocess` resizes images to what the
-    model was built for. CNNs take any resolution and reject `img_size`; give them
-    `pretrained_cfg_overlay={"input_size": (3, S, S)}` (a timm kwarg) to preprocess at S px
-    instead of the pretrained resolution (e.g. 32 px digits instead of 224 px).
+    `img_size` sets the input size of `data_config`, so `preprocess` resizes images to it (e.g.
+    32 px digits instead of a pretrained 224 px). ViTs also size their position embeddings with
+    it; CNNs, which take any resolution, only use it for preprocessing.
     """
 
     def __init__(
@@ -48,19 +46,14 @@ class TaskSpecificModel(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        size_kwargs = {} if img_size is None else {"img_size": img_size}
+        kwargs = dict(pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
         try:
-            self.model = timm.create_model(
-                model_name, pretrained=pretrained, num_classes=num_classes, **size_kwargs, **timm_kwargs
-            )
+            self.model = timm.create_model(model_name, **kwargs, **({} if img_size is None else {"img_size": img_size}))
         except TypeError as err:
-            if img_size is not None and "img_size" in str(err):
-                overlay = {"input_size": (3, img_size, img_size)}
-                raise ValueError(
-                    f"timm model {model_name!r} does not take img_size (CNNs accept any resolution); "
-                    f"leave img_size=None and pass pretrained_cfg_overlay={overlay} to preprocess at that size"
-                ) from err
-            raise
+            if img_size is None or "img_size" not in str(err):
+                raise
+            # CNNs take any resolution: img_size then only sets the preprocessing size (data_config).
+            self.model = timm.create_model(model_name, **kwargs)
         # What it takes to rebuild this model; weights then come from model.safetensors, so
         # `pretrained` is deliberately not part of it.
         self.config = {
@@ -251,6 +244,7 @@ def train_tsm(
         tsm.load_state_dict(best_state)
     else:
         history["best_epoch"] = epochs - 1
+    tsm.zero_grad(set_to_none=True)  # leave no stale gradients on a model others will freeze
     tsm.eval()
     return history
 

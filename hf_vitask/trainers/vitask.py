@@ -1,0 +1,291 @@
+"""VITaskTrainer: a thin ``transformers.Trainer`` whose ``compute_loss`` adds EP, RDA and CRT.
+
+Per step (weights from :class:`~hf_vitask.VITaskConfig`):
+
+* no-EP pass (the inference path): ``L_van``, and the student side of RDA and CRT;
+* EP pass, same batch with exemplar tokens: ``L_EP``, and the detached RDA teacher (``rda_teacher="self"``);
+* frozen teacher pass (``rda_teacher="frozen"``): a saved stage-1 adapter + connector, no grad;
+* negative pass (stage 2): each row's response with another class's image, for ``L_CRT``.
+
+The losses themselves are the pure functions of :mod:`hf_vitask.losses`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+
+from hf_vitask.config import VITaskConfig
+from hf_vitask.data.collator import VITaskCollator, pick_negatives
+from hf_vitask.losses import crt_loss, rda_kl, reduce_tokens, response_row_ids, token_ce
+from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
+from hf_vitask.models.families import get_family
+from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, _is_peft
+from hf_vitask.task import TaskSpec
+
+TEACHER_ADAPTER = "rda_teacher"
+TRAINING_CONFIG_FILE = "training_config.json"
+
+
+def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None) -> VITaskModel:
+    """Turn what the user passed (a VLM, a peft model or a VITaskModel) into a trainable VITaskModel."""
+    if isinstance(model, str):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(model)
+    if isinstance(model, VITaskModel):
+        if tsm is not None:
+            model.tsm = tsm
+    else:
+        if not _is_peft(model) and (peft_config is not None or args.use_lora):
+            from peft import LoraConfig, get_peft_model
+
+            peft_config = peft_config or LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules or get_family(model).lora_target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, peft_config)
+        model = VITaskModel.from_vlm(
+            model,
+            processor,
+            tsm=tsm,
+            num_exemplar_tokens=args.num_exemplar_tokens,
+            exemplar_feature=args.exemplar_feature,
+            connector_hidden_dim=args.connector_hidden_dim,
+            with_connector=tsm is not None,
+        )
+    if model.tsm is not None:
+        model.tsm.requires_grad_(False)
+    if model.connector is not None:
+        model.connector.requires_grad_(not args.freeze_connector)
+    return model
+
+
+class VITaskTrainer(Trainer):
+    """Instruction-tune a VLM with VITask (EP + RDA in stage 1, + CRT in stage 2).
+
+    Args:
+        model: a VLM (``PreTrainedModel``, wrapped in LoRA per ``args``), a ``PeftModel``, a
+            :class:`VITaskModel` (e.g. the stage-1 result for stage 2), or a hub id / path.
+        args: :class:`VITaskConfig`.
+        processing_class: the VLM's processor (chat template + image processing).
+        task: the :class:`TaskSpec` rendering instructions and responses (needed for the default collator).
+        tsm: the trained task-specific model (needed unless the run is vanilla); can also be
+            attached to the model beforehand.
+        teacher: for ``rda_teacher="frozen"``: the directory of a saved stage-1 model (its adapter
+            is loaded next to the trainable one on the same base weights), or a ``VITaskModel``.
+        peft_config: a ``LoraConfig`` overriding the LoRA fields of ``args``.
+    """
+
+    _tag_names = ["hf_vitask", "vitask"]
+
+    def __init__(
+        self,
+        model,
+        args: VITaskConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        task: TaskSpec | None = None,
+        tsm=None,
+        teacher=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        args = args if args is not None else VITaskConfig(output_dir="vitask-output")
+        if not isinstance(args, VITaskConfig):
+            raise TypeError(f"args must be a VITaskConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("processing_class (the VLM's processor) is required")
+        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if ds is not None and hasattr(ds, "__len__") and len(ds) == 0:
+                raise ValueError(f"{name} is empty")
+        frozen_teacher = args.rda_teacher == "frozen" and args.rda_weight > 0
+        if frozen_teacher and teacher is None:
+            raise ValueError("rda_teacher='frozen' needs teacher=<stage-1 output directory or VITaskModel>")
+        if teacher is not None and not frozen_teacher:
+            raise ValueError("A teacher was passed but rda_teacher is not 'frozen' (or rda_weight is 0)")
+        has_tsm = tsm is not None or getattr(model, "tsm", None) is not None
+        if args.uses_exemplar and not has_tsm:  # checked before the user's model is wrapped
+            raise ValueError(
+                "This configuration runs the exemplar (EP) pass, which needs a trained TSM: pass tsm=... "
+                "(or set ep_weight=0 and rda_weight=0 for plain instruction tuning)"
+            )
+        model = build_model(model, args, processing_class, tsm=tsm, peft_config=peft_config)
+        if args.uses_exemplar and model.connector is None:
+            raise ValueError("This model has no exemplar connector (it was built without a TSM); EP cannot run")
+        if data_collator is None:
+            if task is None:
+                raise ValueError("task (a TaskSpec) is required to build the default VITaskCollator")
+            crt = args.crt_weight > 0
+            data_collator = VITaskCollator(
+                processing_class,
+                task,
+                tsm=model.tsm if args.uses_exemplar else None,
+                complete_instruction=args.instruction == "complete",
+                max_length=args.max_length,
+                negatives_dataset=train_dataset if crt and args.crt_negatives == "batch+dataset" else None,
+                with_negatives=crt,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                seed=args.seed,
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.task = task
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.teacher_model: VITaskModel | None = None
+        self.teacher_connector: ExemplarConnector | None = None
+        if frozen_teacher:
+            self._setup_frozen_teacher(teacher)
+
+    # -- frozen RDA teacher --------------------------------------------------------------------------
+    def _setup_frozen_teacher(self, teacher) -> None:
+        model: VITaskModel = self.model
+        if isinstance(teacher, VITaskModel):
+            teacher.requires_grad_(False)
+            teacher.eval()
+            self.teacher_model = teacher.to(self.args.device)
+            return
+        path = Path(teacher)
+        if not (path / VITASK_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a saved VITask model (no {VITASK_CONFIG_FILE})")
+        if not model.is_peft:
+            raise ValueError("A frozen teacher loaded from disk shares the base weights as a second LoRA adapter; "
+                             "the model being trained must be a peft model (use_lora=True)")
+        model.vlm.load_adapter(str(path), adapter_name=TEACHER_ADAPTER, is_trainable=False)
+        model.vlm.set_adapter(model.vlm.active_adapter)  # keep training the student adapter
+        cfg = json.loads((path / VITASK_CONFIG_FILE).read_text())
+        if cfg.get("connector") is None:
+            raise ValueError(f"The teacher at {path} has no exemplar connector: it was not trained with EP")
+        connector = ExemplarConnector(ConnectorConfig(**cfg["connector"]))
+        connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
+        connector.requires_grad_(False)
+        self.teacher_connector = connector.to(self.args.device)
+
+    @torch.no_grad()
+    def _frozen_teacher_logits(self, model: VITaskModel, inputs: dict, tsm_pixel_values) -> torch.Tensor:
+        if self.teacher_model is not None:
+            return self.teacher_model(**inputs, tsm_pixel_values=tsm_pixel_values).response_logits
+        was_training = model.training
+        model.eval()  # no LoRA dropout in the teacher
+        try:
+            exemplar = model.exemplar_embeds(tsm_pixel_values, connector=self.teacher_connector)
+            with model.use_adapter(TEACHER_ADAPTER):
+                return model(**inputs, exemplar_embeds=exemplar).response_logits
+        finally:
+            model.train(was_training)
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: VITaskConfig = self.args
+        unwrapped: VITaskModel = self.accelerator.unwrap_model(model)
+        inputs = dict(inputs)
+        class_ids = inputs.pop("class_ids", None)
+        tsm_pixel_values = inputs.pop("tsm_pixel_values", None)
+        negative_index = inputs.pop("crt_negative_index", None)
+
+        student = model(**inputs)
+        targets = student.response_targets
+        terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
+        ep = None
+        if args.uses_exemplar:
+            if tsm_pixel_values is None:
+                raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
+            ep = model(**inputs, tsm_pixel_values=tsm_pixel_values)
+            terms["ep"] = token_ce(ep.response_logits, targets)
+        if args.rda_weight > 0:
+            if args.rda_teacher == "self":
+                teacher_logits = ep.response_logits.detach()
+            else:
+                teacher_logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
+            terms["rda"] = rda_kl(student.response_logits, teacher_logits, args.rda_temperature)
+        if args.crt_weight > 0:
+            terms["crt"] = self._crt_tokens(model, unwrapped, inputs, student, class_ids, negative_index)
+
+        weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
+        loss = sum(weights[k] * reduce_tokens(v, num_items_in_batch) for k, v in terms.items() if weights[k] > 0)
+        mode = "train" if model.training else "eval"
+        for k, v in terms.items():
+            if v.numel():
+                self._metrics[mode][f"loss_{k}"].append(v.detach().float().mean().item())
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return (loss, student) if return_outputs else loss
+
+    def _crt_tokens(self, model, unwrapped: VITaskModel, inputs, student, class_ids, negative_index):
+        """Per-token CRT loss over rows that have a negative image (another class)."""
+        labels = inputs["labels"]
+        if negative_index is None:
+            if class_ids is None:
+                raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
+            negative_index = torch.tensor(
+                pick_negatives(class_ids.tolist(), self._negative_rng()), device=labels.device
+            )
+        has_negative = negative_index >= 0
+        rows = torch.arange(len(negative_index), device=labels.device)
+        index = torch.where(has_negative, negative_index, rows)
+        negative_inputs = {**inputs, **unwrapped.family.select_images(inputs, index)}
+        negative = model(**negative_inputs)
+        keep = has_negative[response_row_ids(labels)]
+        return crt_loss(
+            student.response_logits[keep], negative.response_logits[keep], student.response_targets[keep]
+        )
+
+    def _negative_rng(self):
+        if not hasattr(self, "_rng"):
+            self._rng = random.Random(self.args.seed)
+        return self._rng
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss with the same terms as training (logged as ``eval_loss_*``)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss term since the last log (``loss_van``, ``loss_ep``, ...)."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs = {**logs, **metrics}
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # -- saving / loading --------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save the bundle: adapter + connector + TSM (safetensors), processor, task, config."""
+        output_dir = output_dir or self.args.output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if self.task is not None:
+            self.task.save_pretrained(output_dir)
+        (Path(output_dir) / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        (model or self.model).load_trainable_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        self.accelerator.unwrap_model(self.model).load_trainable_weights(self.state.best_model_checkpoint)

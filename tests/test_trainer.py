@@ -1,0 +1,183 @@
+"""VITaskTrainer: the loss terms per stage, frozen parts stay frozen, accumulation, resume, errors."""
+
+import pytest
+import torch
+
+from hf_vitask import VITaskConfig, VITaskTrainer
+from hf_vitask.data.collator import VITaskCollator
+from hf_vitask.models.tiny import build_tiny_vlm
+
+
+def _args(tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return VITaskConfig(**{**defaults, **kw})
+
+
+def _trainer(tmp_path, digits, task, tsm, model=None, family="llava", **kw):
+    processor = None
+    if model is None:
+        model, processor = build_tiny_vlm(family)
+    else:
+        processor = kw.pop("processor")
+    teacher = kw.pop("teacher", None)
+    return VITaskTrainer(
+        model=model,
+        args=_args(tmp_path, **kw),
+        processing_class=processor,
+        train_dataset=digits["train"],
+        task=task,
+        tsm=tsm,
+        teacher=teacher,
+    )
+
+
+def _logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def _snapshot(module, name_filter=""):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if name_filter in n}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_stage1_logs_terms_and_trains_connector(tmp_path, digits, task, tsm, family):
+    trainer = _trainer(tmp_path, digits, task, tsm, family=family)
+    connector_before = _snapshot(trainer.model.connector)
+    trainer.train()
+    for key in ("loss_van", "loss_ep", "loss_rda"):
+        values = _logged(trainer, key)
+        assert len(values) == 3 and all(v == v and v >= 0 for v in values), key
+    assert not _logged(trainer, "loss_crt")
+    changed = [not torch.equal(p, connector_before[n]) for n, p in trainer.model.connector.named_parameters()]
+    assert all(changed)
+
+
+def test_stage2_freezes_connector_and_adds_crt(tmp_path, digits, task, tsm):
+    stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=1)
+    stage1.train()
+    model = stage1.model
+    connector_before = _snapshot(model.connector)
+    lora_before = _snapshot(model.vlm, "lora_")
+    stage2 = _trainer(tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class, stage=2)
+    assert stage2.args.crt_weight == 1.0 and stage2.args.freeze_connector
+    stage2.train()
+    assert len(_logged(stage2, "loss_crt")) == 3
+    assert all(torch.equal(p, connector_before[n]) for n, p in model.connector.named_parameters())
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.vlm.named_parameters() if "lora_" in n)
+
+
+def test_vanilla_needs_no_tsm(tmp_path, digits, task):
+    trainer = _trainer(tmp_path, digits, task, None, ep_weight=0, rda_weight=0)
+    assert trainer.model.connector is None
+    trainer.train()
+    assert _logged(trainer, "loss_van") and not _logged(trainer, "loss_ep")
+    losses = _logged(trainer, "loss")
+    assert losses == pytest.approx(_logged(trainer, "loss_van"), rel=1e-5)
+
+
+def test_frozen_teacher_stays_frozen(tmp_path, digits, task, tsm):
+    stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=2)
+    stage1.train()
+    stage1.save_model(str(tmp_path / "teacher"))
+    model = stage1.model
+    stage2 = _trainer(
+        tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class,
+        stage=2, rda_teacher="frozen", teacher=str(tmp_path / "teacher"),
+    )
+    teacher_lora = _snapshot(model.vlm, ".rda_teacher.")
+    student_lora = _snapshot(model.vlm, ".default.")
+    teacher_connector = _snapshot(stage2.teacher_connector)
+    assert teacher_lora and student_lora
+    assert all(not p.requires_grad for n, p in model.vlm.named_parameters() if ".rda_teacher." in n)
+    stage2.train()
+    assert len(_logged(stage2, "loss_rda")) == 3 and max(_logged(stage2, "loss_rda")) > 0
+    for n, p in model.vlm.named_parameters():
+        if ".rda_teacher." in n:
+            assert torch.equal(p, teacher_lora[n]) and p.grad is None, n
+    assert all(torch.equal(p, teacher_connector[n]) for n, p in stage2.teacher_connector.named_parameters())
+    assert any(not torch.equal(p, student_lora[n]) for n, p in model.vlm.named_parameters() if ".default." in n)
+    # saving the student writes only the trained adapter
+    stage2.save_model(str(tmp_path / "student"))
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "student" / "adapter_model.safetensors")).keys()
+    assert keys and not any("rda_teacher" in k for k in keys)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, digits, task, tsm):
+    """Two micro-batches normalised by the accumulated token count give the full batch's gradient."""
+    trainer = _trainer(tmp_path, digits, task, tsm)
+    model = trainer.model
+    rows = [digits["train"][i] for i in range(4)]
+    collate = trainer.data_collator
+    full = collate(rows)
+    num_items = (full["labels"][:, 1:] != -100).sum()
+
+    def grads(batches):
+        model.zero_grad()
+        for batch in batches:
+            trainer.compute_loss(model, batch, num_items_in_batch=num_items).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    g_full = grads([collate(rows)])
+    g_acc = grads([collate(rows[:2]), collate(rows[2:])])
+    assert g_full.keys() == g_acc.keys() and len(g_full) > 0
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_acc[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path, digits, task, tsm):
+    straight = _trainer(tmp_path / "a", digits, task, tsm, max_steps=4, save_strategy="steps", save_steps=2)
+    straight.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "exemplar_connector.safetensors").is_file()
+    resumed = _trainer(tmp_path / "b", digits, task, tsm, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    want = dict(straight.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, want[n], atol=1e-6), n
+
+
+def test_configuration_errors(tmp_path, digits, task, tsm):
+    model, processor = build_tiny_vlm("llava")
+    with pytest.raises(ValueError, match="needs a trained TSM"):
+        VITaskTrainer(model=model, args=_args(tmp_path), processing_class=processor, train_dataset=digits["train"], task=task)
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        VITaskTrainer(model=model, args=_args(tmp_path), processing_class=processor,
+                      train_dataset=digits["train"].select([]), task=task, tsm=tsm)
+    with pytest.raises(ValueError, match="teacher"):
+        VITaskTrainer(model=model, args=_args(tmp_path, rda_teacher="frozen"), processing_class=processor,
+                      train_dataset=digits["train"], task=task, tsm=tsm)
+    with pytest.raises(ValueError, match="processing_class"):
+        VITaskTrainer(model=model, args=_args(tmp_path), train_dataset=digits["train"], task=task, tsm=tsm)
+    with pytest.raises(ValueError, match="stage"):
+        _args(tmp_path, stage=3)
+    with pytest.raises(ValueError, match="rda_teacher"):
+        _args(tmp_path, rda_teacher="ema")
+    with pytest.raises(ValueError, match="nothing to train"):
+        _args(tmp_path, van_weight=0, ep_weight=0, rda_weight=0)
+
+
+def test_custom_collator_without_negative_index_uses_in_batch_negatives(tmp_path, digits, task, tsm):
+    model, processor = build_tiny_vlm("llava")
+    trainer = VITaskTrainer(
+        model=model, args=_args(tmp_path, stage=2, max_steps=2), processing_class=processor,
+        train_dataset=digits["train"], task=task, tsm=tsm,
+        data_collator=VITaskCollator(processor, task, tsm=tsm),
+    )
+    trainer.train()
+    assert len(_logged(trainer, "loss_crt")) == 2
