@@ -1,11 +1,26 @@
-"""Ready-made image classification datasets that work offline.
+"""Image classification datasets as `DatasetDict(image, label)`, loaded without surprises.
 
-The bundled source is scikit-learn's copy of the UCI handwritten digits: 1,797 real 8x8
-grey-level scans, shipped inside the scikit-learn wheel, so demos and tests never touch the
-network or the Hugging Face Hub.
+Every loader returns a `datasets.DatasetDict` whose splits are among "train", "validation"
+and "test", with features `{"image": datasets.Image(), "label": datasets.ClassLabel(...)}`,
+so the rest of the package never has to care where the images came from:
+
+- `load_digits_dataset`: scikit-learn's bundled 8x8 handwritten digits (offline demos, tests);
+- `load_image_folder`: `root/<class>/*.png` or `root/<split>/<class>/*.png`;
+- `load_medmnist_npz`: a MedMNIST-format `.npz` file the user downloaded;
+- `load_hf_dataset`: a Hub dataset or a local `save_to_disk` directory;
+- `load_source`: one entry point that picks among them by name (used by configs and the CLI).
+
+Bad input fails here, at load time, with a message that names the file, column or row,
+rather than thousands of steps into training (`check_dataset`).
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
