@@ -40,6 +40,88 @@ DIGIT_NAMES: tuple[str, ...] = (
     "nine",
 )
 
+logger = logging.getLogger(__name__)
+
+SOURCES: tuple[str, ...] = ("digits", "imagefolder", "npz", "medmnist", "hf")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Split names seen in the wild, mapped to the three this package uses.
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+
+# Label names of the 2D MedMNIST flags, copied verbatim from INFO[flag]["label"] in
+# medmnist/info.py of the medmnist package (v3.0.2, github.com/MedMNIST/MedMNIST).
+# Left out: chestmnist (multi-label, unsupported) and the 3D flags (volumes, not images).
+MEDMNIST_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "pathmnist": (
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ),
+    "dermamnist": (
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("0", "1", "2", "3", "4"),
+    "breastmnist": ("malignant", "normal, benign"),
+    "bloodmnist": (
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ),
+    "tissuemnist": (
+        "Collecting Duct, Connecting Tubule",
+        "Distal Convoluted Tubule",
+        "Glomerular endothelial cells",
+        "Interstitial endothelial cells",
+        "Leukocytes",
+        "Podocytes",
+        "Proximal Tubule Segments",
+        "Thick Ascending Limb",
+    ),
+    **dict.fromkeys(
+        ("organamnist", "organcmnist", "organsmnist"),
+        (
+            "bladder",
+            "femur-left",
+            "femur-right",
+            "heart",
+            "kidney-left",
+            "kidney-right",
+            "liver",
+            "lung-left",
+            "lung-right",
+            "pancreas",
+            "spleen",
+        ),
+    ),
+}
+
 
 def load_digits_dataset(
     *,
@@ -65,10 +147,7 @@ def load_digits_dataset(
     """
     from sklearn.datasets import load_digits  # local: sklearn.datasets is slow to import
 
-    _check_fraction("validation_size", validation_size)
-    _check_fraction("test_size", test_size)
-    if validation_size + test_size >= 1:
-        raise ValueError(f"validation_size + test_size must be < 1, got {validation_size + test_size}")
+    _check_split_sizes(validation_size, test_size)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if max_samples is not None and max_samples < 1:
@@ -117,6 +196,205 @@ def class_names_of(dataset, label_column: str = "label") -> list[str] | None:
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
+def load_source(source: str, path: str | os.PathLike | None = None, **kwargs) -> DatasetDict:
+    """Load a dataset by source name, the one entry point configs and the CLI need.
+
+    `source` is one of `SOURCES`: "digits" (bundled, no path), "imagefolder", "npz" (alias
+    "medmnist") or "hf" (a Hub name or a `save_to_disk` directory). `kwargs` go to the loader.
+    """
+    key = source.lower()
+    if key == "digits":
+        if path is not None:
+            raise ValueError(
+                f"the 'digits' source is bundled with scikit-learn and takes no path, got {path!r}"
+            )
+        return load_digits_dataset(**kwargs)
+    loaders = {
+        "imagefolder": load_image_folder,
+        "npz": load_medmnist_npz,
+        "medmnist": load_medmnist_npz,
+        "hf": load_hf_dataset,
+    }
+    if key not in loaders:
+        raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+    if path is None:
+        raise ValueError(f"the {source!r} data source needs a path (or a Hub name for 'hf')")
+    return loaders[key](path, **kwargs)
+
+
+def load_hf_dataset(
+    name_or_path: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    validation_size: float = 0.1,
+    test_size: float = 0.2,
+    seed: int = 0,
+    **load_kwargs,
+) -> DatasetDict:
+    """Load a Hugging Face dataset and bring it to the package's (image, label) shape.
+
+    A local directory written by `save_to_disk` (a `Dataset` or a `DatasetDict`) is read with
+    `datasets.load_from_disk`; anything else goes to `datasets.load_dataset(name_or_path,
+    **load_kwargs)`. Then:
+
+    - splits "val", "valid" and "dev" become "validation"; splits other than train/validation/test
+      are dropped (with a log warning); a lone `Dataset` becomes the "train" split;
+    - `image_column`/`label_column` are renamed to "image"/"label" and every other column dropped;
+    - string labels become a `ClassLabel` (sorted unique names, or `class_names` to fix the order);
+      integer labels get `class_names` or "class_0", "class_1", ...; an existing `ClassLabel`
+      keeps its names unless `class_names` (same length) renames them;
+    - a missing "validation" or "test" split is cut from "train", stratified by label, with
+      `validation_size`/`test_size` as fractions of the train split (0 leaves it out).
+
+    Raises ValueError naming the column (and listing the available ones) or the row when a
+    column is missing or a label lies outside the class range.
+    """
+    _check_split_sizes(validation_size, test_size)
+    source = str(name_or_path)
+    splits = _canonical_splits(_read_hf(name_or_path, load_kwargs), source)
+    splits = DatasetDict(
+        {
+            split: _take_columns(dataset, image_column, label_column, f"{source}[{split}]")
+            for split, dataset in splits.items()
+        }
+    )
+    splits, names = _encode_labels(splits, class_names, source)
+    check_dataset(splits, num_classes=len(names), name=source)
+    return _add_missing_splits(splits, validation_size, test_size, seed)
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    validation_size: float = 0.1,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> DatasetDict:
+    """Load images laid out as `root/<class>/*.png` or `root/<split>/<class>/*.png`.
+
+    The split layout is used when every sub-directory of `root` is a split name (train,
+    val|validation, test); missing validation/test splits are then cut from train, as is
+    everything in the flat layout (stratified; sizes are fractions of the train images).
+    Class names are the sorted class directory names, or `class_names` to fix the order (it
+    may list classes without a directory; a directory missing from it is an error).
+
+    Every image is checked with PIL's `verify()` now, so a corrupt file fails here, by name,
+    instead of in a dataloader worker mid-training. The "image" column stores file paths and
+    `datasets.Image` decodes them lazily. Files with other extensions are ignored.
+    """
+    _check_split_sizes(validation_size, test_size)
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+    exts = {ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions}
+    split_dirs = _folder_split_dirs(root) or {"train": root}
+    files = {split: _scan_class_dirs(split_dirs[split], exts) for split in SPLITS if split in split_dirs}
+    names = _folder_class_names(files, class_names)
+    _verify_images([path for by_class in files.values() for paths in by_class.values() for path in paths])
+
+    features = _features(names)
+    splits = DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {
+                    "image": [str(path) for paths in files[split].values() for path in paths],
+                    "label": [names.index(name) for name, paths in files[split].items() for _ in paths],
+                },
+                features=features,
+            )
+            for split in SPLITS
+            if split in files
+        }
+    )
+    return _add_missing_splits(splits, validation_size, test_size, seed)
+
+
+def load_medmnist_npz(
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: int | None = None,
+) -> DatasetDict:
+    """Load a MedMNIST-format `.npz` file (downloaded by the user; this never downloads).
+
+    The file holds `{train,val,test}_images` (uint8, (N, H, W) grayscale or (N, H, W, 3) RGB)
+    and `{train,val,test}_labels` ((N,) or (N, 1)); "val" becomes "validation". Images become
+    RGB PIL images, resized to `image_size` x `image_size` (bicubic) when given. Multi-label
+    files (labels (N, K>1), e.g. ChestMNIST) are refused: this package classifies one label.
+
+    Class names: `class_names`, else the MedMNIST label names when the file stem is a known
+    2D flag ("dermamnist.npz", "pneumoniamnist_224.npz", see `MEDMNIST_CLASS_NAMES`), else
+    "class_0", "class_1", ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} not found: download the MedMNIST .npz file first (this package never downloads it)"
+        )
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    arrays = _read_npz(path)
+    flag = _medmnist_flag(path)
+    if class_names is not None:
+        names = list(class_names)
+    elif flag in MEDMNIST_CLASS_NAMES:
+        names = list(MEDMNIST_CLASS_NAMES[flag])
+    else:
+        top = max(int(labels.max(initial=0)) for _, labels in arrays.values())
+        names = [f"class_{i}" for i in range(top + 1)]
+    for split, (_, labels) in arrays.items():
+        _check_label_range(labels, len(names), f"{path.name}[{_SPLIT_ALIASES[split]}]")
+
+    features = _features(names)
+    return DatasetDict(
+        {
+            _SPLIT_ALIASES[split]: Dataset.from_dict(
+                {"image": [_npz_to_image(pixels, image_size) for pixels in images], "label": labels.tolist()},
+                features=features,
+            )
+            for split, (images, labels) in arrays.items()
+        }
+    )
+
+
+def check_dataset(
+    dataset: Dataset | DatasetDict,
+    *,
+    num_classes: int,
+    name: str = "dataset",
+    image_column: str = "image",
+    label_column: str = "label",
+) -> None:
+    """Fail early, naming the problem, on data that would only break training much later.
+
+    Checks that the dataset is not empty, has both columns and that every label is an integer
+    in [0, num_classes) (the error names the first bad row). Cheap: it reads the label column
+    only and decodes no image. A `DatasetDict` is checked split by split.
+    """
+    if isinstance(dataset, DatasetDict):
+        for split, part in dataset.items():
+            check_dataset(
+                part,
+                num_classes=num_classes,
+                name=f"{name}[{split}]",
+                image_column=image_column,
+                label_column=label_column,
+            )
+        return
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name} has no column {missing[0]!r}; available columns: {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    _check_label_range(_label_array(dataset[label_column], name), num_classes, name)
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -147,3 +425,313 @@ def _to_image(pixels: np.ndarray, image_size: int) -> PILImage.Image:
     if image_size != grey.width:
         grey = grey.resize((image_size, image_size), PILImage.Resampling.BICUBIC)
     return grey.convert("RGB")
+
+
+def _check_split_sizes(validation_size: float, test_size: float) -> None:
+    _check_fraction("validation_size", validation_size)
+    _check_fraction("test_size", test_size)
+    if validation_size + test_size >= 1:
+        raise ValueError(f"validation_size + test_size must be < 1, got {validation_size + test_size}")
+
+
+def _features(class_names: Sequence[str]) -> Features:
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names must be unique, got {list(class_names)}")
+    return Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
+
+
+def _label_array(values, name: str) -> np.ndarray:
+    """Labels as an int64 array, or a ValueError naming the first row that is not an int."""
+    labels = np.asarray(values)
+    if labels.dtype.kind in "iu" and labels.ndim == 1:
+        return labels.astype(np.int64)
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"{name}: expected one label per row, got labels of shape {labels.shape}")
+    row = next(
+        (i for i, v in enumerate(labels) if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), 0
+    )
+    raise ValueError(
+        f"{name}: row {row} has label {labels.tolist()[row]!r}; labels must be integer class ids"
+    )
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(
+            f"{name}: row {bad[0]} has label {labels[bad[0]]}, outside [0, {num_classes}) "
+            f"({len(bad)} row(s) out of range in all)"
+        )
+
+
+def _add_missing_splits(
+    splits: DatasetDict, validation_size: float, test_size: float, seed: int
+) -> DatasetDict:
+    """Cut absent "validation"/"test" splits from "train", stratified by label.
+
+    Sizes are fractions of the train split; a size that rounds to 0 leaves the split out.
+    """
+    if "train" not in splits:
+        return splits
+    train = splits["train"]
+    pool = np.arange(len(train))
+    n_test = 0 if "test" in splits else round(test_size * len(pool))
+    n_val = 0 if "validation" in splits else round(validation_size * len(pool))
+    if n_test == n_val == 0:
+        return splits
+    if len(pool) - n_test - n_val < 1:
+        raise ValueError(f"no training images left: {len(pool)} images, {n_val} validation, {n_test} test")
+    labels = _label_array(train["label"], "train")
+    rest, test = _stratified_cut(pool, labels, n_test, seed)
+    rest, validation = _stratified_cut(rest, labels, n_val, seed)
+    out = dict(splits) | {"train": train.select(rest)}
+    if len(validation):
+        out["validation"] = train.select(validation)
+    if len(test):
+        out["test"] = train.select(test)
+    return DatasetDict({split: out[split] for split in SPLITS if split in out})
+
+
+# --- Hugging Face datasets ---------------------------------------------------------------
+
+
+def _read_hf(name_or_path: str | os.PathLike, load_kwargs: dict) -> DatasetDict:
+    """`load_from_disk` for a `save_to_disk` directory, `load_dataset` for anything else."""
+    path = Path(name_or_path)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(path))
+    else:
+        from datasets import load_dataset
+
+        data = load_dataset(str(name_or_path), **load_kwargs)
+    if isinstance(data, Dataset):
+        return DatasetDict({"train": data})
+    if isinstance(data, DatasetDict):
+        return data
+    raise TypeError(
+        f"{str(name_or_path)!r} loaded as {type(data).__name__}; only Dataset and DatasetDict are supported "
+        "(no streaming)"
+    )
+
+
+def _canonical_splits(data: DatasetDict, source: str) -> DatasetDict:
+    """Rename splits to train/validation/test (val, valid, dev -> validation); drop the rest."""
+    found: dict[str, str] = {}
+    for name in data:
+        canonical = _SPLIT_ALIASES.get(name.lower())
+        if canonical is None:
+            logger.warning("%s: ignoring split %r (not train/validation/test)", source, name)
+        elif canonical in found:
+            raise ValueError(f"{source}: splits {found[canonical]!r} and {name!r} are both {canonical!r}")
+        else:
+            found[canonical] = name
+    if not found:
+        raise ValueError(f"{source}: no train/validation/test split among {list(data)}")
+    return DatasetDict({split: data[found[split]] for split in SPLITS if split in found})
+
+
+def _take_columns(dataset: Dataset, image_column: str, label_column: str, where: str) -> Dataset:
+    """Keep only the image and label columns, named "image" and "label"."""
+    if image_column == label_column:
+        raise ValueError(f"image_column and label_column are both {image_column!r}")
+    for column in (image_column, label_column):
+        if column not in dataset.column_names:
+            raise ValueError(f"{where} has no column {column!r}; available columns: {dataset.column_names}")
+    dataset = dataset.select_columns([image_column, label_column])
+    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    if not isinstance(dataset.features["image"], Image):
+        dataset = dataset.cast_column("image", Image())  # e.g. a column of file paths
+    return dataset
+
+
+def _encode_labels(
+    splits: DatasetDict, class_names: Sequence[str] | None, source: str
+) -> tuple[DatasetDict, list[str]]:
+    """Give every split the same `ClassLabel`; return the splits and the class names."""
+    kinds = {split: _label_kind(dataset.features["label"]) for split, dataset in splits.items()}
+    if len({str(kind) for kind in kinds.values()}) > 1:
+        raise ValueError(f"{source}: splits disagree on the label type: {kinds}")
+    kind = next(iter(kinds.values()))
+    if isinstance(kind, ClassLabel):
+        names = list(kind.names)
+        if class_names is not None and len(class_names) != len(names):
+            raise ValueError(
+                f"{source}: class_names has {len(class_names)} names but the label ClassLabel has "
+                f"{len(names)}: {names}"
+            )
+    elif kind == "string":
+        values = {value for dataset in splits.values() for value in dataset["label"]}
+        if None in values:
+            raise ValueError(f"{source}: some labels are missing (None)")
+        names = sorted(values)
+        unknown = sorted(values - set(class_names or values))
+        if unknown:
+            raise ValueError(f"{source}: labels {unknown} are not in class_names {list(class_names)}")
+    else:  # integer ids
+        top = max(
+            (int(_label_array(d["label"], f"{source}[{s}]").max(initial=-1)) for s, d in splits.items()),
+            default=-1,
+        )
+        names = [f"class_{i}" for i in range(top + 1)]
+    names = list(class_names) if class_names is not None else names
+    target = _features(names)["label"]
+    encoded = DatasetDict({split: dataset.cast_column("label", target) for split, dataset in splits.items()})
+    return encoded, names
+
+
+def _label_kind(feature) -> ClassLabel | str:
+    """The label feature itself when it is a ClassLabel, else "string" or "int"."""
+    if isinstance(feature, ClassLabel):
+        return feature
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        return "string"
+    if isinstance(dtype, str) and dtype.startswith(("int", "uint")):
+        return "int"
+    raise ValueError(f"the label column must hold integers, strings or a ClassLabel, got {feature}")
+
+
+# --- image folders -----------------------------------------------------------------------
+
+
+def _folder_split_dirs(root: Path) -> dict[str, Path] | None:
+    """{split: directory} when every sub-directory of `root` is a split name, else None."""
+    subdirs = _subdirs(root)
+    if not subdirs:
+        raise ValueError(
+            f"{root}: no class directories (expected root/<class>/*.png or root/<split>/<class>/*.png)"
+        )
+    if not all(directory.name.lower() in _SPLIT_ALIASES for directory in subdirs):
+        return None
+    found: dict[str, Path] = {}
+    for directory in subdirs:
+        split = _SPLIT_ALIASES[directory.name.lower()]
+        if split in found:
+            raise ValueError(
+                f"{root}: directories {found[split].name!r} and {directory.name!r} are both {split!r}"
+            )
+        found[split] = directory
+    return found
+
+
+def _scan_class_dirs(directory: Path, extensions: set[str]) -> dict[str, list[Path]]:
+    """{class name: sorted image paths} for the class sub-directories of `directory`."""
+    class_dirs = _subdirs(directory)
+    if not class_dirs:
+        raise ValueError(f"{directory}: no class directories (expected {directory}/<class>/*.png)")
+    found = {}
+    for class_dir in class_dirs:
+        images = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+        if not images:
+            raise ValueError(
+                f"class directory {class_dir} holds no images with extensions {sorted(extensions)}"
+            )
+        found[class_dir.name] = images
+    return found
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_class_names(
+    files: dict[str, dict[str, list[Path]]], class_names: Sequence[str] | None
+) -> list[str]:
+    """Sorted class directory names (the same in every split), or `class_names` checked against them."""
+    (first_split, first), *others = [(split, set(by_class)) for split, by_class in files.items()]
+    for split, classes in others:
+        if classes != first:
+            raise ValueError(
+                f"split directories hold different classes: {first_split!r} has {sorted(first)}, "
+                f"{split!r} has {sorted(classes)}"
+            )
+    if class_names is None:
+        return sorted(first)
+    unknown = sorted(first - set(class_names))
+    if unknown:
+        raise ValueError(f"class directories {unknown} are not in class_names {list(class_names)}")
+    return list(class_names)
+
+
+def _verify_images(paths: list[Path]) -> None:
+    """Open every image with PIL now, so a corrupt file never reaches training."""
+    bad = []
+    for path in paths:
+        try:
+            with PILImage.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... by format
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"PIL cannot open {len(bad)} image file(s): {'; '.join(bad[:3])}{more}")
+
+
+# --- MedMNIST .npz -----------------------------------------------------------------------
+
+
+def _read_npz(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train"|"val"|"test": (images, int64 labels)}, validated."""
+    with np.load(path) as npz:
+        keys = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
+        missing = [key for key in keys if key not in npz.files]
+        if missing:
+            raise ValueError(f"{path.name}: missing arrays {missing}; keys found: {sorted(npz.files)}")
+        arrays = {}
+        for split in ("train", "val", "test"):
+            images = _npz_images(npz[f"{split}_images"], f"{path.name}:{split}_images")
+            labels = _npz_labels(npz[f"{split}_labels"], f"{path.name}:{split}_labels")
+            if len(images) == 0:
+                raise ValueError(f"{path.name}: {split}_images is empty")
+            if len(images) != len(labels):
+                raise ValueError(
+                    f"{path.name}: {len(images)} {split}_images but {len(labels)} {split}_labels"
+                )
+            arrays[split] = (images, labels)
+    return arrays
+
+
+def _npz_images(images: np.ndarray, key: str) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{key}: expected uint8 images, got {images.dtype}")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3):
+        return images
+    raise ValueError(
+        f"{key}: expected (N, H, W) grayscale or (N, H, W, 3) RGB images, got shape {images.shape} "
+        "(3D MedMNIST volumes are not supported)"
+    )
+
+
+def _npz_labels(labels: np.ndarray, key: str) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise ValueError(
+            f"{key} has shape {labels.shape}: multi-label tasks (ChestMNIST) are not supported; "
+            "use a multi-class or binary MedMNIST flag"
+        )
+    if labels.ndim == 2:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{key}: expected integer labels of shape (N,) or (N, 1), got {labels.dtype} {labels.shape}"
+        )
+    return labels.astype(np.int64)
+
+
+def _medmnist_flag(path: Path) -> str:
+    """'pneumoniamnist' for pneumoniamnist.npz and for MedMNIST+ sizes like pneumoniamnist_224.npz."""
+    return re.sub(r"_\d+$", "", path.stem.lower())
+
+
+def _npz_to_image(pixels: np.ndarray, image_size: int | None) -> PILImage.Image:
+    image = PILImage.fromarray(pixels).convert("RGB")
+    if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), PILImage.Resampling.BICUBIC)
+    return image
