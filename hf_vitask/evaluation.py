@@ -4,17 +4,25 @@ Scoring teacher-forces every class's response after the prompt and sums its toke
 log-probabilities: one number per class, so there is always an answer and there are
 per-class scores for AUC. Generation answers freely and the text is mapped back to a class
 with :meth:`TaskSpec.parse`; answers naming no class count as parse failures.
+
+:func:`evaluate_vlm` and :func:`evaluate_tsm` turn either into accuracy / macro-F1 / AUC on a
+labelled dataset, and :func:`compute_classification_metrics` does the same for
+``Trainer(compute_metrics=...)``; the metrics are the offline scripts in :mod:`hf_vitask.metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hf_vitask.data.collator import VITaskCollator, build_prompts
 from hf_vitask.losses import response_row_ids, token_ce
+from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
 from hf_vitask.task import TaskSpec
 
 
@@ -123,3 +131,163 @@ def predict_classes(
         )
         return [task.parse(t) for t in texts]
     raise ValueError(f"method must be 'likelihood' or 'generate', got {method!r}")
+
+
+# -- metrics on a labelled dataset ---------------------------------------------------------------
+
+
+def _num_rows(dataset, max_samples: int | None) -> int:
+    n = len(dataset)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        n = min(n, max_samples)
+    if n == 0:
+        raise ValueError("the evaluation dataset is empty")
+    return n
+
+
+def _column(dataset, start: int, stop: int, column: str) -> list:
+    """Rows ``start:stop`` of one column (a ``datasets.Dataset`` or anything sliced the same way)."""
+    rows = dataset[start:stop]
+    if column not in rows:
+        raise ValueError(f"the dataset has no column {column!r}; its columns are {list(rows)}")
+    return list(rows[column])
+
+
+@contextlib.contextmanager
+def plugged_tsm(model: VITaskModel, tsm: TaskSpecificModel | None):
+    """Temporarily run ``model`` with another task-specific model (the paper's VITask_plug).
+
+    The exemplar connector is kept; only the TSM that feeds it changes, so the plug-in TSM must
+    give features of the size the connector was trained on. ``tsm=None`` changes nothing. The
+    original ``model.tsm`` is restored on exit, also after an error.
+    """
+    if tsm is None:
+        yield model
+        return
+    if model.connector is None:
+        raise ValueError("a plug-in TSM needs a model with an exemplar connector (trained with EP)")
+    expected = model.connector.config.tsm_dim
+    if tsm.feature_dim != expected:
+        raise ValueError(f"the plug-in TSM gives {tsm.feature_dim}-dim features but the connector expects {expected}")
+    original = model.tsm
+    model.tsm = tsm
+    try:
+        yield model
+    finally:
+        model.tsm = original
+
+
+def evaluate_vlm(
+    model: VITaskModel,
+    processor,
+    task: TaskSpec,
+    dataset,
+    *,
+    use_tsm: bool = False,
+    tsm: TaskSpecificModel | None = None,
+    complete_instruction: bool = True,
+    methods: Sequence[str] = ("likelihood", "generate"),
+    batch_size: int = 8,
+    image_column: str = "image",
+    label_column: str = "label",
+    max_samples: int | None = None,
+    max_new_tokens: int = 16,
+) -> dict:
+    """Accuracy / macro-F1 (/ AUC) of the VLM on a labelled dataset, for each prediction method.
+
+    ``"likelihood"``: every class's response is scored (:func:`score_options`), the argmax is the
+    prediction and the softmax of the per-class summed log-likelihoods gives the probabilities
+    for the one-vs-rest macro AUC. ``"generate"``: greedy answers parsed back to classes
+    (:meth:`TaskSpec.parse`); an answer naming no class counts as wrong, and their share is
+    ``parse_failure_rate``.
+
+    ``tsm`` plugs in a different task-specific model for this call only (VITask_plug, e.g. a
+    stronger TSM trained after the VLM); ``model.tsm`` is restored afterwards. Without
+    ``use_tsm`` no TSM runs, so ``tsm`` is ignored (a loop over the with/without-TSM variants
+    can pass the same arguments).
+    ``dataset`` is a ``datasets.Dataset`` (labels as class ids or class names); the first
+    ``max_samples`` rows are used, decoded ``16 * batch_size`` images at a time.
+
+    Returns ``{"num_samples": N, "likelihood": {"accuracy", "macro_f1", "auc"},
+    "generate": {"accuracy", "macro_f1", "parse_failure_rate"}}`` with the requested methods.
+    """
+    methods = tuple(methods)
+    if not methods or any(m not in ("likelihood", "generate") for m in methods):
+        raise ValueError(f"methods must be a non-empty subset of ('likelihood', 'generate'), got {methods}")
+    n = _num_rows(dataset, max_samples)
+    references = [task.check_label(y, f" at row {i}") for i, y in enumerate(_column(dataset, 0, n, label_column))]
+    chunk = max(batch_size, 1) * 16
+    starts = range(0, n, chunk)
+    kwargs = dict(use_tsm=use_tsm, complete_instruction=complete_instruction, batch_size=batch_size)
+
+    result: dict = {"num_samples": n}
+    with plugged_tsm(model, tsm if use_tsm else None):
+        _check_tsm(model, use_tsm)
+        if "likelihood" in methods:
+            log_likelihoods = torch.cat(
+                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, n), image_column), **kwargs)
+                 for s in starts]
+            )
+            result["likelihood"] = classification_metrics(
+                log_likelihoods.argmax(-1).tolist(), references,
+                scores=softmax(log_likelihoods.double().numpy()), num_classes=task.num_classes,
+            )
+        if "generate" in methods:
+            texts: list[str] = []
+            for s in starts:
+                images = _column(dataset, s, min(s + chunk, n), image_column)
+                texts += generate_answers(model, processor, task, images, max_new_tokens=max_new_tokens, **kwargs)
+            metrics = classification_metrics([task.parse(t) for t in texts], references, num_classes=task.num_classes)
+            metrics.setdefault("parse_failure_rate", 0.0)
+            result["generate"] = metrics
+    return result
+
+
+def evaluate_tsm(
+    tsm: TaskSpecificModel,
+    dataset,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    max_samples: int | None = None,
+) -> dict:
+    """Accuracy, macro-F1 and one-vs-rest macro AUC of the task-specific model alone (argmax and
+    softmax of its logits, via :func:`tsm_predict`), plus ``num_samples``."""
+    n = _num_rows(dataset, max_samples)
+    if n < len(dataset):
+        dataset = dataset.select(range(n))
+    references = [int(y) for y in _column(dataset, 0, n, label_column)]
+    probs = tsm_predict(tsm, dataset, batch_size=batch_size, device=device, image_column=image_column)
+    metrics = classification_metrics(
+        probs.argmax(-1).tolist(), references, scores=probs.double().numpy(), num_classes=tsm.num_classes
+    )
+    return {"num_samples": n, **metrics}
+
+
+def compute_classification_metrics(eval_pred) -> dict[str, float]:
+    """``Trainer(compute_metrics=...)``: per-class scores -> accuracy, macro-F1, AUC.
+
+    ``eval_pred.predictions`` is the ``(N, num_classes)`` array of per-class log-likelihoods
+    (or logits; a tuple takes its first element) and ``eval_pred.label_ids`` the ``(N,)`` class
+    ids. The prediction is the argmax; AUC uses the softmax over classes.
+    """
+    scores = eval_pred.predictions
+    if isinstance(scores, (tuple, list)):
+        scores = scores[0]
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = eval_pred.label_ids
+    if isinstance(labels, (tuple, list)) and labels and not np.isscalar(labels[0]):
+        labels = labels[0]
+    labels = np.asarray(labels).reshape(-1)
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"compute_classification_metrics expects (N, num_classes) scores and (N,) class ids, "
+            f"got {scores.shape} and {labels.shape}"
+        )
+    return classification_metrics(
+        scores.argmax(-1).tolist(), labels.tolist(), scores=softmax(scores), num_classes=scores.shape[1]
+    )

@@ -1,0 +1,124 @@
+"""evaluate_vlm / evaluate_tsm / compute_classification_metrics on tiny models and hand-made scores."""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import EvalPrediction
+
+from hf_vitask.evaluation import (
+    compute_classification_metrics,
+    evaluate_tsm,
+    evaluate_vlm,
+    plugged_tsm,
+    predict_classes,
+    score_options,
+)
+from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
+
+N = 4  # the first 4 test digits are classes 5, 6, 0, 9: enough classes for a defined AUC
+
+
+def _in_unit(x):
+    return math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+@contextlib.contextmanager
+def _count_calls(tsm):
+    """Count forward passes through the TSM's feature extractor (its first layer)."""
+    calls = []
+    handle = next(tsm.model.children()).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_evaluate_vlm_keys_and_ranges(tiny, task, digits, tsm):
+    vlm, processor = tiny
+    model = VITaskModel.from_vlm(vlm, processor, tsm=tsm).train()
+    test = digits["test"]
+    for use_tsm in (False, True):
+        for complete in (True, False):
+            with _count_calls(tsm) as calls:
+                out = evaluate_vlm(model, processor, task, test, use_tsm=use_tsm, complete_instruction=complete,
+                                   batch_size=N, max_samples=N)
+            assert bool(calls) == use_tsm
+            assert out.keys() == {"num_samples", "likelihood", "generate"} and out["num_samples"] == N
+            assert out["likelihood"].keys() == {"accuracy", "macro_f1", "auc"}
+            assert out["generate"].keys() == {"accuracy", "macro_f1", "parse_failure_rate"}
+            assert all(_in_unit(v) for m in ("likelihood", "generate") for v in out[m].values()), out
+    # The likelihood accuracy is exactly that of predict_classes.
+    preds = predict_classes(model, processor, task, test["image"][:N], use_tsm=True, complete_instruction=False)
+    expected = np.mean(np.array(preds) == np.array(test["label"][:N]))
+    assert out["likelihood"]["accuracy"] == pytest.approx(expected)
+    assert model.training  # the mode is restored after evaluation
+
+
+def test_plug_in_tsm_is_used_and_restored(tiny, task, digits, tsm):
+    vlm, processor = tiny
+    model = VITaskModel.from_vlm(vlm, processor, tsm=tsm)
+    other = TaskSpecificModel("test_resnet", num_classes=10, img_size=32).eval()  # same size, different features
+    images = digits["test"]["image"][:2]
+
+    own = score_options(model, processor, task, images, use_tsm=True)
+    with plugged_tsm(model, other):
+        assert model.tsm is other
+        plugged = score_options(model, processor, task, images, use_tsm=True)
+    assert model.tsm is tsm
+    assert not torch.allclose(own, plugged, atol=1e-4)  # other exemplar features -> other EP scores
+
+    with _count_calls(tsm) as own_calls, _count_calls(other) as other_calls:
+        out = evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=other, methods=("likelihood",),
+                           max_samples=N, batch_size=N)
+    assert other_calls and not own_calls and model.tsm is tsm
+    assert out.keys() == {"num_samples", "likelihood"} and _in_unit(out["likelihood"]["auc"])
+
+    # Restored after an error too; a TSM of the wrong feature size is refused before anything runs.
+    with pytest.raises(RuntimeError), plugged_tsm(model, other):
+        raise RuntimeError("boom")
+    assert model.tsm is tsm
+    wrong = TaskSpecificModel("test_vit", num_classes=10, img_size=32)
+    with pytest.raises(ValueError, match="connector expects"):
+        evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=wrong, max_samples=N)
+    assert model.tsm is tsm
+    with _count_calls(other) as other_calls:  # without use_tsm no TSM runs, plug-in or not
+        evaluate_vlm(model, processor, task, digits["test"], tsm=other, methods=("likelihood",), max_samples=N)
+    assert not other_calls and model.tsm is tsm
+    with pytest.raises(ValueError, match="methods"):
+        evaluate_vlm(model, processor, task, digits["test"], methods=("beam",), max_samples=N)
+
+
+def test_evaluate_tsm_matches_its_predictions(tsm, digits):
+    test = digits["test"]
+    out = evaluate_tsm(tsm, test, max_samples=12)
+    assert out.keys() == {"num_samples", "accuracy", "macro_f1", "auc"} and out["num_samples"] == 12
+    assert all(_in_unit(v) for k, v in out.items() if k != "num_samples")
+    probs = tsm_predict(tsm, test.select(range(12)))
+    assert out["accuracy"] == pytest.approx((probs.argmax(-1) == torch.tensor(test["label"][:12])).float().mean())
+    assert evaluate_tsm(tsm, test)["num_samples"] == len(test)
+
+
+def test_compute_classification_metrics_on_log_likelihoods():
+    probs = np.array(
+        [[0.6, 0.3, 0.1], [0.35, 0.45, 0.2], [0.2, 0.5, 0.3], [0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.25, 0.15, 0.6]]
+    )
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    # argmax 0, 1, 1, 0, 2, 2 -> 4 of 6 right; F1: class 0 1/2, class 1 1/2, class 2 1.
+    # AUC by ranked pairs (no ties, so float round-off cannot flip one), 8 pairs per class:
+    #   class 0: 0.6 beats all 4 negatives (0.2 0.5 0.1 0.25), 0.35 beats 3 -> 7/8
+    #   class 1: 0.5 beats all 4 (0.3 0.45 0.2 0.15), 0.25 beats 2 -> 6/8;  class 2: 8/8  => 7/8.
+    # The softmax of log-probabilities gives back probs; a per-row shift (unnormalised
+    # log-likelihoods) changes nothing.
+    expected = {"accuracy": 4 / 6, "macro_f1": 2 / 3, "auc": 7 / 8}
+    log_likelihoods = np.log(probs) - np.arange(6)[:, None] * 3.0
+    assert compute_classification_metrics(EvalPrediction(predictions=log_likelihoods, label_ids=labels)) == (
+        pytest.approx(expected)
+    )
+    as_tuple = EvalPrediction(predictions=(log_likelihoods, np.zeros(6)), label_ids=labels)
+    assert compute_classification_metrics(as_tuple) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="expects"):
+        compute_classification_metrics(EvalPrediction(predictions=log_likelihoods[:, 0], label_ids=labels))
