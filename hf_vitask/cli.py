@@ -1,13 +1,76 @@
-"""``hf-vitask`` command line. Subcommands are added as the pipeline grows; each reads the same
-config dataclasses the Python API uses."""
+"""``hf-vitask``: every pipeline step from one YAML file and/or ``--field value`` flags.
+
+    hf-vitask train-tsm  config.yaml             # stage 0: the timm task-specific model
+    hf-vitask train      config.yaml [--stage N] # VITask stages 1 and 2 (or one of them); --method vanilla
+    hf-vitask evaluate   config.yaml             # accuracy / macro-F1 / AUC, with and without the TSM
+    hf-vitask predict    config.yaml --predict_inputs img.png folder/ [--use_tsm true]
+    hf-vitask quickstart [--fast]                # the whole pipeline on the bundled digits, on CPU
+
+The options of every command are the fields of the config dataclasses (``hf-vitask train --help``
+lists them all); a YAML key that is not one of them is an error, so typos never pass silently.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COMMANDS = {
+    "train-tsm": "Train the task-specific model (timm classifier) on the train split.",
+    "train": "Train the VLM: VITask stage 1 then 2 (or --stage N alone), or --method vanilla.",
+    "evaluate": "Evaluate a trained bundle: with/without TSM, complete/incomplete instructions.",
+    "predict": "Predict classes for image files / folders and write a CSV.",
+    "quickstart": "TSM, vanilla and VITask on the bundled digits, compared in one table (CPU, minutes).",
+    "info": "Print the version, the device and the supported VLM families.",
+}
 
 
-def _info(_args) -> int:
+@dataclass
+class RunArguments:
+    """Options of the commands themselves."""
+
+    method: str = field(default="vitask", metadata={"help": "train: 'vitask' or 'vanilla' (plain instruction tuning)."})
+    use_tsm: bool = field(default=False, metadata={"help": "predict: use the TSM exemplar (EP path)."})
+    predict_method: str = field(default="likelihood", metadata={"help": "predict: 'likelihood' or 'generate'."})
+    fast: bool = field(default=False, metadata={"help": "quickstart: a reduced run (seconds), for smoke tests."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "quickstart: seeds to run and average."})
+
+
+def _dataclasses():
+    from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+
+    return (ModelArguments, DataArguments, TSMArguments, VITaskConfig, EvalArguments, RunArguments)
+
+
+def parse(argv: list[str]):
+    """``[config.yaml] [--field value ...]`` -> the config dataclasses, plus the keys set explicitly."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    classes = _dataclasses()
+    parser = HfArgumentParser(classes)
+    explicit: set[str] = set()
+    if argv and not argv[0].startswith("-"):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise SystemExit(f"hf-vitask: config file {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise SystemExit(f"hf-vitask: {path} must hold a mapping of field: value")
+        known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"hf-vitask: unknown keys in {path}: {unknown}. See `hf-vitask train --help` for the fields.")
+        parser.set_defaults(**values)
+        explicit |= set(values)
+        argv = argv[1:]
+    explicit |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    return parser.parse_args_into_dataclasses(args=argv), explicit
+
+
+def _info() -> int:
     import torch
 
     from hf_vitask import __version__
@@ -21,19 +84,59 @@ def _info(_args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _usage() -> str:
     from hf_vitask import __version__
 
-    parser = argparse.ArgumentParser(prog="hf-vitask", description="Turn a vision-language model into a task specialist.")
-    parser.add_argument("--version", action="version", version=f"hf_vitask {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="Print the version, the device and the supported VLM families.").set_defaults(func=_info)
-    return parser
+    lines = [f"hf-vitask {__version__}: turn a vision-language model into a task specialist.", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "usage: hf-vitask COMMAND [config.yaml] [--field value ...]   (hf-vitask COMMAND --help lists the fields)"]
+    return "\n".join(lines)
+
+
+def _print_results(results: dict) -> None:
+    import json
+
+    print(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from hf_vitask import __version__
+
+        print(f"hf_vitask {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"hf-vitask: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if command == "info":
+        return _info()
+    (model_args, data_args, tsm_args, train_args, eval_args, run_args), explicit = parse(rest)
+
+    from hf_vitask import pipeline
+
+    out = train_args.output_dir
+    if command == "train-tsm":
+        _, history = pipeline.run_train_tsm(data_args, tsm_args, out, seed=train_args.seed)
+        print(f"TSM saved to {pipeline.tsm_dir(tsm_args, out)}; best validation epoch {history['best_epoch']}")
+    elif command == "train":
+        stages = (train_args.stage,) if "stage" in explicit else (1, 2)
+        path = pipeline.run_train(model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method)
+        print(f"model saved to {path}")
+    elif command == "evaluate":
+        _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args))
+    elif command == "predict":
+        path = pipeline.run_predict(eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method)
+        print(f"predictions written to {path}")
+    elif command == "quickstart":
+        from hf_vitask.quickstart import run_quickstart
+
+        run_quickstart(out if "output_dir" in explicit else "vitask-quickstart", fast=run_args.fast, seeds=run_args.seeds)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -66,6 +67,10 @@ class VITaskConfig(TrainingArguments):
     )
     image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the class id or name."})
+    metric_use_tsm: bool = field(
+        default=False,
+        metadata={"help": "With compute_metrics, score the evaluation options with the TSM exemplar (EP path) instead of without."},
+    )
     # -- LoRA ------------------------------------------------------------------------------------
     use_lora: bool = field(default=True, metadata={"help": "Wrap a plain VLM in LoRA adapters (peft). False trains all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -84,6 +89,8 @@ class VITaskConfig(TrainingArguments):
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        # what the user set, so that for_stage() can re-derive the stage defaults
+        self._given = {"crt_weight": self.crt_weight, "freeze_connector": self.freeze_connector}
         if self.crt_weight is None:
             self.crt_weight = 1.0 if self.stage == 2 else 0.0
         if self.freeze_connector is None:
@@ -107,6 +114,11 @@ class VITaskConfig(TrainingArguments):
             raise ValueError(f"rda_temperature must be > 0, got {self.rda_temperature}")
         super().__post_init__()
 
+    def for_stage(self, stage: int, **changes) -> VITaskConfig:
+        """A copy for another stage, with the stage-dependent defaults derived again."""
+        given = getattr(self, "_given", {})
+        return dataclasses.replace(self, stage=stage, **{**given, **changes})
+
     @property
     def uses_exemplar(self) -> bool:
         """Whether a step runs the EP pass (needs the TSM)."""
@@ -115,3 +127,99 @@ class VITaskConfig(TrainingArguments):
     @property
     def is_vanilla(self) -> bool:
         return self.ep_weight == 0 and self.rda_weight == 0 and self.crt_weight == 0
+
+
+# -- pipeline arguments (CLI and YAML; the Python API takes the same dataclasses) --------------------------
+@dataclass
+class ModelArguments:
+    """Which VLM to tune."""
+
+    model_name_or_path: str = field(
+        default="tiny-llava",
+        metadata={
+            "help": "Hub id or local path of the VLM (e.g. llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-2B-Instruct). "
+            "'tiny-llava' / 'tiny-qwen2_vl' build a tiny random model offline (demos, tests)."
+        },
+    )
+    torch_dtype: str | None = field(
+        default=None, metadata={"help": "dtype to load the VLM in: 'auto', 'bfloat16', 'float16', 'float32'."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub (off unless you trust the repo)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the labelled images come from and how the task is phrased."""
+
+    dataset: str = field(
+        default="digits",
+        metadata={"help": "Data source: 'digits' (bundled), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format) or 'hf' (hub id / save_to_disk dir)."},
+    )
+    dataset_path: str | None = field(default=None, metadata={"help": "Path or hub id of the data (not needed for 'digits')."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (fast runs)."})
+    image_size: int = field(default=32, metadata={"help": "Side of the digits demo images in pixels."})
+    data_seed_split: int = field(default=0, metadata={"help": "Seed of the train/validation/test split when one is made."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    validation_split: str = field(default="validation", metadata={"help": "Split used to pick the best TSM epoch."})
+    task_name: str | None = field(default=None, metadata={"help": "Task name (default: from the data source)."})
+    modality: str | None = field(default=None, metadata={"help": "Image modality in the instruction, e.g. 'dermatoscopy'."})
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Class names in label order (default: the dataset's ClassLabel names)."}
+    )
+    question: str | None = field(default=None, metadata={"help": "Optional question replacing the default instruction."})
+
+
+@dataclass
+class TSMArguments:
+    """The task-specific model (a timm classifier)."""
+
+    tsm_model: str = field(
+        default="vit_base_patch16_224.augreg_in21k",
+        metadata={"help": "timm model name (the paper: a ViT-Base with ImageNet-21k weights)."},
+    )
+    tsm_pretrained: bool = field(default=True, metadata={"help": "Start from timm's pretrained weights (downloads them)."})
+    tsm_img_size: int | None = field(default=None, metadata={"help": "Input size of the TSM (default: the model's)."})
+    tsm_epochs: int = field(default=30, metadata={"help": "TSM training epochs (best validation epoch kept)."})
+    tsm_batch_size: int = field(default=32, metadata={"help": "TSM batch size."})
+    tsm_learning_rate: float = field(default=1e-4, metadata={"help": "TSM AdamW learning rate."})
+    tsm_path: str | None = field(
+        default=None, metadata={"help": "Directory of a trained TSM (default: <output_dir>/tsm)."}
+    )
+
+
+@dataclass
+class EvalArguments:
+    """How to evaluate and predict."""
+
+    model_path: str | None = field(
+        default=None, metadata={"help": "Saved bundle to evaluate / predict with (default: the last stage in <output_dir>)."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    eval_methods: list[str] = field(
+        default_factory=lambda: ["likelihood", "generate"],
+        metadata={"help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse)."},
+    )
+    eval_use_tsm: str = field(default="both", metadata={"help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'."})
+    eval_instructions: str = field(
+        default="both", metadata={"help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch."})
+    eval_max_samples: int | None = field(default=None, metadata={"help": "Evaluate at most this many images."})
+    plugin_tsm: str | None = field(
+        default=None, metadata={"help": "Directory of a different TSM to plug in at evaluation (VITask_plug)."}
+    )
+    predict_inputs: list[str] | None = field(
+        default=None, metadata={"help": "predict: image files and/or folders (searched recursively)."}
+    )
+    predictions_file: str = field(default="predictions.csv", metadata={"help": "predict: CSV file written."})
+
+    def __post_init__(self):
+        for m in self.eval_methods:
+            if m not in ("likelihood", "generate"):
+                raise ValueError(f"eval_methods entries must be 'likelihood' or 'generate', got {m!r}")
+        if self.eval_use_tsm not in ("yes", "no", "both"):
+            raise ValueError(f"eval_use_tsm must be 'yes', 'no' or 'both', got {self.eval_use_tsm!r}")
+        if self.eval_instructions not in ("complete", "incomplete", "both"):
+            raise ValueError(f"eval_instructions must be 'complete', 'incomplete' or 'both', got {self.eval_instructions!r}")

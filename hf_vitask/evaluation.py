@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hf_vitask.data.collator import VITaskCollator, build_prompts
+from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
 from hf_vitask.losses import response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
@@ -26,9 +26,10 @@ from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
 from hf_vitask.task import TaskSpec
 
 
-def _batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _decoded_batches(images: Sequence, size: int):
+    """Batches of RGB PIL images, each input (PIL, path, datasets dict) decoded once."""
+    for start in range(0, len(images), size):
+        yield [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + size])]
 
 
 def _check_tsm(model: VITaskModel, use_tsm: bool) -> None:
@@ -56,7 +57,7 @@ def score_options(
     model.eval()
     scores = []
     try:
-        for chunk in _batches(list(images), batch_size):
+        for chunk in _decoded_batches(images, batch_size):
             rows = [{"image": img, "label": c} for img in chunk for c in range(task.num_classes)]
             batch = {k: v.to(model.device) for k, v in collator(rows).items()}
             batch.pop("class_ids")
@@ -90,7 +91,7 @@ def generate_answers(
     model.eval()
     answers: list[str] = []
     try:
-        for chunk in _batches(list(images), batch_size):
+        for chunk in _decoded_batches(images, batch_size):
             batch = {k: v.to(model.device) for k, v in build_prompts(processor, task, chunk, complete_instruction).items()}
             if use_tsm:
                 batch["tsm_pixel_values"] = model.tsm.preprocess(list(chunk)).to(model.device)

@@ -1,26 +1,141 @@
+"""The hf-vitask command line: parsing, the digits pipeline round trip, predict, quickstart --fast."""
+
+import csv
+import json
+import math
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from hf_vitask.cli import main
+from hf_vitask.cli import main, parse
+
+TINY = {
+    "dataset": "digits",
+    "max_samples": 48,
+    "tsm_model": "test_resnet",
+    "tsm_pretrained": False,
+    "tsm_img_size": 32,
+    "tsm_epochs": 2,
+    "tsm_batch_size": 16,
+    "tsm_learning_rate": 0.003,
+    "model_name_or_path": "tiny-llava",
+    "max_steps": 2,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 0.002,
+    "lora_r": 4,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "eval_split": "test",
+    "eval_max_samples": 6,
+    "eval_batch_size": 6,
+}
 
 
-def test_info(capsys):
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run")}))
+    return path
+
+
+def test_info_and_usage(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "hf_vitask" in out and "llava" in out and "qwen2_vl" in out
+    assert "llava" in out and "qwen2_vl" in out
+    assert main([]) == 0 and "train-tsm" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and "hf_vitask" in capsys.readouterr().out
+    assert main(["no-such-command"]) == 2
 
 
-def test_version_and_unknown_command(capsys):
+def test_yaml_and_flags_fill_the_dataclasses(config):
+    (model, data, tsm, train, evaluation, run), explicit = parse([str(config), "--learning_rate", "0.01", "--stage", "2"])
+    assert model.model_name_or_path == "tiny-llava" and data.max_samples == 48 and tsm.tsm_epochs == 2
+    assert train.learning_rate == 0.01 and train.stage == 2 and train.crt_weight == 1.0  # flag beats the file
+    assert evaluation.eval_max_samples == 6 and run.method == "vitask"
+    assert {"stage", "learning_rate", "max_samples"} <= explicit
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"learning_rat": 0.1}))
+    with pytest.raises(SystemExit, match="unknown keys.*learning_rat"):
+        parse([str(path)])
+    with pytest.raises(SystemExit, match="not found"):
+        parse([str(tmp_path / "missing.yaml")])
+
+
+def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0 and "hf_vitask" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        main(["no-such-command"])
-    assert e.value.code == 2
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("--rda_weight", "--crt_weight", "--tsm_model", "--dataset_path", "--eval_use_tsm", "--model_name_or_path"):
+        assert name in out
+
+
+def test_pipeline_round_trip(config, tmp_path, digits):
+    run = tmp_path / "run"
+    assert main(["train-tsm", str(config)]) == 0
+    assert (run / "tsm" / "model.safetensors").is_file()
+    assert main(["train", str(config)]) == 0
+    assert (run / "stage1" / "adapter_model.safetensors").is_file() and (run / "stage2" / "task.json").is_file()
+    assert main(["train", str(config), "--stage", "2", "--max_steps", "1"]) == 0  # stage 2 alone, from stage1/
+    assert main(["train", str(config), "--method", "vanilla"]) == 0
+    assert (run / "vanilla" / "adapter_model.safetensors").is_file()
+
+    assert main(["evaluate", str(config)]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["model_path"].endswith("stage2") and results["num_samples"] == 6
+    for key in ("with_tsm/complete", "with_tsm/incomplete", "without_tsm/complete", "without_tsm/incomplete"):
+        lik, gen = results[key]["likelihood"], results[key]["generate"]
+        assert 0 <= lik["accuracy"] <= 1 and 0 <= gen["parse_failure_rate"] <= 1
+        assert math.isfinite(lik["macro_f1"])
+    assert 0 <= results["tsm"]["accuracy"] <= 1
+
+    # plug-in TSM: evaluation with a TSM other than the one trained with
+    assert main(["evaluate", str(config), "--plugin_tsm", str(run / "tsm"), "--eval_use_tsm", "yes",
+                 "--eval_instructions", "complete", "--eval_methods", "likelihood"]) == 0
+    plugged = json.loads((run / "eval" / "results.json").read_text())
+    assert set(plugged) >= {"with_tsm/complete", "tsm"} and "without_tsm/complete" not in plugged
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        digits["test"][i]["image"].save(images / f"digit{i}.png")
+    csv_path = tmp_path / "preds.csv"
+    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[0][:2] == ["path", "prediction"] and len(rows[0]) == 12 and len(rows) == 4
+    assert all(r[1] in rows[0][2:] for r in rows[1:])
+    assert abs(sum(float(p) for p in rows[1][2:]) - 1) < 1e-4
+    assert main(["predict", str(config), "--predict_inputs", str(images / "digit0.png"), "--use_tsm", "true",
+                 "--predict_method", "generate", "--predictions_file", str(csv_path)]) == 0
+    assert list(csv.reader(csv_path.open()))[0] == ["path", "prediction", "answer"]
+
+
+def test_train_without_tsm_says_what_to_do(config):
+    with pytest.raises(FileNotFoundError, match="train-tsm"):
+        main(["train", str(config)])
+
+
+def test_quickstart_fast(tmp_path):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--fast", "--output_dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"TSM", "vanilla", "VITask w/o EP", "VITask w/ EP"}
+    for row in ("vanilla", "VITask w/o EP", "VITask w/ EP"):
+        for instruction in ("complete", "incomplete"):
+            for metric in ("likelihood_accuracy", "likelihood_macro_f1", "generate_parse_failure_rate"):
+                assert math.isfinite(summary[row][instruction][metric]["mean"])
+    table = (out / "results.md").read_text()
+    assert table.count("| VITask w/ EP |") == 2 and "macro-F1" in table
+    assert (out / "results.png").stat().st_size > 1000
 
 
 def test_console_script_module_entry():
     result = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "info" in result.stdout
+    assert result.returncode == 0 and "quickstart" in result.stdout

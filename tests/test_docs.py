@@ -33,12 +33,15 @@ def test_every_config_field_is_documented():
 
     from transformers import TrainingArguments
 
-    from hf_vitask import VITaskConfig
+    from hf_vitask.cli import RunArguments
+    from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
 
     base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     reference = (README.parent / "docs" / "configuration.md").read_text()
     own = [f for f in dataclasses.fields(VITaskConfig) if f.name not in base or base[f.name] != f.default]
     assert len(own) > 10
+    for cls in (ModelArguments, DataArguments, TSMArguments, EvalArguments, RunArguments):
+        own += [f for f in dataclasses.fields(cls) if f.init]
     for f in own:
         assert f.metadata.get("help"), f"{f.name} has no help text"
         assert f"`{f.name}`" in reference, f"{f.name} is missing from docs/configuration.md"

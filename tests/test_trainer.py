@@ -181,3 +181,25 @@ def test_custom_collator_without_negative_index_uses_in_batch_negatives(tmp_path
     )
     trainer.train()
     assert len(_logged(trainer, "loss_crt")) == 2
+
+
+def test_trainer_evaluate_reports_classification_metrics(tmp_path, digits, task, tsm):
+    from hf_vitask.evaluation import compute_classification_metrics
+
+    model, processor = build_tiny_vlm("llava")
+    trainer = VITaskTrainer(
+        model=model, args=_args(tmp_path, max_steps=1, per_device_eval_batch_size=4), processing_class=processor,
+        train_dataset=digits["train"], eval_dataset=digits["validation"], task=task, tsm=tsm,
+        compute_metrics=compute_classification_metrics,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_loss_van", "eval_loss_ep", "eval_loss_rda", "eval_accuracy", "eval_macro_f1", "eval_auc"):
+        assert key in metrics, key
+    assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_auc"] <= 1
+    # the same numbers as scoring the validation images directly
+    from hf_vitask.evaluation import score_options
+
+    scores = score_options(trainer.model, processor, task, digits["validation"]["image"])
+    labels = torch.tensor(digits["validation"]["label"])
+    assert metrics["eval_accuracy"] == pytest.approx((scores.argmax(-1) == labels).float().mean().item())

@@ -83,6 +83,8 @@ class VITaskCollator:
     negatives_dataset: Any = None
     """Dataset that tops up CRT negatives; None disables ``crt_negative_index``."""
     with_negatives: bool = False
+    return_images: bool = False
+    """Also return the decoded PIL ``images`` of the batch rows (evaluation by option scoring)."""
     """Emit ``crt_negative_index`` from in-batch negatives only (no dataset top-up)."""
     image_column: str = "image"
     label_column: str = "label"
@@ -150,6 +152,8 @@ class VITaskCollator:
             batch["tsm_pixel_values"] = self.tsm.preprocess([img for img, _ in pairs])
         if negatives is not None:
             batch["crt_negative_index"] = torch.tensor(negatives, dtype=torch.long)
+        if self.return_images:
+            batch["images"] = [img for img, _ in pairs[:n_real]]
         return dict(batch)
 
     def _validate(self, batch, n_real: int) -> None:

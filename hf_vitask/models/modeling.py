@@ -370,9 +370,9 @@ class VITaskModel(nn.Module):
 
 
 def _load_base(adapter_config: dict, **model_kwargs):
-    from transformers import AutoModelForImageTextToText
+    from hf_vitask.models.loading import load_vlm
 
     name = adapter_config.get("base_model_name_or_path")
     if not name:
         raise ValueError("The adapter config names no base model; pass base_model= to from_pretrained")
-    return AutoModelForImageTextToText.from_pretrained(name, **model_kwargs)
+    return load_vlm(name, **model_kwargs)[0]

@@ -140,6 +140,8 @@ class VITaskTrainer(Trainer):
                 label_column=args.label_column,
                 seed=args.seed,
             )
+        if kwargs.get("compute_metrics") is not None and isinstance(data_collator, VITaskCollator):
+            data_collator.return_images = True  # prediction_step scores every class option per image
         super().__init__(
             model=model,
             args=args,
@@ -201,6 +203,7 @@ class VITaskTrainer(Trainer):
         class_ids = inputs.pop("class_ids", None)
         tsm_pixel_values = inputs.pop("tsm_pixel_values", None)
         negative_index = inputs.pop("crt_negative_index", None)
+        inputs.pop("images", None)
 
         student = model(**inputs)
         targets = student.response_targets
@@ -255,11 +258,27 @@ class VITaskTrainer(Trainer):
         return self._rng
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation loss with the same terms as training (logged as ``eval_loss_*``)."""
+        """Evaluation loss with the same terms as training (logged as ``eval_loss_*``).
+
+        With ``compute_metrics`` set, also returns the option log-likelihood of every class per
+        image and the class ids, so ``hf_vitask.evaluation.compute_classification_metrics``
+        gives accuracy / macro-F1 / AUC inside ``Trainer.evaluate``.
+        """
         inputs = self._prepare_inputs(inputs)
+        images = inputs.get("images")
+        class_ids = inputs.get("class_ids")
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        if prediction_loss_only or self.compute_metrics is None or images is None or self.task is None:
+            return loss.detach(), None, None
+        from hf_vitask.evaluation import score_options
+
+        scores = score_options(
+            self.accelerator.unwrap_model(model), self.processing_class, self.task, images,
+            use_tsm=self.args.metric_use_tsm, complete_instruction=self.args.instruction == "complete",
+            batch_size=len(images),
+        )
+        return loss.detach(), scores.to(loss.device), class_ids[: len(images)]
 
     # -- logging ---------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -268,7 +287,7 @@ class VITaskTrainer(Trainer):
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs = {**logs, **metrics}
+        logs.update(metrics)  # in place: Trainer.evaluate() returns this dict
         self._metrics[mode].clear()
         super().log(logs, start_time)
 

@@ -1,0 +1,266 @@
+"""The VITask pipeline as plain functions over the config dataclasses; the CLI is a thin shell on top.
+
+A run directory holds one sub-directory per step, so every step can be re-run alone::
+
+    <output_dir>/tsm        train-tsm
+    <output_dir>/vanilla    train --method vanilla
+    <output_dir>/stage1     train --stage 1   (EP + RDA)
+    <output_dir>/stage2     train --stage 2   (+ CRT): the final bundle
+    <output_dir>/eval       evaluate: results.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+from hf_vitask.task import TaskSpec
+
+logger = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+METHODS = ("vitask", "vanilla")
+
+
+# -- data and task ---------------------------------------------------------------------------------
+def load_data(data_args: DataArguments):
+    """The DatasetDict of the configured source, with ``image`` and ``label`` columns."""
+    from hf_vitask.data.sources import load_digits_dataset, load_source
+
+    if data_args.dataset == "digits":
+        data = load_digits_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
+    else:
+        if not data_args.dataset_path:
+            raise ValueError(f"dataset={data_args.dataset!r} needs dataset_path")
+        data = load_source(data_args.dataset, data_args.dataset_path, seed=data_args.data_seed_split)
+    if data_args.train_split not in data:
+        raise ValueError(f"The data has no {data_args.train_split!r} split; splits: {list(data)}")
+    if data_args.max_samples is not None:
+        train = data[data_args.train_split]
+        data[data_args.train_split] = train.shuffle(seed=data_args.data_seed_split).select(
+            range(min(data_args.max_samples, len(train)))
+        )
+    return data
+
+
+def build_task(data_args: DataArguments, data) -> TaskSpec:
+    """TaskSpec from the config, class names defaulting to the dataset's ClassLabel names."""
+    from hf_vitask.data.sources import class_names_of
+    from hf_vitask.task import digits_task
+
+    if data_args.dataset == "digits" and data_args.class_names is None:
+        task = digits_task()
+        return task if data_args.question is None else TaskSpec(**{**task.to_dict(), "question": data_args.question})
+    names = data_args.class_names or class_names_of(data)
+    if not names:
+        raise ValueError("The dataset has no ClassLabel names: set class_names in the config")
+    kwargs = {"class_names": list(names), "question": data_args.question}
+    if data_args.task_name:
+        kwargs["name"] = data_args.task_name
+    if data_args.modality:
+        kwargs["modality"] = data_args.modality
+    return TaskSpec(**kwargs)
+
+
+def _split(data, name: str, max_samples: int | None = None):
+    if name not in data:
+        raise ValueError(f"The data has no {name!r} split; splits: {list(data)}")
+    ds = data[name]
+    return ds.select(range(min(max_samples, len(ds)))) if max_samples is not None else ds
+
+
+# -- stage 0: TSM ----------------------------------------------------------------------------------
+def tsm_dir(tsm_args: TSMArguments, output_dir: str) -> Path:
+    return Path(tsm_args.tsm_path or Path(output_dir) / "tsm")
+
+
+def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: str, seed: int = 0, progress=True):
+    """Train the TSM on the train split (best validation epoch kept) and save it."""
+    from hf_vitask.models.tsm import TaskSpecificModel, train_tsm
+
+    data = load_data(data_args)
+    task = build_task(data_args, data)
+    tsm = TaskSpecificModel(
+        tsm_args.tsm_model, num_classes=task.num_classes, pretrained=tsm_args.tsm_pretrained, img_size=tsm_args.tsm_img_size
+    )
+    history = train_tsm(
+        tsm,
+        data[data_args.train_split],
+        eval_dataset=data.get(data_args.validation_split),
+        epochs=tsm_args.tsm_epochs,
+        batch_size=tsm_args.tsm_batch_size,
+        learning_rate=tsm_args.tsm_learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+    out = tsm_dir(tsm_args, output_dir)
+    tsm.save_pretrained(out)
+    task.save_pretrained(out)
+    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    return tsm, history
+
+
+def load_trained_tsm(tsm_args: TSMArguments, output_dir: str):
+    from hf_vitask.models.tsm import TaskSpecificModel
+
+    path = tsm_dir(tsm_args, output_dir)
+    if not (path / "tsm_config.json").is_file():
+        raise FileNotFoundError(f"No trained TSM in {path}: run `hf-vitask train-tsm` first (or set tsm_path)")
+    return TaskSpecificModel.from_pretrained(path)
+
+
+# -- stages 1 and 2 --------------------------------------------------------------------------------
+def run_train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    tsm_args: TSMArguments,
+    train_args: VITaskConfig,
+    *,
+    stages: tuple[int, ...] = (1, 2),
+    method: str = "vitask",
+) -> Path:
+    """Train the VLM (vanilla, or VITask stages) and return the directory of the final bundle."""
+    from hf_vitask.models.loading import load_vlm
+    from hf_vitask.models.modeling import VITaskModel
+    from hf_vitask.trainers.vitask import VITaskTrainer
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    root = Path(train_args.output_dir)
+    data = load_data(data_args)
+    task = build_task(data_args, data)
+    train_ds = data[data_args.train_split]
+    eval_ds = data[data_args.validation_split] if train_args.eval_strategy != "no" else None
+    if method == "vanilla":
+        stages = (1,)
+    model = processor = None
+    out = root
+    for stage in stages:
+        if method == "vanilla":
+            out = root / "vanilla"
+            args = train_args.for_stage(1, output_dir=str(out), ep_weight=0.0, rda_weight=0.0, crt_weight=0.0)
+            tsm = None
+        else:
+            out = root / f"stage{stage}"
+            args = train_args.for_stage(stage, output_dir=str(out))
+            tsm = load_trained_tsm(tsm_args, str(root)) if model is None else None
+        if model is None and stage == 2:
+            previous = root / "stage1"
+            if not (previous / "vitask_config.json").is_file():
+                raise FileNotFoundError(f"Stage 2 starts from stage 1: no model in {previous} (run --stage 1 first)")
+            model = VITaskModel.from_pretrained(previous, is_trainable=True)
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(str(previous))
+            tsm = None
+        if model is None:
+            model, processor = load_vlm(
+                model_args.model_name_or_path,
+                torch_dtype=model_args.torch_dtype,
+                trust_remote_code=model_args.trust_remote_code,
+            )
+        trainer = VITaskTrainer(
+            model=model, args=args, processing_class=processor, train_dataset=train_ds, eval_dataset=eval_ds,
+            task=task, tsm=tsm,
+        )
+        trainer.train()
+        trainer.save_model(str(out))
+        model = trainer.model
+    return out
+
+
+# -- evaluation and prediction -----------------------------------------------------------------------
+def default_model_path(output_dir: str) -> Path:
+    for name in ("stage2", "stage1", "vanilla"):
+        if (Path(output_dir) / name / "vitask_config.json").is_file():
+            return Path(output_dir) / name
+    raise FileNotFoundError(f"No trained model under {output_dir}: run `hf-vitask train` first (or set model_path)")
+
+
+def _variants(choice: str, yes: str, no: str) -> list[bool]:
+    return {"both": [True, False], yes: [True], no: [False]}[choice]
+
+
+def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir: str, tsm_args: TSMArguments | None = None):
+    """Evaluate a saved bundle on ``eval_split``: every (TSM yes/no) x (complete/incomplete) x method."""
+    from hf_vitask.evaluation import evaluate_tsm, evaluate_vlm
+    from hf_vitask.hub import load_vitask
+    from hf_vitask.models.tsm import TaskSpecificModel
+
+    path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
+    model, processor, task = load_vitask(path)
+    data = load_data(data_args)
+    task = task or build_task(data_args, data)
+    dataset = _split(data, eval_args.eval_split, eval_args.eval_max_samples)
+    plugin = TaskSpecificModel.from_pretrained(eval_args.plugin_tsm) if eval_args.plugin_tsm else None
+    results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset)}
+    tsm = plugin or model.tsm
+    if tsm is not None:
+        results["tsm"] = evaluate_tsm(tsm, dataset)
+    can_use_tsm = model.connector is not None and tsm is not None
+    for use_tsm in _variants(eval_args.eval_use_tsm, "yes", "no"):
+        if use_tsm and not can_use_tsm:
+            continue
+        for complete in _variants(eval_args.eval_instructions, "complete", "incomplete"):
+            key = f"{'with' if use_tsm else 'without'}_tsm/{'complete' if complete else 'incomplete'}"
+            results[key] = evaluate_vlm(
+                model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
+                methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
+            )
+    out = Path(output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in the folders given."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"predict input {item!r} is neither an image file nor a folder")
+    if not paths:
+        raise ValueError(f"No images found in {inputs}")
+    return paths
+
+
+def run_predict(eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood") -> Path:
+    """Predict a class for each input image and write a CSV (path, prediction, per-class probabilities)."""
+    import torch
+
+    from hf_vitask.evaluation import generate_answers, score_options
+    from hf_vitask.hub import load_vitask
+
+    if not eval_args.predict_inputs:
+        raise ValueError("predict needs predict_inputs: image files and/or folders")
+    path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
+    model, processor, task = load_vitask(path)
+    if task is None:
+        raise FileNotFoundError(f"{path} has no task.json")
+    files = collect_images(eval_args.predict_inputs)
+    images = [str(f) for f in files]
+    out = Path(eval_args.predictions_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        if method == "likelihood":
+            probs = torch.softmax(
+                score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size), -1
+            )
+            writer.writerow(["path", "prediction", *task.class_names])
+            for f, row in zip(files, probs.tolist()):
+                writer.writerow([str(f), task.class_names[max(range(len(row)), key=row.__getitem__)], *(f"{p:.6f}" for p in row)])
+        else:
+            answers = generate_answers(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size)
+            writer.writerow(["path", "prediction", "answer"])
+            for f, answer in zip(files, answers):
+                cls = task.parse(answer)
+                writer.writerow([str(f), "" if cls is None else task.class_names[cls], answer])
+    return out
