@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "evaluate":
         _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args))
     elif command == "predict":
-        path = pipeline.run_predict(eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method)
+        path = pipeline.run_predict(
+            eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name
+        )
         print(f"predictions written to {path}")
     elif command == "quickstart":
         from hf_vitask.quickstart import run_quickstart

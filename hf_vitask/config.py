@@ -158,6 +158,13 @@ class DataArguments:
         metadata={"help": "Data source: 'digits' (bundled), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format) or 'hf' (hub id / save_to_disk dir)."},
     )
     dataset_path: str | None = field(default=None, metadata={"help": "Path or hub id of the data (not needed for 'digits')."})
+    dataset_paths: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several tasks in one run (e.g. 12 MedMNIST files): one path per task, all of the `dataset` source "
+            "type; each becomes a TaskSpec named after its file or folder. The TSM gets one shared head."
+        },
+    )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (fast runs)."})
     image_size: int = field(default=32, metadata={"help": "Side of the digits demo images in pixels."})
     data_seed_split: int = field(default=0, metadata={"help": "Seed of the train/validation/test split when one is made."})

@@ -26,15 +26,44 @@ METHODS = ("vitask", "vanilla")
 
 # -- data and task ---------------------------------------------------------------------------------
 def load_data(data_args: DataArguments):
-    """The DatasetDict of the configured source, with ``image`` and ``label`` columns."""
-    from hf_vitask.data.sources import load_digits_dataset, load_source
+    """The DatasetDict of the configured source(s), with ``image`` and ``label`` columns (and ``task``,
+    the task index, when ``dataset_paths`` names several tasks)."""
+    return load_data_and_tasks(data_args)[0]
 
-    if data_args.dataset == "digits":
-        data = load_digits_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
+
+def build_task(data_args: DataArguments, data=None):
+    """The TaskSpec of the configured data (a list of them for a multi-task run)."""
+    return load_data_and_tasks(data_args)[1]
+
+
+def load_data_and_tasks(data_args: DataArguments):
+    from datasets import DatasetDict, Value, concatenate_datasets
+
+    from hf_vitask.data.sources import load_digits_dataset
+
+    if data_args.dataset_paths:
+        parts = [_load_one(data_args, path) for path in data_args.dataset_paths]
+        tasks = [_task_for(data_args, part, name=Path(path).stem) for part, path in zip(parts, data_args.dataset_paths)]
+        splits = set.intersection(*(set(p) for p in parts))
+        data = DatasetDict(
+            {
+                split: concatenate_datasets(
+                    [
+                        part[split].cast_column("label", Value("int64")).add_column("task", [i] * len(part[split]))
+                        for i, part in enumerate(parts)
+                    ]
+                )
+                for split in sorted(splits)
+            }
+        )
     else:
-        if not data_args.dataset_path:
-            raise ValueError(f"dataset={data_args.dataset!r} needs dataset_path")
-        data = load_source(data_args.dataset, data_args.dataset_path, seed=data_args.data_seed_split)
+        if data_args.dataset == "digits":
+            data = load_digits_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
+        elif not data_args.dataset_path:
+            raise ValueError(f"dataset={data_args.dataset!r} needs dataset_path (or dataset_paths for several tasks)")
+        else:
+            data = _load_one(data_args, data_args.dataset_path)
+        tasks = _task_for(data_args, data)
     if data_args.train_split not in data:
         raise ValueError(f"The data has no {data_args.train_split!r} split; splits: {list(data)}")
     if data_args.max_samples is not None:
@@ -42,26 +71,37 @@ def load_data(data_args: DataArguments):
         data[data_args.train_split] = train.shuffle(seed=data_args.data_seed_split).select(
             range(min(data_args.max_samples, len(train)))
         )
-    return data
+    return data, tasks
 
 
-def build_task(data_args: DataArguments, data) -> TaskSpec:
-    """TaskSpec from the config, class names defaulting to the dataset's ClassLabel names."""
+def _load_one(data_args: DataArguments, path: str):
+    from hf_vitask.data.sources import load_source
+
+    # MedMNIST files come split; other sources are split here, reproducibly
+    split_kwargs = {} if data_args.dataset in ("npz", "medmnist") else {"seed": data_args.data_seed_split}
+    return load_source(data_args.dataset, path, **split_kwargs)
+
+
+def _task_for(data_args: DataArguments, data, name: str | None = None) -> TaskSpec:
     from hf_vitask.data.sources import class_names_of
     from hf_vitask.task import digits_task
 
-    if data_args.dataset == "digits" and data_args.class_names is None:
+    if data_args.dataset == "digits" and data_args.class_names is None and not data_args.dataset_paths:
         task = digits_task()
         return task if data_args.question is None else TaskSpec(**{**task.to_dict(), "question": data_args.question})
-    names = data_args.class_names or class_names_of(data)
+    names = (None if data_args.dataset_paths else data_args.class_names) or class_names_of(data)
     if not names:
         raise ValueError("The dataset has no ClassLabel names: set class_names in the config")
     kwargs = {"class_names": list(names), "question": data_args.question}
-    if data_args.task_name:
-        kwargs["name"] = data_args.task_name
+    if name or data_args.task_name:
+        kwargs["name"] = name or data_args.task_name
     if data_args.modality:
         kwargs["modality"] = data_args.modality
     return TaskSpec(**kwargs)
+
+
+def task_list(tasks) -> list[TaskSpec]:
+    return [tasks] if isinstance(tasks, TaskSpec) else list(tasks)
 
 
 def _split(data, name: str, max_samples: int | None = None):
@@ -79,11 +119,12 @@ def tsm_dir(tsm_args: TSMArguments, output_dir: str) -> Path:
 def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: str, seed: int = 0, progress=True):
     """Train the TSM on the train split (best validation epoch kept) and save it."""
     from hf_vitask.models.tsm import TaskSpecificModel, train_tsm
+    from hf_vitask.task import save_tasks
 
-    data = load_data(data_args)
-    task = build_task(data_args, data)
+    data, tasks = load_data_and_tasks(data_args)
+    sizes = [t.num_classes for t in task_list(tasks)]
     tsm = TaskSpecificModel(
-        tsm_args.tsm_model, num_classes=task.num_classes, pretrained=tsm_args.tsm_pretrained, img_size=tsm_args.tsm_img_size
+        tsm_args.tsm_model, num_classes=sum(sizes), pretrained=tsm_args.tsm_pretrained, img_size=tsm_args.tsm_img_size
     )
     history = train_tsm(
         tsm,
@@ -93,11 +134,12 @@ def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: 
         batch_size=tsm_args.tsm_batch_size,
         learning_rate=tsm_args.tsm_learning_rate,
         seed=seed,
+        task_sizes=sizes if len(sizes) > 1 else None,
         progress=progress,
     )
     out = tsm_dir(tsm_args, output_dir)
     tsm.save_pretrained(out)
-    task.save_pretrained(out)
+    save_tasks(tasks, out)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     return tsm, history
 
@@ -129,8 +171,7 @@ def run_train(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     root = Path(train_args.output_dir)
-    data = load_data(data_args)
-    task = build_task(data_args, data)
+    data, task = load_data_and_tasks(data_args)
     train_ds = data[data_args.train_split]
     eval_ds = data[data_args.validation_split] if train_args.eval_strategy != "no" else None
     if method == "vanilla":
@@ -184,21 +225,50 @@ def _variants(choice: str, yes: str, no: str) -> list[bool]:
 
 
 def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir: str, tsm_args: TSMArguments | None = None):
-    """Evaluate a saved bundle on ``eval_split``: every (TSM yes/no) x (complete/incomplete) x method."""
-    from hf_vitask.evaluation import evaluate_tsm, evaluate_vlm
+    """Evaluate a saved bundle on ``eval_split``: every (TSM yes/no) x (complete/incomplete) x method.
+
+    A multi-task bundle is evaluated task by task (``per_task``); the top-level numbers are then
+    the mean over tasks, as in the paper's 12-dataset table."""
     from hf_vitask.hub import load_vitask
     from hf_vitask.models.tsm import TaskSpecificModel
+    from hf_vitask.task import load_tasks
 
     path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
-    model, processor, task = load_vitask(path)
-    data = load_data(data_args)
-    task = task or build_task(data_args, data)
-    dataset = _split(data, eval_args.eval_split, eval_args.eval_max_samples)
+    model, processor, _ = load_vitask(path)
+    data, configured = load_data_and_tasks(data_args)
+    tasks = task_list(load_tasks(path) or configured)
+    dataset = _split(data, eval_args.eval_split, None if len(tasks) > 1 else eval_args.eval_max_samples)
     plugin = TaskSpecificModel.from_pretrained(eval_args.plugin_tsm) if eval_args.plugin_tsm else None
     results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset)}
+    if len(tasks) == 1:
+        results.update(_evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin))
+    else:
+        sizes = [t.num_classes for t in tasks]
+        per_task = {}
+        for i, task in enumerate(tasks):
+            subset = dataset.filter(lambda t, i=i: t == i, input_columns="task")
+            if eval_args.eval_max_samples is not None:
+                subset = subset.select(range(min(eval_args.eval_max_samples, len(subset))))
+            per_task[task.name] = _evaluate_task(model, processor, task, subset, eval_args, plugin, i, sizes)
+        results["per_task"] = per_task
+        results.update(_mean_over_tasks(list(per_task.values())))
+    out = Path(output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_index=None, task_sizes=None) -> dict:
+    from hf_vitask.evaluation import evaluate_tsm, evaluate_vlm
+
+    results: dict = {}
     tsm = plugin or model.tsm
     if tsm is not None:
-        results["tsm"] = evaluate_tsm(tsm, dataset)
+        results["tsm"] = (
+            evaluate_tsm(tsm, dataset)
+            if task_sizes is None
+            else _evaluate_tsm_in_task(tsm, dataset, task_index, task_sizes)
+        )
     can_use_tsm = model.connector is not None and tsm is not None
     for use_tsm in _variants(eval_args.eval_use_tsm, "yes", "no"):
         if use_tsm and not can_use_tsm:
@@ -209,10 +279,33 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
                 model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
                 methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
             )
-    out = Path(output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _evaluate_tsm_in_task(tsm, dataset, task_index: int, task_sizes: list[int]) -> dict:
+    """TSM metrics of one task of a shared multi-task head (softmax restricted to the task's classes)."""
+    import torch
+
+    from hf_vitask.metrics import classification_metrics
+    from hf_vitask.models.tsm import task_offsets, tsm_predict
+
+    start = task_offsets(task_sizes)[task_index]
+    probs = tsm_predict(tsm, dataset, task_sizes=task_sizes)[:, start : start + task_sizes[task_index]]
+    labels = torch.tensor(dataset["label"])
+    metrics = classification_metrics(probs.argmax(-1).tolist(), labels.tolist(), scores=probs.numpy())
+    return {"num_samples": len(dataset), **metrics}
+
+
+def _mean_over_tasks(per_task: list[dict]) -> dict:
+    """Mean of every numeric leaf over tasks (keys present in all of them)."""
+    first = per_task[0]
+    out: dict = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = _mean_over_tasks([p[key] for p in per_task if key in p])
+        elif isinstance(value, int | float) and all(key in p for p in per_task):
+            out[key] = sum(float(p[key]) for p in per_task) / len(per_task)
+    return out
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -231,8 +324,12 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def run_predict(eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood") -> Path:
-    """Predict a class for each input image and write a CSV (path, prediction, per-class probabilities)."""
+def run_predict(
+    eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood", task_name: str | None = None
+) -> Path:
+    """Predict a class for each input image and write a CSV (path, prediction, per-class probabilities).
+
+    A multi-task bundle needs ``task_name`` to say which task's question to ask."""
     import torch
 
     from hf_vitask.evaluation import generate_answers, score_options
@@ -241,9 +338,17 @@ def run_predict(eval_args: EvalArguments, output_dir: str, use_tsm: bool = False
     if not eval_args.predict_inputs:
         raise ValueError("predict needs predict_inputs: image files and/or folders")
     path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
-    model, processor, task = load_vitask(path)
+    from hf_vitask.task import load_tasks
+
+    model, processor, _ = load_vitask(path)
+    task = load_tasks(path)
     if task is None:
         raise FileNotFoundError(f"{path} has no task.json")
+    if not isinstance(task, TaskSpec):
+        by_name = {t.name: t for t in task}
+        if task_name not in by_name:
+            raise ValueError(f"{path} holds several tasks {sorted(by_name)}: choose one with task_name")
+        task = by_name[task_name]
     files = collect_images(eval_args.predict_inputs)
     images = [str(f) for f in files]
     out = Path(eval_args.predictions_file)

@@ -17,6 +17,7 @@ from os import PathLike
 from pathlib import Path
 
 TASK_FILE = "task.json"
+TASKS_FILE = "tasks.json"
 
 
 def normalize_answer(text: str) -> str:
@@ -169,6 +170,27 @@ class TaskSpec:
         if not file.is_file():
             raise FileNotFoundError(f"No {TASK_FILE} in {path}: was this directory written by hf_vitask?")
         return cls.from_dict(json.loads(file.read_text()))
+
+
+def save_tasks(tasks, save_directory: str | PathLike) -> None:
+    """One task -> ``task.json``; several (multi-task run) -> ``tasks.json``, a list in task-index order."""
+    tasks = [tasks] if isinstance(tasks, TaskSpec) else list(tasks)
+    if len(tasks) == 1:
+        tasks[0].save_pretrained(save_directory)
+        return
+    path = Path(save_directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TASKS_FILE).write_text(json.dumps([t.to_dict() for t in tasks], indent=2) + "\n")
+
+
+def load_tasks(path: str | PathLike) -> TaskSpec | list[TaskSpec] | None:
+    """What :func:`save_tasks` wrote: a TaskSpec, a list of them, or None when the directory has neither."""
+    path = Path(path)
+    if (path / TASKS_FILE).is_file():
+        return [TaskSpec.from_dict(d) for d in json.loads((path / TASKS_FILE).read_text())]
+    if (path / TASK_FILE).is_file():
+        return TaskSpec.from_pretrained(path)
+    return None
 
 
 def digits_task() -> TaskSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +54,13 @@ def assistant_message(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def pick_negatives(class_ids: list[int], rng: random.Random) -> list[int]:
-    """For each row, a random row of the batch with a different class, or -1 when there is none."""
+def pick_negatives(class_ids: list[int], rng: random.Random, groups: list[int] | None = None) -> list[int]:
+    """For each row, a random row of the batch with a different class (and the same task when
+    ``groups`` gives each row's task), or -1 when there is none."""
+    groups = groups if groups is not None else [0] * len(class_ids)
     out = []
-    for i, c in enumerate(class_ids):
-        pool = [j for j, d in enumerate(class_ids) if d != c and j != i]
+    for i, (c, g) in enumerate(zip(class_ids, groups)):
+        pool = [j for j, (d, h) in enumerate(zip(class_ids, groups)) if d != c and h == g and j != i]
         out.append(rng.choice(pool) if pool else -1)
     return out
 
@@ -71,23 +74,27 @@ class VITaskCollator:
     With ``negatives_dataset`` set (stage 2, CRT), every row gets a negative: a row of the
     batch with another class, or, when the batch has none, an extra row drawn from the dataset
     and appended with all labels at -100 (it only lends its image).
+
+    Several tasks: pass a list of TaskSpecs; each row then names its task index in
+    ``task_column``, its label is a class of that task, and the batch carries ``task_ids``.
     """
 
     processor: Any
-    task: TaskSpec
+    task: TaskSpec | Sequence[TaskSpec]
     tsm: Any = None
     """TaskSpecificModel whose ``preprocess`` makes ``tsm_pixel_values``; None skips them."""
     complete_instruction: bool = True
     max_length: int | None = None
     """Longer rows raise an error naming them (never silently truncated)."""
     negatives_dataset: Any = None
-    """Dataset that tops up CRT negatives; None disables ``crt_negative_index``."""
+    """Dataset that tops up CRT negatives; None disables the top-up."""
     with_negatives: bool = False
+    """Emit ``crt_negative_index`` (in-batch negatives, topped up from ``negatives_dataset`` if set)."""
     return_images: bool = False
     """Also return the decoded PIL ``images`` of the batch rows (evaluation by option scoring)."""
-    """Emit ``crt_negative_index`` from in-batch negatives only (no dataset top-up)."""
     image_column: str = "image"
     label_column: str = "label"
+    task_column: str = "task"
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _by_class: dict | None = field(init=False, repr=False, default=None)
@@ -96,36 +103,51 @@ class VITaskCollator:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if tokenizer.pad_token_id is None:
             raise ValueError("The processor's tokenizer has no pad token; set tokenizer.pad_token first")
+        self.tasks: list[TaskSpec] = [self.task] if isinstance(self.task, TaskSpec) else list(self.task)
+        if not self.tasks:
+            raise ValueError("The collator needs at least one TaskSpec")
         self.image_token_id = image_token_id_of(self.processor)
         self._trl = DataCollatorForVisionLanguageModeling(self.processor, completion_only_loss=True)
         self._rng = random.Random(self.seed)
 
-    # -- rows -> examples --------------------------------------------------------------------------
-    def _row(self, row: dict, i: int, source: str = "") -> tuple[Image.Image, int]:
-        where = f" in row {i}{source}" + (f" (id {row['id']!r})" if "id" in row else "")
-        if self.image_column not in row:
-            raise KeyError(f"Row {i}{source} has no {self.image_column!r} column; columns: {sorted(row)}")
-        if self.label_column not in row:
-            raise KeyError(f"Row {i}{source} has no {self.label_column!r} column; columns: {sorted(row)}")
-        image = load_image(row[self.image_column], where)
-        return image, self.task.check_label(row[self.label_column], where)
+    @property
+    def multi_task(self) -> bool:
+        return len(self.tasks) > 1
 
-    def _example(self, image: Image.Image, label: int) -> dict:
+    # -- rows -> examples --------------------------------------------------------------------------
+    def _row(self, row: dict, i: int, source: str = "") -> tuple[Image.Image, int, int]:
+        where = f" in row {i}{source}" + (f" (id {row['id']!r})" if "id" in row else "")
+        columns = [self.image_column, self.label_column] + ([self.task_column] if self.multi_task else [])
+        for column in columns:
+            if column not in row:
+                raise KeyError(f"Row {i}{source} has no {column!r} column; columns: {sorted(row)}")
+        task_id = int(row[self.task_column]) if self.multi_task else 0
+        if not 0 <= task_id < len(self.tasks):
+            raise ValueError(f"Task index {task_id}{where} is out of range for {len(self.tasks)} tasks")
+        image = load_image(row[self.image_column], where)
+        return image, self.tasks[task_id].check_label(row[self.label_column], where), task_id
+
+    def _example(self, image: Image.Image, label: int, task_id: int) -> dict:
+        task = self.tasks[task_id]
         return {
             "images": [image],
-            "prompt": user_message(self.task.instruction(self.complete_instruction)),
-            "completion": assistant_message(self.task.response(label)),
+            "prompt": user_message(task.instruction(self.complete_instruction)),
+            "completion": assistant_message(task.response(label)),
         }
 
-    def _dataset_negative(self, label: int) -> tuple[Image.Image, int]:
+    def _dataset_negative(self, label: int, task_id: int) -> tuple[Image.Image, int, int]:
         if self._by_class is None:
             by_class = defaultdict(list)
-            for idx, lab in enumerate(self.negatives_dataset[self.label_column]):
-                by_class[self.task.check_label(lab, f" in row {idx} of the negatives dataset")].append(idx)
+            ds = self.negatives_dataset
+            task_ids = ds[self.task_column] if self.multi_task else [0] * len(ds)
+            for idx, (lab, t) in enumerate(zip(ds[self.label_column], task_ids)):
+                by_class[(int(t), self.tasks[int(t)].check_label(lab, f" in row {idx} of the negatives dataset"))].append(idx)
             self._by_class = dict(by_class)
-        classes = [c for c in self._by_class if c != label]
+        classes = [key for key in self._by_class if key[0] == task_id and key[1] != label]
         if not classes:
-            raise ValueError("CRT needs at least two classes in the training data; it has only one")
+            raise ValueError(
+                f"CRT needs at least two classes per task in the training data; task {self.tasks[task_id].name!r} has one"
+            )
         idx = self._rng.choice(self._by_class[self._rng.choice(classes)])
         return self._row(self.negatives_dataset[idx], idx, " of the negatives dataset")
 
@@ -133,27 +155,29 @@ class VITaskCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("Empty batch: the dataset or sampler produced no rows")
-        pairs = [self._row(row, i) for i, row in enumerate(rows)]
-        n_real = len(pairs)
+        items = [self._row(row, i) for i, row in enumerate(rows)]
+        n_real = len(items)
         negatives = None
         if self.negatives_dataset is not None or self.with_negatives:
-            negatives = pick_negatives([c for _, c in pairs], self._rng)
+            negatives = pick_negatives([c for _, c, _ in items], self._rng, [t for _, _, t in items])
             if self.negatives_dataset is not None:
                 for i in range(n_real):
                     if negatives[i] == -1:
-                        pairs.append(self._dataset_negative(pairs[i][1]))
-                        negatives[i] = len(pairs) - 1
-                negatives += [-1] * (len(pairs) - n_real)
-        batch = self._trl.torch_call([self._example(img, lab) for img, lab in pairs])
+                        items.append(self._dataset_negative(items[i][1], items[i][2]))
+                        negatives[i] = len(items) - 1
+                negatives += [-1] * (len(items) - n_real)
+        batch = self._trl.torch_call([self._example(*item) for item in items])
         batch["labels"][n_real:] = IGNORE_INDEX  # extra rows only lend their image to CRT
         self._validate(batch, n_real)
-        batch["class_ids"] = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        batch["class_ids"] = torch.tensor([c for _, c, _ in items], dtype=torch.long)
+        if self.multi_task:
+            batch["task_ids"] = torch.tensor([t for _, _, t in items], dtype=torch.long)
         if self.tsm is not None:
-            batch["tsm_pixel_values"] = self.tsm.preprocess([img for img, _ in pairs])
+            batch["tsm_pixel_values"] = self.tsm.preprocess([img for img, _, _ in items])
         if negatives is not None:
             batch["crt_negative_index"] = torch.tensor(negatives, dtype=torch.long)
         if self.return_images:
-            batch["images"] = [img for img, _ in pairs[:n_real]]
+            batch["images"] = [img for img, _, _ in items[:n_real]]
         return dict(batch)
 
     def _validate(self, batch, n_real: int) -> None:

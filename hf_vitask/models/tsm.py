@@ -179,6 +179,8 @@ def train_tsm(
     device: str | torch.device | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    task_sizes: Sequence[int] | None = None,
+    task_column: str = "task",
     progress: bool = True,
 ) -> dict:
     """Fully fine-tune the TSM with AdamW and a per-step cosine schedule (VITask trains it alone, first).
@@ -189,13 +191,19 @@ def train_tsm(
     validation checkpoint. `device=None` trains where the TSM already is. Deterministic for
     a seed: shuffling uses its own `torch.Generator`, and augmentation/dropout draw from a
     forked, seeded global RNG (the caller's RNG state is left untouched). The TSM ends in eval mode.
+
+    Several tasks (VITask's multi-dataset setting): pass `task_sizes` (classes per task, summing
+    to `num_classes`); rows then carry a task index in `task_column` and a label *within* their
+    task, and the cross-entropy is restricted to the row's own task classes of the shared head.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
-    labels = _checked_labels(train_dataset, tsm.num_classes, image_column, label_column, "train_dataset")
+    labels, task_ids = _checked_labels(
+        train_dataset, tsm.num_classes, image_column, label_column, "train_dataset", task_sizes, task_column
+    )
     if eval_dataset is not None:
-        eval_labels = _checked_labels(
-            eval_dataset, tsm.num_classes, image_column, label_column, "eval_dataset"
+        eval_labels, _ = _checked_labels(
+            eval_dataset, tsm.num_classes, image_column, label_column, "eval_dataset", task_sizes, task_column
         )
     device = _resolve_device(tsm, device)
     tsm.to(device)
@@ -218,7 +226,10 @@ def train_tsm(
             for rows in _batches(order, batch_size):
                 pixel_values = tsm.preprocess(train_dataset[rows][image_column], train=True).to(device)
                 targets = torch.tensor([labels[i] for i in rows], device=device)
-                loss = F.cross_entropy(tsm(pixel_values), targets)
+                logits = tsm(pixel_values)
+                if task_sizes is not None:
+                    logits = restrict_to_tasks(logits, torch.tensor([task_ids[i] for i in rows]), task_sizes)
+                loss = F.cross_entropy(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -230,7 +241,8 @@ def train_tsm(
 
             if eval_dataset is not None:
                 probs = tsm_predict(
-                    tsm, eval_dataset, batch_size=batch_size, device=device, image_column=image_column
+                    tsm, eval_dataset, batch_size=batch_size, device=device, image_column=image_column,
+                    task_sizes=task_sizes, task_column=task_column,
                 )
                 accuracy = (probs.argmax(-1) == torch.tensor(eval_labels)).float().mean().item()
                 history["eval_accuracy"].append(accuracy)
@@ -257,8 +269,13 @@ def tsm_predict(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     image_column: str = "image",
+    task_sizes: Sequence[int] | None = None,
+    task_column: str = "task",
 ) -> torch.Tensor:
-    """Softmax class probabilities, (N, num_classes) float32 on CPU, in dataset order."""
+    """Softmax class probabilities, (N, num_classes) float32 on CPU, in dataset order.
+
+    With `task_sizes` the softmax of each row is restricted to its own task's classes (global
+    ids, zero elsewhere), as in training."""
     if len(dataset) == 0:
         raise ValueError("tsm_predict got an empty dataset")
     device = _resolve_device(tsm, device)
@@ -266,26 +283,67 @@ def tsm_predict(
     tsm.to(device).eval()
     chunks = []
     for start in range(0, len(dataset), batch_size):
-        images = dataset[start : start + batch_size][image_column]
-        chunks.append(tsm(tsm.preprocess(images).to(device)).float().softmax(-1).cpu())
+        batch = dataset[start : start + batch_size]
+        logits = tsm(tsm.preprocess(batch[image_column]).to(device)).float()
+        if task_sizes is not None:
+            logits = restrict_to_tasks(logits, torch.tensor(batch[task_column]), task_sizes)
+        chunks.append(logits.softmax(-1).cpu())
     tsm.train(was_training)
     return torch.cat(chunks)
 
 
-def _checked_labels(dataset, num_classes: int, image_column: str, label_column: str, name: str) -> list[int]:
-    """Read all labels once, failing early (before any training step) on bad data."""
+def _checked_labels(
+    dataset, num_classes: int, image_column: str, label_column: str, name: str,
+    task_sizes: Sequence[int] | None = None, task_column: str = "task",
+) -> tuple[list[int], list[int] | None]:
+    """Read all labels once, failing early (before any training step) on bad data.
+
+    Returns the labels as ids of the (shared) head, and each row's task index when `task_sizes`
+    is given (labels are then read as ids within the row's task)."""
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
     columns = getattr(dataset, "column_names", None)
+    needed = [image_column, label_column] + ([task_column] if task_sizes is not None else [])
     if columns is not None:
-        missing = [c for c in (image_column, label_column) if c not in columns]
+        missing = [c for c in needed if c not in columns]
         if missing:
             raise ValueError(f"{name} has no column(s) {missing}; its columns are {columns}")
     labels = [int(label) for label in dataset[label_column]]
-    for row, label in enumerate(labels):
-        if not 0 <= label < num_classes:
-            raise ValueError(f"{name} row {row} has label {label}, outside [0, {num_classes})")
-    return labels
+    if task_sizes is None:
+        for row, label in enumerate(labels):
+            if not 0 <= label < num_classes:
+                raise ValueError(f"{name} row {row} has label {label}, outside [0, {num_classes})")
+        return labels, None
+    if sum(task_sizes) != num_classes:
+        raise ValueError(f"task_sizes {list(task_sizes)} sum to {sum(task_sizes)}, but the TSM has {num_classes} classes")
+    offsets = task_offsets(task_sizes)
+    task_ids = [int(t) for t in dataset[task_column]]
+    for row, (label, task) in enumerate(zip(labels, task_ids)):
+        if not 0 <= task < len(task_sizes):
+            raise ValueError(f"{name} row {row} has task {task}, outside [0, {len(task_sizes)})")
+        if not 0 <= label < task_sizes[task]:
+            raise ValueError(f"{name} row {row} has label {label}, outside task {task}'s [0, {task_sizes[task]})")
+    return [offsets[t] + label for label, t in zip(labels, task_ids)], task_ids
+
+
+def task_offsets(task_sizes: Sequence[int]) -> list[int]:
+    """First head index of each task: tasks occupy consecutive ranges of the shared head."""
+    offsets, total = [], 0
+    for size in task_sizes:
+        offsets.append(total)
+        total += size
+    return offsets
+
+
+def restrict_to_tasks(logits: torch.Tensor, task_ids: torch.Tensor, task_sizes: Sequence[int]) -> torch.Tensor:
+    """Set every logit outside the row's own task range to -inf (shared head, per-task softmax)."""
+    offsets = torch.tensor(task_offsets(task_sizes), device=logits.device)
+    sizes = torch.tensor(list(task_sizes), device=logits.device)
+    task_ids = task_ids.to(logits.device)
+    j = torch.arange(logits.shape[-1], device=logits.device)
+    start = offsets[task_ids][:, None]
+    inside = (j >= start) & (j < start + sizes[task_ids][:, None])
+    return logits.masked_fill(~inside, float("-inf"))
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:

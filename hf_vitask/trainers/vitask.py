@@ -27,7 +27,7 @@ from hf_vitask.losses import crt_loss, rda_kl, reduce_tokens, response_row_ids, 
 from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
 from hf_vitask.models.families import get_family
 from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, _is_peft
-from hf_vitask.task import TaskSpec
+from hf_vitask.task import TaskSpec, save_tasks
 
 TEACHER_ADAPTER = "rda_teacher"
 TRAINING_CONFIG_FILE = "training_config.json"
@@ -78,7 +78,8 @@ class VITaskTrainer(Trainer):
             :class:`VITaskModel` (e.g. the stage-1 result for stage 2), or a hub id / path.
         args: :class:`VITaskConfig`.
         processing_class: the VLM's processor (chat template + image processing).
-        task: the :class:`TaskSpec` rendering instructions and responses (needed for the default collator).
+        task: the :class:`TaskSpec` rendering instructions and responses (needed for the default collator);
+            a list of them for a multi-task run (rows then carry a ``task`` index column).
         tsm: the trained task-specific model (needed unless the run is vanilla); can also be
             attached to the model beforehand.
         teacher: for ``rda_teacher="frozen"``: the directory of a saved stage-1 model (its adapter
@@ -96,7 +97,7 @@ class VITaskTrainer(Trainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        task: TaskSpec | None = None,
+        task: TaskSpec | list[TaskSpec] | None = None,
         tsm=None,
         teacher=None,
         peft_config=None,
@@ -203,6 +204,7 @@ class VITaskTrainer(Trainer):
         class_ids = inputs.pop("class_ids", None)
         tsm_pixel_values = inputs.pop("tsm_pixel_values", None)
         negative_index = inputs.pop("crt_negative_index", None)
+        task_ids = inputs.pop("task_ids", None)
         inputs.pop("images", None)
 
         student = model(**inputs)
@@ -221,7 +223,7 @@ class VITaskTrainer(Trainer):
                 teacher_logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
             terms["rda"] = rda_kl(student.response_logits, teacher_logits, args.rda_temperature)
         if args.crt_weight > 0:
-            terms["crt"] = self._crt_tokens(model, unwrapped, inputs, student, class_ids, negative_index)
+            terms["crt"] = self._crt_tokens(model, unwrapped, inputs, student, class_ids, negative_index, task_ids)
 
         weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
         loss = sum(weights[k] * reduce_tokens(v, num_items_in_batch) for k, v in terms.items() if weights[k] > 0)
@@ -233,14 +235,15 @@ class VITaskTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
         return (loss, student) if return_outputs else loss
 
-    def _crt_tokens(self, model, unwrapped: VITaskModel, inputs, student, class_ids, negative_index):
+    def _crt_tokens(self, model, unwrapped: VITaskModel, inputs, student, class_ids, negative_index, task_ids=None):
         """Per-token CRT loss over rows that have a negative image (another class)."""
         labels = inputs["labels"]
         if negative_index is None:
             if class_ids is None:
                 raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
+            groups = None if task_ids is None else task_ids.tolist()
             negative_index = torch.tensor(
-                pick_negatives(class_ids.tolist(), self._negative_rng()), device=labels.device
+                pick_negatives(class_ids.tolist(), self._negative_rng(), groups), device=labels.device
             )
         has_negative = negative_index >= 0
         rows = torch.arange(len(negative_index), device=labels.device)
@@ -269,7 +272,7 @@ class VITaskTrainer(Trainer):
         class_ids = inputs.get("class_ids")
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        if prediction_loss_only or self.compute_metrics is None or images is None or self.task is None:
+        if prediction_loss_only or self.compute_metrics is None or images is None or not isinstance(self.task, TaskSpec):
             return loss.detach(), None, None
         from hf_vitask.evaluation import score_options
 
@@ -300,7 +303,7 @@ class VITaskTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if self.task is not None:
-            self.task.save_pretrained(output_dir)
+            save_tasks(self.task, output_dir)
         (Path(output_dir) / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
