@@ -2,8 +2,10 @@
 
     hf-vitask train-tsm  config.yaml             # stage 0: the timm task-specific model
     hf-vitask train      config.yaml [--stage N] # VITask stages 1 and 2 (or one of them); --method vanilla
+    hf-vitask train      config.yaml --method instruction-free   # image-description pairs, proxy instruction
     hf-vitask evaluate   config.yaml             # accuracy / macro-F1 / AUC, with and without the TSM
     hf-vitask predict    config.yaml --predict_inputs img.png folder/ [--use_tsm true]
+    hf-vitask push       config.yaml --hub_model_id you/vitask-model   # bundle + model card to the Hub
     hf-vitask quickstart [--fast]                # the whole pipeline on the bundled digits, on CPU
 
 The options of every command are the fields of the config dataclasses (``hf-vitask train --help``
@@ -22,6 +24,7 @@ COMMANDS = {
     "train": "Train the VLM: VITask stage 1 then 2 (or --stage N alone), or --method vanilla.",
     "evaluate": "Evaluate a trained bundle: with/without TSM, complete/incomplete instructions.",
     "predict": "Predict classes for image files / folders and write a CSV.",
+    "push": "Upload a trained bundle with its model card to the Hub (hub_model_id).",
     "quickstart": "TSM, vanilla and VITask on the bundled digits, compared in one table (CPU, minutes).",
     "info": "Print the version, the device and the supported VLM families.",
 }
@@ -31,17 +34,41 @@ COMMANDS = {
 class RunArguments:
     """Options of the commands themselves."""
 
-    method: str = field(default="vitask", metadata={"help": "train: 'vitask' or 'vanilla' (plain instruction tuning)."})
+    method: str = field(
+        default="vitask",
+        metadata={
+            "help": "train / evaluate: 'vitask', 'vanilla' (plain instruction tuning) or 'instruction-free' "
+            "(image-description pairs, momentum proxy instruction; reads InstructionFreeConfig fields)."
+        },
+    )
     use_tsm: bool = field(default=False, metadata={"help": "predict: use the TSM exemplar (EP path)."})
     predict_method: str = field(default="likelihood", metadata={"help": "predict: 'likelihood' or 'generate'."})
     fast: bool = field(default=False, metadata={"help": "quickstart: a reduced run (seconds), for smoke tests."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "quickstart: seeds to run and average."})
 
 
-def _dataclasses():
-    from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+def _dataclasses(method: str = "vitask"):
+    from hf_vitask.config import (
+        DataArguments,
+        EvalArguments,
+        InstructionFreeConfig,
+        ModelArguments,
+        TSMArguments,
+        VITaskConfig,
+    )
 
-    return (ModelArguments, DataArguments, TSMArguments, VITaskConfig, EvalArguments, RunArguments)
+    training = InstructionFreeConfig if method == "instruction-free" else VITaskConfig
+    return (ModelArguments, DataArguments, TSMArguments, training, EvalArguments, RunArguments)
+
+
+def _method(argv: list[str], values: dict) -> str:
+    """The training method, needed before parsing: it picks the training config class."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return values.get("method", "vitask")
 
 
 def parse(argv: list[str]):
@@ -49,9 +76,9 @@ def parse(argv: list[str]):
     import yaml
     from transformers import HfArgumentParser
 
-    classes = _dataclasses()
-    parser = HfArgumentParser(classes)
     explicit: set[str] = set()
+    values: dict = {}
+    path = None
     if argv and not argv[0].startswith("-"):
         path = Path(argv[0])
         if not path.is_file():
@@ -59,6 +86,9 @@ def parse(argv: list[str]):
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise SystemExit(f"hf-vitask: {path} must hold a mapping of field: value")
+    classes = _dataclasses(_method(argv, values))
+    parser = HfArgumentParser(classes)
+    if path is not None:
         known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -123,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train-tsm":
         _, history = pipeline.run_train_tsm(data_args, tsm_args, out, seed=train_args.seed)
         print(f"TSM saved to {pipeline.tsm_dir(tsm_args, out)}; best validation epoch {history['best_epoch']}")
+    elif command == "train" and run_args.method == "instruction-free":
+        path = pipeline.run_train_instruction_free(model_args, data_args, train_args)
+        print(f"model saved to {path}")
+    elif command == "evaluate" and run_args.method == "instruction-free":
+        _print_results(pipeline.run_evaluate_instruction_free(eval_args, data_args, train_args))
     elif command == "train":
         stages = (train_args.stage,) if "stage" in explicit else (1, 2)
         path = pipeline.run_train(model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method)
@@ -134,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name
         )
         print(f"predictions written to {path}")
+    elif command == "push":
+        print(f"pushed: {pipeline.run_push(eval_args, model_args, train_args, out)}")
     elif command == "quickstart":
         from hf_vitask.quickstart import run_quickstart
 

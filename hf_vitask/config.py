@@ -8,11 +8,40 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 RDA_TEACHERS = ("self", "frozen")
+PROXY_FEEDS = ("ema", "raw")
+PROXY_INIT_RESIZES = ("linear", "repeat")
+DEFAULT_INSTRUCTION = "Describe the findings in this image."
 CRT_NEGATIVES = ("batch", "batch+dataset")
 
 
 @dataclass
-class VITaskConfig(TrainingArguments):
+class VLMTuningArguments(TrainingArguments):
+    """What every trainer of this package shares: data columns, the length check, LoRA, and the
+    ``TrainingArguments`` defaults that suit VLM collators."""
+
+    image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Maximum tokens per example. Longer examples raise an error; they are never truncated."},
+    )
+    # -- LoRA ------------------------------------------------------------------------------------
+    use_lora: bool = field(default=True, metadata={"help": "Wrap a plain VLM in LoRA adapters (peft). False trains all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Regex of modules to adapt. Default: the family's language-model linear layers (never the vision tower)."},
+    )
+    # -- TrainingArguments defaults that suit these trainers -----------------------------------------
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep raw columns: the collator needs the images and their targets."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+
+
+@dataclass
+class VITaskConfig(VLMTuningArguments):
     """Arguments of :class:`~hf_vitask.VITaskTrainer`: ``TrainingArguments`` plus the VITask method.
 
     Stage 1 trains ``van_weight * L_van + ep_weight * L_EP + rda_weight * L_RDA`` with the
@@ -61,31 +90,11 @@ class VITaskConfig(TrainingArguments):
         default="complete",
         metadata={"help": "Instruction variant used for training: 'complete' (lists the classes) or 'incomplete'."},
     )
-    max_length: int | None = field(
-        default=None,
-        metadata={"help": "Maximum tokens per example. Longer examples raise an error; they are never truncated."},
-    )
-    image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the class id or name."})
     metric_use_tsm: bool = field(
         default=False,
         metadata={"help": "With compute_metrics, score the evaluation options with the TSM exemplar (EP path) instead of without."},
     )
-    # -- LoRA ------------------------------------------------------------------------------------
-    use_lora: bool = field(default=True, metadata={"help": "Wrap a plain VLM in LoRA adapters (peft). False trains all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={"help": "Regex of modules to adapt. Default: the family's language-model linear layers (never the vision tower)."},
-    )
-    # -- TrainingArguments defaults that suit this trainer -----------------------------------------
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep raw columns: the collator needs the images and labels."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
-
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
@@ -129,6 +138,94 @@ class VITaskConfig(TrainingArguments):
         return self.ep_weight == 0 and self.rda_weight == 0 and self.crt_weight == 0
 
 
+@dataclass
+class InstructionFreeConfig(VLMTuningArguments):
+    """Arguments of :class:`InstructionFreeTrainer`: ``TrainingArguments`` plus instruction-free tuning.
+
+    The full method is the default (proxy fed as its EMA, m = 0.99, K = 8, responses shuffled).
+    Ablations: ``proxy_momentum=0`` (learned proxy without momentum), ``shuffle_prob=0`` (no
+    response shuffling), ``use_proxy=False`` (a fixed text instruction, ``instruction_text``).
+    """
+
+    # -- proxy instruction ------------------------------------------------------------------------
+    use_proxy: bool = field(
+        default=True,
+        metadata={"help": "Learn a proxy instruction (K vectors after the image). False: the fixed-instruction "
+                  "baseline, which shows `instruction_text` instead."},
+    )
+    num_proxy_tokens: int = field(default=8, metadata={"help": "K, the number of proxy instruction vectors."})
+    proxy_init_text: str = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Text whose token embeddings initialise the proxy (resized to K, see proxy_init_resize). "
+                  "Empty: random normal init with the embedding matrix's standard deviation."},
+    )
+    proxy_init_resize: str = field(
+        default="linear",
+        metadata={"help": "How the init text's n token embeddings become K vectors: 'linear' (linear interpolation "
+                  "along the token axis, first and last token kept) or 'repeat' (the tokens cycled, then cut to K)."},
+    )
+    proxy_momentum: float = field(
+        default=0.99,
+        metadata={"help": "m of the EMA t_ema <- m*t_ema + (1-m)*t after each optimizer step; 0 disables momentum "
+                  "(the learned proxy without momentum)."},
+    )
+    proxy_feed: str = field(
+        default="ema",
+        metadata={"help": "Copy fed to the model: 'ema' (the EMA, gradients reach the raw proxy straight-through: "
+                  "t_ema.detach() + t - t.detach()) or 'raw'."},
+    )
+    proxy_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the proxy vectors (default: learning_rate). No weight decay."}
+    )
+    proxy_slot_token: str | None = field(
+        default=None,
+        metadata={"help": "Placeholder token marking the K proxy positions in the prompt (default: the pad token); "
+                  "its embedding is overwritten."},
+    )
+    instruction_text: str | None = field(
+        default=None,
+        metadata={"help": "use_proxy=False: the constant instruction shown after the image (default: "
+                  "proxy_init_text, so both arms start from the same words; '' for no instruction)."},
+    )
+    # -- response shuffling -----------------------------------------------------------------------
+    shuffle_prob: float = field(
+        default=1.0,
+        metadata={"help": "Probability that a description's segments are randomly permuted each time it is seen "
+                  "(0 disables response shuffling)."},
+    )
+    shuffle_separator: str = field(
+        default=", ", metadata={"help": "Separator splitting a description into segments (e.g. ', ' or '. ')."}
+    )
+    # -- data --------------------------------------------------------------------------------------
+    description_column: str = field(
+        default="description", metadata={"help": "Dataset column holding the target description."}
+    )
+    def __post_init__(self):
+        if self.use_proxy:
+            if self.num_proxy_tokens < 1:
+                raise ValueError(f"num_proxy_tokens must be >= 1, got {self.num_proxy_tokens}")
+            if self.instruction_text is not None:
+                raise ValueError("instruction_text is the fixed-instruction baseline: set use_proxy=False to use it")
+        elif self.instruction_text is None:
+            self.instruction_text = self.proxy_init_text
+        if not 0 <= self.proxy_momentum < 1:
+            raise ValueError(f"proxy_momentum must be in [0, 1), got {self.proxy_momentum}")
+        if self.proxy_feed not in PROXY_FEEDS:
+            raise ValueError(f"proxy_feed must be one of {PROXY_FEEDS}, got {self.proxy_feed!r}")
+        if self.proxy_init_resize not in PROXY_INIT_RESIZES:
+            raise ValueError(f"proxy_init_resize must be one of {PROXY_INIT_RESIZES}, got {self.proxy_init_resize!r}")
+        if self.proxy_learning_rate is not None and self.proxy_learning_rate <= 0:
+            raise ValueError(f"proxy_learning_rate must be > 0, got {self.proxy_learning_rate}")
+        if not 0 <= self.shuffle_prob <= 1:
+            raise ValueError(f"shuffle_prob must be in [0, 1], got {self.shuffle_prob}")
+        if not self.shuffle_separator:
+            raise ValueError("shuffle_separator must not be empty")
+        if self.image_column == self.description_column:
+            raise ValueError(f"image_column and description_column are both {self.image_column!r}")
+        super().__post_init__()
+
+
+
 # -- pipeline arguments (CLI and YAML; the Python API takes the same dataclasses) --------------------------
 @dataclass
 class ModelArguments:
@@ -146,6 +243,16 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the hub (off unless you trust the repo)."}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the language model in 4-bit NF4 (bitsandbytes, double quantisation); the vision "
+            "tower, projector and lm_head stay in full precision."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: 'eager', 'sdpa' or 'flash_attention_2' (default: the model's)."}
     )
 
 

@@ -12,6 +12,7 @@ A run directory holds one sub-directory per step, so every step can be re-run al
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -153,6 +154,15 @@ def load_trained_tsm(tsm_args: TSMArguments, output_dir: str):
     return TaskSpecificModel.from_pretrained(path)
 
 
+def _model_kwargs(model_args: ModelArguments) -> dict:
+    return {
+        "torch_dtype": model_args.torch_dtype,
+        "trust_remote_code": model_args.trust_remote_code,
+        "load_in_4bit": model_args.load_in_4bit,
+        "attn_implementation": model_args.attn_implementation,
+    }
+
+
 # -- stages 1 and 2 --------------------------------------------------------------------------------
 def run_train(
     model_args: ModelArguments,
@@ -191,17 +201,13 @@ def run_train(
             previous = root / "stage1"
             if not (previous / "vitask_config.json").is_file():
                 raise FileNotFoundError(f"Stage 2 starts from stage 1: no model in {previous} (run --stage 1 first)")
-            model = VITaskModel.from_pretrained(previous, is_trainable=True)
+            model = VITaskModel.from_pretrained(previous, is_trainable=True, **_model_kwargs(model_args))
             from transformers import AutoProcessor
 
             processor = AutoProcessor.from_pretrained(str(previous))
             tsm = None
         if model is None:
-            model, processor = load_vlm(
-                model_args.model_name_or_path,
-                torch_dtype=model_args.torch_dtype,
-                trust_remote_code=model_args.trust_remote_code,
-            )
+            model, processor = load_vlm(model_args.model_name_or_path, **_model_kwargs(model_args))
         trainer = VITaskTrainer(
             model=model, args=args, processing_class=processor, train_dataset=train_ds, eval_dataset=eval_ds,
             task=task, tsm=tsm,
@@ -369,3 +375,75 @@ def run_predict(
                 cls = task.parse(answer)
                 writer.writerow([str(f), "" if cls is None else task.class_names[cls], answer])
     return out
+
+
+# -- instruction-free tuning ------------------------------------------------------------------------
+def _instruction_free_data(data_args: DataArguments):
+    from hf_vitask.data.instruction_free import add_digit_descriptions
+
+    if data_args.dataset != "digits":
+        raise ValueError(
+            "From the CLI, instruction-free tuning reads the bundled digits (descriptions are generated from their "
+            "attributes). For your own {image, description} rows use hf_vitask.InstructionFreeTrainer in Python."
+        )
+    return add_digit_descriptions(load_data(data_args))
+
+
+def run_train_instruction_free(model_args: ModelArguments, data_args: DataArguments, train_args) -> Path:
+    """Instruction-free tuning on image-description pairs; saves the adapter (+ proxy) to <output_dir>/instruction_free."""
+    from hf_vitask.models.loading import load_vlm
+    from hf_vitask.trainers.instruction_free import InstructionFreeTrainer
+
+    data = _instruction_free_data(data_args)
+    out = Path(train_args.output_dir) / "instruction_free"
+    args = dataclasses.replace(train_args, output_dir=str(out))
+    model, processor = load_vlm(model_args.model_name_or_path, **_model_kwargs(model_args))
+    trainer = InstructionFreeTrainer(model=model, args=args, processing_class=processor,
+                                     train_dataset=data[data_args.train_split])
+    trainer.train()
+    trainer.save_model(str(out))
+    return out
+
+
+def run_evaluate_instruction_free(eval_args: EvalArguments, data_args: DataArguments, train_args) -> dict:
+    """Multiple-choice questions with held-out wordings, answered with a letter, on ``eval_split``."""
+    from transformers import AutoProcessor
+
+    from hf_vitask.data.instruction_free import make_mc_questions
+    from hf_vitask.models.modeling import VITaskModel
+    from hf_vitask.trainers.instruction_free import mc_evaluate
+
+    path = Path(eval_args.model_path or Path(train_args.output_dir) / "instruction_free")
+    model = VITaskModel.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(str(path))
+    dataset = _split(_instruction_free_data(data_args), eval_args.eval_split, eval_args.eval_max_samples)
+    questions = make_mc_questions(dataset, seed=train_args.seed)
+    results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_questions": len(questions)}
+    for method in eval_args.eval_methods:
+        metrics = mc_evaluate(model, processor, questions, method=method, batch_size=eval_args.eval_batch_size)
+        results[method] = {k: v for k, v in metrics.items() if k not in ("predictions", "answers")}
+    out = Path(train_args.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "instruction_free_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+# -- the Hub ------------------------------------------------------------------------------------------
+def run_push(eval_args: EvalArguments, model_args: ModelArguments, train_args, output_dir: str) -> str:
+    """Upload a saved bundle (default: the last stage) with its model card to ``hub_model_id``."""
+    from hf_vitask.hub import is_hub_model_id, push_bundle
+
+    if not train_args.hub_model_id:
+        raise ValueError("push needs hub_model_id (e.g. --hub_model_id your-name/vitask-dermamnist)")
+    path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
+    results_file = Path(output_dir) / "eval" / "results.json"
+    metrics = json.loads(results_file.read_text()) if results_file.is_file() else None
+    return push_bundle(
+        path,
+        train_args.hub_model_id,
+        private=bool(train_args.hub_private_repo),
+        revision=getattr(train_args, "hub_revision", None),
+        token=train_args.hub_token,
+        metrics=metrics,
+        base_model=model_args.model_name_or_path if is_hub_model_id(model_args.model_name_or_path) else None,
+    )

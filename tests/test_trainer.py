@@ -203,3 +203,11 @@ def test_trainer_evaluate_reports_classification_metrics(tmp_path, digits, task,
     scores = score_options(trainer.model, processor, task, digits["validation"]["image"])
     labels = torch.tensor(digits["validation"]["label"])
     assert metrics["eval_accuracy"] == pytest.approx((scores.argmax(-1) == labels).float().mean().item())
+
+
+def test_gradient_checkpointing_trains(tmp_path, digits, task, tsm):
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=2, gradient_checkpointing=True)
+    lora_before = _snapshot(trainer.model.vlm, "lora_B")
+    trainer.train()
+    assert all(v == v for v in _logged(trainer, "loss_van"))
+    assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.vlm.named_parameters() if "lora_B" in n)

@@ -153,14 +153,29 @@ class VITaskModel(nn.Module):
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Non-reentrant checkpointing with input grads on, so LoRA layers still receive gradients."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Non-reentrant checkpointing with input grads on, so LoRA layers still receive gradients.
+        Extra keywords (``every_n_layers``, ``offload`` in recent transformers) pass through."""
+        ckpt = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
         self.vlm.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self):
         self.vlm.gradient_checkpointing_disable()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The name transformers 5.24's Trainer calls; same behaviour as gradient_checkpointing_enable."""
+        ckpt = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        enable = getattr(self.vlm, "activation_checkpointing_enable", None)
+        if enable is None:
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        else:
+            enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        self.vlm.enable_input_require_grads()
+
+    def activation_checkpointing_disable(self):
+        disable = getattr(self.vlm, "activation_checkpointing_disable", None) or self.vlm.gradient_checkpointing_disable
+        disable()
 
     @property
     def is_peft(self) -> bool:

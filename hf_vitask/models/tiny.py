@@ -344,11 +344,17 @@ def build_tiny_vlm(
     num_layers: int = 2,
     num_heads: int = 4,
     corpus: list[str] | None = None,
+    output_init_std: float = 0.15,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build a tiny random ``(model, processor)`` pair for ``family`` ("llava" or "qwen2_vl").
 
     Same seed, same weights. Every square image becomes 16 image tokens in both families.
     The model is float32 and in train mode.
+
+    ``output_init_std``: the output layer (``lm_head``) is drawn with this std instead of the
+    usual 0.02. LoRA never trains ``lm_head``, and with a 0.02 head the logits of a 64-wide
+    model span about ±1.3, so the response cross-entropy cannot fall much below ln(V) - 1.3
+    (~4.9 nats) however long one trains: a trained generalist's head has a far wider range.
     """
     _check_family(family)
     if image_size % 8:
@@ -366,6 +372,8 @@ def build_tiny_vlm(
         num_layers=num_layers,
         num_heads=num_heads,
     )
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, output_init_std)
     model = model.to(torch.float32)
     # PreTrainedModel copies config.name_or_path at init; set both so logs/model cards say "tiny-llava".
     model.config.name_or_path = model.name_or_path = _tiny_name(family)

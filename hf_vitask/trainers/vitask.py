@@ -14,48 +14,30 @@ from __future__ import annotations
 
 import json
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
 
 from hf_vitask.config import VITaskConfig
 from hf_vitask.data.collator import VITaskCollator, pick_negatives
 from hf_vitask.losses import crt_loss, rda_kl, reduce_tokens, response_row_ids, token_ce
 from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
-from hf_vitask.models.families import get_family
-from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, _is_peft
+from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel
 from hf_vitask.task import TaskSpec, save_tasks
+from hf_vitask.trainers.base import VLMTrainer, check_datasets, wrap_lora
 
 TEACHER_ADAPTER = "rda_teacher"
-TRAINING_CONFIG_FILE = "training_config.json"
 
 
 def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None) -> VITaskModel:
     """Turn what the user passed (a VLM, a peft model or a VITaskModel) into a trainable VITaskModel."""
-    if isinstance(model, str):
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(model)
     if isinstance(model, VITaskModel):
         if tsm is not None:
             model.tsm = tsm
     else:
-        if not _is_peft(model) and (peft_config is not None or args.use_lora):
-            from peft import LoraConfig, get_peft_model
-
-            peft_config = peft_config or LoraConfig(
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules or get_family(model).lora_target_modules,
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, peft_config)
         model = VITaskModel.from_vlm(
-            model,
+            wrap_lora(model, args, peft_config),
             processor,
             tsm=tsm,
             num_exemplar_tokens=args.num_exemplar_tokens,
@@ -70,7 +52,7 @@ def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None
     return model
 
 
-class VITaskTrainer(Trainer):
+class VITaskTrainer(VLMTrainer):
     """Instruction-tune a VLM with VITask (EP + RDA in stage 1, + CRT in stage 2).
 
     Args:
@@ -108,9 +90,8 @@ class VITaskTrainer(Trainer):
             raise TypeError(f"args must be a VITaskConfig, got {type(args).__name__}")
         if processing_class is None:
             raise ValueError("processing_class (the VLM's processor) is required")
-        for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if ds is not None and hasattr(ds, "__len__") and len(ds) == 0:
-                raise ValueError(f"{name} is empty")
+        columns = [args.image_column, args.label_column] if data_collator is None else []
+        check_datasets(columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
         frozen_teacher = args.rda_teacher == "frozen" and args.rda_weight > 0
         if frozen_teacher and teacher is None:
             raise ValueError("rda_teacher='frozen' needs teacher=<stage-1 output directory or VITaskModel>")
@@ -153,7 +134,6 @@ class VITaskTrainer(Trainer):
             **kwargs,
         )
         self.task = task
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.teacher_model: VITaskModel | None = None
         self.teacher_connector: ExemplarConnector | None = None
         if frozen_teacher:
@@ -227,12 +207,10 @@ class VITaskTrainer(Trainer):
 
         weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
         loss = sum(weights[k] * reduce_tokens(v, num_items_in_batch) for k, v in terms.items() if weights[k] > 0)
-        mode = "train" if model.training else "eval"
         for k, v in terms.items():
             if v.numel():
-                self._metrics[mode][f"loss_{k}"].append(v.detach().float().mean().item())
-        if args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+                self.record(model, f"loss_{k}", v)
+        loss = self.scale_for_devices(loss, num_items_in_batch)
         return (loss, student) if return_outputs else loss
 
     def _crt_tokens(self, model, unwrapped: VITaskModel, inputs, student, class_ids, negative_index, task_ids=None):
@@ -283,31 +261,8 @@ class VITaskTrainer(Trainer):
         )
         return loss.detach(), scores.to(loss.device), class_ids[: len(images)]
 
-    # -- logging ---------------------------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss term since the last log (``loss_van``, ``loss_ep``, ...)."""
-        mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs.update(metrics)  # in place: Trainer.evaluate() returns this dict
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
-
-    # -- saving / loading --------------------------------------------------------------------------------
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Save the bundle: adapter + connector + TSM (safetensors), processor, task, config."""
-        output_dir = output_dir or self.args.output_dir
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+    # -- saving --------------------------------------------------------------------------------------------
+    def save_extras(self, output_dir: Path) -> None:
+        """The task(s): ``task.json`` (or ``tasks.json``) next to the adapter, connector and TSM."""
         if self.task is not None:
             save_tasks(self.task, output_dir)
-        (Path(output_dir) / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        (model or self.model).load_trainable_weights(resume_from_checkpoint)
-
-    def _load_best_model(self):
-        self.accelerator.unwrap_model(self.model).load_trainable_weights(self.state.best_model_checkpoint)

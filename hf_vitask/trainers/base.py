@@ -1,0 +1,159 @@
+"""What the package's trainers share: wrapping the VLM in LoRA, per-term loss logging, and
+saving / resuming the trainable state (adapter + package extras) as safetensors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from hf_vitask.config import VLMTuningArguments
+from hf_vitask.models.modeling import VITaskModel, _is_peft
+
+TRAINING_CONFIG_FILE = "training_config.json"
+
+
+def wrap_lora(model, args: VLMTuningArguments, peft_config=None):
+    """A plain VLM (or hub id / path) -> a LoRA ``PeftModel`` on the language model's linear layers,
+    per ``args`` or ``peft_config``; peft models and ``use_lora=False`` pass through unchanged.
+    A 4-bit base first goes through ``prepare_model_for_kbit_training`` (QLoRA)."""
+    from hf_vitask.models.loading import is_quantized, lora_config, prepare_for_training
+
+    if isinstance(model, str):
+        from hf_vitask.models.loading import load_vlm
+
+        model = load_vlm(model)[0]
+    if isinstance(model, VITaskModel) or _is_peft(model):
+        return model
+    quantized = is_quantized(model)
+    if peft_config is None and not args.use_lora:
+        if quantized:
+            raise ValueError("A 4-bit model cannot be trained without adapters: set use_lora=True (QLoRA)")
+        return model
+    if quantized:
+        model = prepare_for_training(model, gradient_checkpointing=bool(args.gradient_checkpointing), quantized=True)
+    from peft import get_peft_model
+
+    peft_config = peft_config or lora_config(
+        model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules
+    )
+    return get_peft_model(model, peft_config)
+
+
+def check_datasets(columns: list[str], **datasets) -> None:
+    """Fail at construction, not at step 3,000: empty datasets and missing columns, named."""
+    for name, ds in datasets.items():
+        if ds is None or not hasattr(ds, "__len__"):
+            continue
+        if len(ds) == 0:
+            raise ValueError(f"{name} is empty")
+        available = getattr(ds, "column_names", None)
+        if available is not None:
+            missing = [c for c in columns if c not in available]
+            if missing:
+                raise ValueError(f"{name} has no column(s) {missing}; columns: {available}")
+
+
+class VLMTrainer(Trainer):
+    """Base of :class:`VITaskTrainer` and :class:`InstructionFreeTrainer` (a ``transformers.Trainer``).
+
+    Subclasses record loss terms with :meth:`record`, which :meth:`log` averages since the last
+    log (``loss_*`` in training, ``eval_loss_*`` in evaluation), and save / restore their own
+    extra state in :meth:`save_extras` / :meth:`load_extras` next to the adapter.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def record(self, model, name: str, value: torch.Tensor | float) -> None:
+        mode = "train" if model.training else "eval"
+        self._metrics[mode][name].append(float(value.detach().float().mean()) if torch.is_tensor(value) else value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)  # in place: Trainer.evaluate() returns this dict
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """As ``Trainer.compute_loss`` does when the loss is normalised by the global token count."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * self.accelerator.num_processes
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss with the same terms as training."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- the Hub -----------------------------------------------------------------------------------
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+        revision: str | None = None, private: bool | None = None, **kwargs,
+    ) -> str | None:
+        """Save the bundle to ``output_dir`` and upload it (adapter, connector, TSM, processor, task,
+        model card; safetensors only) to ``hub_model_id``. Extra keywords: ``metrics``, ``datasets``,
+        ``base_model`` for the model card."""
+        from hf_vitask.hub import push_bundle
+
+        output_dir = Path(self.args.output_dir)
+        self.save_model(str(output_dir))
+        if not self.is_world_process_zero():
+            return None
+        return push_bundle(
+            output_dir,
+            self.args.hub_model_id or output_dir.name,
+            private=private if private is not None else bool(self.args.hub_private_repo),
+            revision=revision or getattr(self.args, "hub_revision", None),
+            commit_message=commit_message,
+            token=token or self.args.hub_token,
+            metrics=kwargs.get("metrics"),
+            datasets=kwargs.get("datasets"),
+            base_model=kwargs.get("base_model"),
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder) -> None:
+        """``push_to_hub=True`` during training: upload the checkpoint's bundle (never pickled args)."""
+        from hf_vitask.hub import push_bundle
+
+        if self.is_world_process_zero() and self.args.hub_model_id:
+            push_bundle(
+                checkpoint_folder, self.args.hub_model_id, private=bool(self.args.hub_private_repo),
+                commit_message=f"Training in progress, step {self.state.global_step}", token=self.args.hub_token,
+            )
+
+    # -- saving / loading ----------------------------------------------------------------------------
+    def save_extras(self, output_dir: Path) -> None:
+        """Write what the subclass adds to the bundle (task, proxy, ...)."""
+
+    def load_extras(self, path: Path, model) -> None:
+        """Restore what :meth:`save_extras` wrote (exact resume)."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Adapter (or full model) + package extras (safetensors), processor, training config."""
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(output_dir))
+        self.save_extras(output_dir)
+        (output_dir / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+
+    def _load_trainable(self, path, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        model.load_trainable_weights(path)
+        self.load_extras(Path(path), model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._load_trainable(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        self._load_trainable(self.state.best_model_checkpoint)
