@@ -59,7 +59,7 @@ def config(stage: int) -> VITaskConfig:
     return VITaskConfig(
         output_dir=str(out / f"stage{stage}"), stage=stage, num_train_epochs=cli.epochs,
         per_device_train_batch_size=cli.batch_size, gradient_accumulation_steps=max(1, 32 // cli.batch_size),
-        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03, bf16=torch.cuda.is_available(),
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, bf16=torch.cuda.is_available(),
         gradient_checkpointing=True, logging_steps=10, save_strategy="epoch", report_to="none",
     )
 

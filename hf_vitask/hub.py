@@ -422,3 +422,23 @@ def push_bundle(
         ignore_patterns=list(IGNORE_PATTERNS),
     )
     return str(getattr(info, "commit_url", None) or repo_url)
+
+
+def export_merged(bundle_dir: str | PathLike, output_dir: str | PathLike, base_model=None, **model_kwargs) -> Path:
+    """Merge the bundle's LoRA adapter into its base and save a plain VLM + processor (safetensors).
+
+    The result loads with ``AutoModelForImageTextToText.from_pretrained(output_dir)`` and answers
+    without the TSM (the exemplar path needs hf_vitask and the bundle). Load the base in full
+    precision (not 4-bit) for an exact merge.
+    """
+    from transformers import AutoProcessor
+
+    bundle = Path(bundle_dir)
+    model = VITaskModel.from_pretrained(bundle, base_model, load_tsm=False, **model_kwargs)
+    if not model.is_peft:
+        raise ValueError(f"{bundle} holds no LoRA adapter to merge")
+    merged = model.vlm.merge_and_unload()
+    out = Path(output_dir)
+    merged.save_pretrained(out)
+    AutoProcessor.from_pretrained(str(bundle)).save_pretrained(str(out))
+    return out

@@ -25,7 +25,7 @@ class QuickstartBudget:
     train_samples: int = 420
     eval_samples: int = 120
     tsm_epochs: int = 8
-    steps_per_stage: int = 60
+    steps_per_stage: int = 240
     batch_size: int = 16
     learning_rate: float = 2e-3
 
@@ -139,7 +139,7 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
     for i, instruction in enumerate(("complete", "incomplete")):
         means, errs = [], []
@@ -155,7 +155,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.axhline(0.1, color="grey", linestyle=":", linewidth=1)
     ax.set_title("hf-vitask quickstart: digits, tiny LLaVA (option likelihood)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

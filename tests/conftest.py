@@ -57,3 +57,15 @@ def make_image(seed: int = 0, size: int = 32) -> Image.Image:
 def random_image():
     """``random_image(seed, size=32)`` -> a random RGB PIL image."""
     return make_image
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (not failed) on CPU machines such as CI."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -346,3 +346,26 @@ def test_cli_push(bundle, fake_hub, tmp_path):
     assert "README.md" in sent_files(fake_hub["upload_folder"][0])
     with pytest.raises(ValueError, match="hub_model_id"):
         main(["push", "--model_path", str(bundle), "--output_dir", str(tmp_path)])
+
+
+def test_export_merged_is_a_plain_model(trained_bundle, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from hf_vitask.hub import export_merged
+    from hf_vitask.models.modeling import VITaskModel
+
+    out = export_merged(trained_bundle, tmp_path / "merged")
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    assert "adapter_config.json" not in files
+    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    adapter = VITaskModel.from_pretrained(trained_bundle, load_tsm=False).eval()
+    import hf_vitask
+
+    image = hf_vitask.load_digits_dataset(max_samples=48)["test"][0]["image"]
+    from hf_vitask.data.collator import build_prompts
+
+    batch = build_prompts(processor, hf_vitask.digits_task(), [image])
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapter(**batch).logits, atol=1e-4)
