@@ -181,25 +181,33 @@ class VITaskCollator:
         return dict(batch)
 
     def _validate(self, batch, n_real: int) -> None:
-        ids = batch["input_ids"]
-        if self.image_token_id is not None:
-            no_image = (~(ids == self.image_token_id).any(1)).nonzero().flatten().tolist()
-            if no_image:
-                raise ValueError(
-                    f"Rows {no_image} have no image token after the chat template: the processor's chat template "
-                    "must render {'type': 'image'} content as the image placeholder"
-                )
-        no_answer = (~(batch["labels"][:n_real] != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
-        if no_answer:
-            raise ValueError(f"Rows {no_answer} have no response token to learn from (empty response template?)")
-        if self.max_length is not None:
-            lengths = batch["attention_mask"].sum(1)
-            too_long = (lengths > self.max_length).nonzero().flatten().tolist()
-            if too_long:
-                raise ValueError(
-                    f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={self.max_length}. "
-                    "Raise max_length (truncating would cut the answer or image tokens)."
-                )
+        validate_batch(batch, self.image_token_id, self.max_length, n_real, "answer")
+
+
+def validate_batch(batch, image_token_id: int | None, max_length: int | None, n_real: int | None = None,
+                   target: str = "answer") -> None:
+    """Fail naming the rows: no image token after the chat template, nothing to learn (among the
+    first ``n_real`` rows), or longer than ``max_length`` (rows are never silently truncated)."""
+    ids = batch["input_ids"]
+    if image_token_id is not None:
+        no_image = (~(ids == image_token_id).any(1)).nonzero().flatten().tolist()
+        if no_image:
+            raise ValueError(
+                f"Rows {no_image} have no image token after the chat template: the processor's chat template "
+                "must render {'type': 'image'} content as the image placeholder"
+            )
+    labels = batch["labels"] if n_real is None else batch["labels"][:n_real]
+    no_target = (~(labels != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
+    if no_target:
+        raise ValueError(f"Rows {no_target} have no response token to learn from (empty {target}?)")
+    if max_length is not None:
+        lengths = batch["attention_mask"].sum(1)
+        too_long = (lengths > max_length).nonzero().flatten().tolist()
+        if too_long:
+            raise ValueError(
+                f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={max_length}. "
+                f"Raise max_length (truncating would cut the {target} or image tokens)."
+            )
 
 
 def image_token_id_of(processor) -> int | None:

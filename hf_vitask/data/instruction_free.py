@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from hf_vitask.data.collator import assistant_message, image_token_id_of, load_image, user_message
+from hf_vitask.data.collator import (
+    assistant_message,
+    image_token_id_of,
+    load_image,
+    user_message,
+    validate_batch,
+)
 from hf_vitask.data.sources import DIGIT_NAMES
 from hf_vitask.losses import IGNORE_INDEX
 
@@ -205,25 +211,7 @@ class InstructionFreeCollator:
         return batch
 
     def _validate(self, batch) -> None:
-        ids = batch["input_ids"]
-        if self.image_token_id is not None:
-            no_image = (~(ids == self.image_token_id).any(1)).nonzero().flatten().tolist()
-            if no_image:
-                raise ValueError(
-                    f"Rows {no_image} have no image token after the chat template: the processor's chat template "
-                    "must render {'type': 'image'} content as the image placeholder"
-                )
-        no_answer = (~(batch["labels"] != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
-        if no_answer:
-            raise ValueError(f"Rows {no_answer} have no response token to learn from")
-        if self.max_length is not None:
-            lengths = batch["attention_mask"].sum(1)
-            too_long = (lengths > self.max_length).nonzero().flatten().tolist()
-            if too_long:
-                raise ValueError(
-                    f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={self.max_length}. "
-                    "Raise max_length (truncating would cut the description or image tokens)."
-                )
+        validate_batch(batch, self.image_token_id, self.max_length, target="description")
 
 
 # -- multiple-choice questions -----------------------------------------------------------------------
