@@ -290,8 +290,7 @@ def test_load_vitask_on_a_4bit_base(trained_bundle):
     from hf_vitask.models.loading import bitsandbytes_available, is_quantized
 
     ok, reason = bitsandbytes_available()
-    if not ok:
-        pytest.skip(reason)
+    assert ok, reason  # bitsandbytes (a test dependency) runs 4-bit on CPU too
     model, processor, task = load_vitask(trained_bundle, load_in_4bit=True)
     assert is_quantized(model) and model.is_peft and model.connector is not None
     from hf_vitask import predict_classes
