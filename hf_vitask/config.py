@@ -12,6 +12,7 @@ PROXY_FEEDS = ("ema", "raw")
 PROXY_INIT_RESIZES = ("linear", "repeat")
 DEFAULT_INSTRUCTION = "Describe the findings in this image."
 CRT_NEGATIVES = ("batch", "batch+dataset")
+PASS_MODES = ("prefix", "batch", "none")
 
 
 @dataclass
@@ -66,6 +67,31 @@ class VITaskConfig(VLMTuningArguments):
             "(a saved stage-1 model passed to the trainer as `teacher`, kept frozen)."
         },
     )
+    rda_teacher_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With rda_teacher='frozen': keep the teacher's response-token log-probabilities per training sample "
+            "(keyed by image and text), so the frozen teacher runs once per sample instead of once per step."
+        },
+    )
+    rda_teacher_topk: int = field(
+        default=0,
+        metadata={
+            "help": "0: the cache keeps the teacher's full distribution (exact; V float32 per response token, on CPU). "
+            "k > 0: only its top-k log-probabilities, the rest of the mass spread evenly over the other tokens "
+            "(k floats + k ids per token; changes L_RDA by a few percent for a weakly trained teacher, see "
+            "docs/performance.md)."
+        },
+    )
+    pass_fusion: str = field(
+        default="prefix",
+        metadata={
+            "help": "How a step runs its no-EP, EP and CRT-negative passes: 'prefix' (the image prefix once into a KV "
+            "cache, the continuations as one batched forward; falls back to 'batch' under gradient checkpointing), "
+            "'batch' (vision tower once, the passes stacked in one forward) or 'none' (one forward per pass). "
+            "All three give the same losses and gradients; the fused ones compute logits only at response tokens."
+        },
+    )
     rda_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the RDA KL (scaled by T^2)."})
     crt_negatives: str = field(
         default="batch+dataset",
@@ -111,6 +137,10 @@ class VITaskConfig(VLMTuningArguments):
             raise ValueError("All loss weights are 0: nothing to train")
         if self.rda_teacher not in RDA_TEACHERS:
             raise ValueError(f"rda_teacher must be one of {RDA_TEACHERS}, got {self.rda_teacher!r}")
+        if self.pass_fusion not in PASS_MODES:
+            raise ValueError(f"pass_fusion must be one of {PASS_MODES}, got {self.pass_fusion!r}")
+        if self.rda_teacher_topk < 0:
+            raise ValueError(f"rda_teacher_topk must be >= 0, got {self.rda_teacher_topk}")
         if self.crt_negatives not in CRT_NEGATIVES:
             raise ValueError(f"crt_negatives must be one of {CRT_NEGATIVES}, got {self.crt_negatives!r}")
         if self.instruction not in ("complete", "incomplete"):

@@ -22,6 +22,7 @@ from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
 from hf_vitask.losses import response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.passes import candidate_logprobs
 from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
 from hf_vitask.task import TaskSpec
 
@@ -30,6 +31,10 @@ def _decoded_batches(images: Sequence, size: int):
     """Batches of RGB PIL images, each input (PIL, path, datasets dict) decoded once."""
     for start in range(0, len(images), size):
         yield [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + size])]
+
+
+def _to(value, device):
+    return value.to(device) if torch.is_tensor(value) else value
 
 
 def _check_tsm(model: VITaskModel, use_tsm: bool) -> None:
@@ -47,8 +52,14 @@ def score_options(
     use_tsm: bool = False,
     complete_instruction: bool = True,
     batch_size: int = 8,
+    shared_prompt: bool = True,
 ) -> torch.Tensor:
-    """Log-likelihood of each class's response for each image: a ``(N, num_classes)`` tensor."""
+    """Log-likelihood of each class's response for each image: a ``(N, num_classes)`` tensor.
+
+    ``shared_prompt``: run each image's prompt once into a KV cache and score all class responses
+    on it (:func:`~hf_vitask.models.passes.candidate_logprobs`); False scores every class as
+    a full sequence (the reference; same numbers up to float rounding, tested).
+    """
     _check_tsm(model, use_tsm)
     collator = VITaskCollator(
         processor, task, tsm=model.tsm if use_tsm else None, complete_instruction=complete_instruction
@@ -57,16 +68,26 @@ def score_options(
     model.eval()
     scores = []
     try:
+        candidates = None
         for chunk in _decoded_batches(images, batch_size):
-            rows = [{"image": img, "label": c} for img in chunk for c in range(task.num_classes)]
-            batch = {k: v.to(model.device) for k, v in collator(rows).items()}
-            batch.pop("class_ids")
-            out = model(**batch)
-            token_logp = -token_ce(out.response_logits, out.response_targets)
-            per_row = torch.zeros(len(rows), device=token_logp.device).index_add_(
-                0, response_row_ids(batch["labels"]), token_logp
-            )
-            scores.append(per_row.view(len(chunk), task.num_classes).cpu())
+            per_image = None
+            if shared_prompt:
+                prompts = {k: _to(v, model.device) for k, v in collator([{"image": img, "label": 0} for img in chunk]).items()}
+                if candidates is None:  # the C responses after the prompt: tokenised once per call
+                    rows = [{"image": chunk[0], "label": c} for c in range(task.num_classes)]
+                    candidates = {k: _to(v, model.device) for k, v in collator(rows).items()}
+                exemplar = model.exemplar_embeds(prompts["tsm_pixel_values"]) if use_tsm else None
+                per_image = candidate_logprobs(model, prompts, candidates, exemplar)
+            if per_image is None:  # every class as its own full sequence
+                rows = [{"image": img, "label": c} for img in chunk for c in range(task.num_classes)]
+                batch = {k: _to(v, model.device) for k, v in collator(rows).items()}
+                batch.pop("class_ids")
+                out = model(**batch)
+                token_logp = -token_ce(out.response_logits, out.response_targets)
+                per_image = torch.zeros(len(rows), device=token_logp.device).index_add_(
+                    0, response_row_ids(batch["labels"]), token_logp
+                ).view(len(chunk), task.num_classes)
+            scores.append(per_image.cpu())
     finally:
         model.train(was_training)
     return torch.cat(scores)

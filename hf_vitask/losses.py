@@ -61,6 +61,36 @@ def rda_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
 
 
+def rda_kl_cached(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_index: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`rda_kl` against stored teacher log-probabilities (already at ``temperature``).
+
+    ``teacher_index=None``: ``teacher_logprobs`` is the full ``(N, V)`` distribution and the result
+    equals :func:`rda_kl`. Otherwise ``teacher_logprobs``/``teacher_index`` are the teacher's top-k
+    ``(N, k)``; the mass outside them is spread evenly over the other ``V - k`` tokens. That is exact
+    when the teacher puts (almost) all its mass on the top-k, as a trained teacher does on its
+    response tokens; ``docs/performance.md`` gives the measured difference.
+    """
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = log_p.exp()
+    if teacher_index is None:
+        if teacher_logprobs.shape != log_p.shape:
+            raise ValueError(f"teacher log-probs {tuple(teacher_logprobs.shape)} != student {tuple(log_p.shape)}")
+        return (p * (log_p - teacher_logprobs.float())).sum(-1) * temperature**2
+    vocab, k = log_p.shape[-1], teacher_index.shape[-1]
+    log_q = teacher_logprobs.float()
+    p_top = p.gather(-1, teacher_index)
+    kl = (p * log_p).sum(-1) - (p_top * log_q).sum(-1)
+    if k < vocab:
+        rest = (1 - log_q.exp().sum(-1)).clamp_min(1e-12)
+        kl = kl - (1 - p_top.sum(-1)).clamp_min(0) * torch.log(rest / (vocab - k))
+    return kl * temperature**2
+
+
 def crt_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Contrastive response tuning, ``-log softmax(logits_pos - logits_neg)[target]`` per token.
 

@@ -10,9 +10,10 @@ def test_bench_step_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_step", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--batch", "4", "--steps", "1",
-                "--eval-images", "2", "--output-dir", str(tmp_path)])
+    bench.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--batch", "4", "--steps", "1", "--teacher-steps", "1",
+                "--image-tokens", "16", "--vocab", "600", "--eval-images", "2", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     for name in bench.VARIANTS:
-        assert name in out
-    assert "collator" in out and "option likelihood" in out
+        assert f"| {name}" in out
+    for line in ("collator (stage 2", "teacher cache, top-k", "likelihood (shared prompt) is", "vs vanilla"):
+        assert line in out

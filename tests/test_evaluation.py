@@ -122,3 +122,20 @@ def test_compute_classification_metrics_on_log_likelihoods():
     assert compute_classification_metrics(as_tuple) == pytest.approx(expected)
     with pytest.raises(ValueError, match="expects"):
         compute_classification_metrics(EvalPrediction(predictions=log_likelihoods[:, 0], label_ids=labels))
+
+
+@pytest.mark.parametrize("use_tsm", [False, True])
+def test_shared_prompt_scoring_equals_full_sequences(tiny, task, digits, tsm, use_tsm):
+    vlm, processor = tiny
+    with torch.no_grad():  # a non-trivial output layer, so the class scores differ
+        vlm.get_output_embeddings().weight.normal_(0, 0.5)
+    model = VITaskModel.from_vlm(vlm, processor, tsm=tsm)
+    images = digits["test"]["image"][:3]
+    calls = []
+    handle = model.vlm.register_forward_pre_hook(lambda *_: calls.append(1))
+    shared = score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=3)
+    assert len(calls) == 2  # one prompt forward, one batched forward of every class's response
+    full = score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=3, shared_prompt=False)
+    handle.remove()
+    assert shared.shape == (3, task.num_classes) and shared.std() > 0.1
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)

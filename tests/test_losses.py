@@ -8,6 +8,7 @@ import torch
 from hf_vitask.losses import (
     crt_loss,
     rda_kl,
+    rda_kl_cached,
     reduce_tokens,
     response_ce,
     response_logits,
@@ -104,3 +105,33 @@ def test_response_ce_matches_manual():
     )
     assert response_ce(logits, labels).item() == pytest.approx(manual.item(), abs=1e-6)
     assert response_ce(logits, labels, num_items_in_batch=10).item() == pytest.approx(manual.item() / 2, abs=1e-6)
+
+
+def test_rda_kl_cached_full_distribution_equals_rda_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    for t in (1.0, 2.0):
+        logq = torch.log_softmax(teacher / t, dim=-1)
+        torch.testing.assert_close(rda_kl_cached(student, logq, None, t), rda_kl(student, teacher, t))
+        values, index = logq.topk(11, dim=-1)  # k = V: the sparse form is exact too
+        torch.testing.assert_close(rda_kl_cached(student, values, index, t), rda_kl(student, teacher, t))
+
+
+def test_rda_kl_cached_topk_spreads_the_rest_evenly():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9)
+    logq = torch.log_softmax(teacher, dim=-1)
+    values, index = logq.topk(3, dim=-1)
+    # the distribution the top-k form stands for: the top 3 kept, the remaining mass split over 6 tokens
+    rest = (1 - values.exp().sum(-1, keepdim=True)) / 6
+    approx = torch.full_like(logq, 0).copy_(rest.expand(-1, 9)).scatter(-1, index, values.exp())
+    expected = rda_kl(student, approx.log())
+    got = rda_kl_cached(student, values, index)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    # a peaked teacher and a student near it (late in training) lose (almost) nothing with a small k
+    peaked = teacher * 20
+    near = peaked + 0.3 * torch.randn_like(peaked)
+    values, index = torch.log_softmax(peaked, dim=-1).topk(2, dim=-1)
+    torch.testing.assert_close(rda_kl_cached(near, values, index), rda_kl(near, peaked), atol=1e-3, rtol=1e-2)

@@ -211,3 +211,53 @@ def test_gradient_checkpointing_trains(tmp_path, digits, task, tsm):
     trainer.train()
     assert all(v == v for v in _logged(trainer, "loss_van"))
     assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.vlm.named_parameters() if "lora_B" in n)
+
+
+def test_frozen_teacher_outputs_are_cached_once_per_sample(tmp_path, digits, task, tsm):
+    stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=1)
+    stage1.save_model(str(tmp_path / "teacher"))
+
+    def stage2(**kw):
+        model, processor = build_tiny_vlm("llava")
+        return _trainer(tmp_path / "s2", digits, task, tsm, model=model, processor=processor, stage=1,
+                        ep_weight=0.0, rda_teacher="frozen", teacher=str(tmp_path / "teacher"), **kw)
+
+    trainer = stage2(rda_teacher_topk=0)
+    rows = [digits["train"][i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    assert len(batch["sample_keys"]) == 4 and len(set(batch["sample_keys"])) == 4
+    calls = []
+    original = trainer._frozen_teacher_logits
+    trainer._frozen_teacher_logits = lambda *a: calls.append(a[1]["input_ids"].shape[0]) or original(*a)
+    cached = [trainer.compute_loss(trainer.model, dict(batch)).item() for _ in range(2)]
+    assert calls == [4] and len(trainer._teacher_cache) == 4  # the second step hit the cache
+    trainer.compute_loss(trainer.model, trainer.data_collator(rows[2:] + [digits["train"][5]]))
+    assert calls == [4, 1]  # only the unseen sample ran through the teacher
+    uncached = stage2(rda_teacher_cache=False)
+    assert "sample_keys" not in uncached.data_collator(rows)
+    assert cached[0] == pytest.approx(cached[1]) == pytest.approx(uncached.compute_loss(uncached.model, dict(batch)).item(), rel=1e-5)
+    vocab = trainer.model.vlm.get_output_embeddings().weight.shape[0]
+    every = stage2(rda_teacher_topk=vocab)  # the sparse form with k = V is the full one
+    assert every.compute_loss(every.model, dict(batch)).item() == pytest.approx(cached[0], rel=1e-5)
+    topk = stage2(rda_teacher_topk=8)
+    assert torch.isfinite(topk.compute_loss(topk.model, dict(batch)))
+    key, (logprobs, index) = next(iter(topk._teacher_cache.items()))
+    assert logprobs.shape[-1] == 8 and index.shape == logprobs.shape
+
+
+@pytest.mark.parametrize("fusion", ["batch", "prefix"])
+def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, task, tsm, fusion):
+    rows = [digits["train"][i] for i in range(6)]
+    results = {}
+    for mode in ("none", fusion):
+        trainer = _trainer(tmp_path / mode, digits, task, tsm, stage=2, pass_fusion=mode)
+        batch = trainer.data_collator(rows)
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[mode] = loss.item(), grads
+    (ref_loss, ref_grads), (loss, grads) = results["none"], results[fusion]
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)

@@ -9,6 +9,8 @@ contrastive negatives, and validation that names the offending row instead of fa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,6 +46,16 @@ def load_image(value: Any, where: str) -> Image.Image:
         raise ValueError(f"Image file not found{where}: {shown}") from None
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"Cannot read image{where} ({shown}): {e}") from None
+
+
+def sample_key(example: dict) -> str:
+    """Digest of one example's images, prompt and completion: equal keys, equal model inputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    for image in example["images"]:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    digest.update(json.dumps([example["prompt"], example["completion"]], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def user_message(instruction: str) -> list[dict]:
@@ -92,6 +104,8 @@ class VITaskCollator:
     """Emit ``crt_negative_index`` (in-batch negatives, topped up from ``negatives_dataset`` if set)."""
     return_images: bool = False
     """Also return the decoded PIL ``images`` of the batch rows (evaluation by option scoring)."""
+    return_sample_keys: bool = False
+    """Also return ``sample_keys``: a digest of each row's image and text (the frozen-teacher cache key)."""
     image_column: str = "image"
     label_column: str = "label"
     task_column: str = "task"
@@ -166,7 +180,9 @@ class VITaskCollator:
                         items.append(self._dataset_negative(items[i][1], items[i][2]))
                         negatives[i] = len(items) - 1
                 negatives += [-1] * (len(items) - n_real)
-        batch = self._trl.torch_call([self._example(*item) for item in items])
+        examples = [self._example(*item) for item in items]
+        keys = [sample_key(example) for example in examples] if self.return_sample_keys else None
+        batch = self._trl.torch_call(examples)
         batch["labels"][n_real:] = IGNORE_INDEX  # extra rows only lend their image to CRT
         self._validate(batch, n_real)
         batch["class_ids"] = torch.tensor([c for _, c, _ in items], dtype=torch.long)
@@ -178,6 +194,8 @@ class VITaskCollator:
             batch["crt_negative_index"] = torch.tensor(negatives, dtype=torch.long)
         if self.return_images:
             batch["images"] = [img for img, _, _ in items[:n_real]]
+        if self.return_sample_keys:
+            batch["sample_keys"] = keys
         return dict(batch)
 
     def _validate(self, batch, n_real: int) -> None:

@@ -53,6 +53,8 @@ class VLMFamily:
     per_token_keys: tuple[str, ...]
     #: Processor outputs carrying the image data.
     image_keys: tuple[str, ...]
+    #: Positions are multimodal RoPE indices from ``model.get_rope_index`` (Qwen2-VL), not 0..L-1.
+    mrope: bool = False
 
     def image_token_id(self, tokenizer: Any) -> int:
         """Id of :attr:`image_token` in ``tokenizer`` (a tokenizer or a processor)."""
@@ -184,6 +186,7 @@ register_family(
         vision_modules=("model.visual", "lm_head"),
         per_token_keys=("mm_token_type_ids",),
         image_keys=("pixel_values", "image_grid_thw"),
+        mrope=True,
     )
 )
 

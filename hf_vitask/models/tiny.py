@@ -9,6 +9,7 @@ model with a couple of 64-wide layers.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -212,7 +213,7 @@ def build_tiny_tokenizer(
     return tokenizer
 
 
-def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int) -> ProcessorMixin:
+def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int, grid: int = 4) -> ProcessorMixin:
     chat_template = _TOKENIZER_SPECS[family]["chat_template"]
     if family == "llava":
         # patch = image_size / 4 -> 4x4 = 16 patches; the "default" feature strategy drops
@@ -225,7 +226,7 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         return LlavaProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            patch_size=image_size // 4,
+            patch_size=image_size // grid,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
             chat_template=chat_template,
@@ -233,7 +234,7 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
     # Qwen2-VL resizes images to a multiple of patch*merge with an area in
     # [min_pixels, max_pixels]. Pinning both to image_size**2 makes every square image
     # (whatever its resolution) an (image_size/patch)^2 grid -> 16 tokens after 2x2 merge.
-    patch = image_size // 8
+    patch = image_size // (2 * grid)
     common = {
         "patch_size": patch,
         "temporal_patch_size": 2,
@@ -259,6 +260,7 @@ def _build_model(
     hidden_size: int,
     num_layers: int,
     num_heads: int,
+    grid: int = 4,
 ) -> PreTrainedModel:
     vocab = len(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -285,14 +287,14 @@ def _build_model(
             num_hidden_layers=2,
             num_attention_heads=2,
             image_size=image_size,
-            patch_size=image_size // 4,
+            patch_size=image_size // grid,
             projection_dim=32,
         )
         config = LlavaConfig(
             vision_config=vision,
             text_config=LlamaConfig(**text_common),
             image_token_index=image_id,
-            image_seq_length=16,
+            image_seq_length=grid * grid,
             vision_feature_select_strategy="default",
             vision_feature_layer=-2,
             pad_token_id=pad_id,
@@ -310,7 +312,7 @@ def _build_model(
             "num_heads": 2,
             "mlp_ratio": 2,
             "in_channels": 3,
-            "patch_size": image_size // 8,
+            "patch_size": image_size // (2 * grid),
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
         }
@@ -345,11 +347,12 @@ def build_tiny_vlm(
     num_heads: int = 4,
     corpus: list[str] | None = None,
     output_init_std: float = 0.15,
+    image_tokens: int = 16,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build a tiny random ``(model, processor)`` pair for ``family`` ("llava" or "qwen2_vl").
 
-    Same seed, same weights. Every square image becomes 16 image tokens in both families.
-    The model is float32 and in train mode.
+    Same seed, same weights. Every square image becomes ``image_tokens`` image tokens (a square
+    number; 16 by default) in both families. The model is float32 and in train mode.
 
     ``output_init_std``: the output layer (``lm_head``) is drawn with this std instead of the
     usual 0.02. LoRA never trains ``lm_head``, and with a 0.02 head the logits of a 64-wide
@@ -357,12 +360,15 @@ def build_tiny_vlm(
     (~4.9 nats) however long one trains: a trained generalist's head has a far wider range.
     """
     _check_family(family)
-    if image_size % 8:
-        raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+    grid = math.isqrt(image_tokens)
+    if grid * grid != image_tokens:
+        raise ValueError(f"image_tokens must be a square number (a grid of patches), got {image_tokens}")
+    if image_size % (2 * grid):
+        raise ValueError(f"image_size must be a multiple of {2 * grid} for {image_tokens} image tokens, got {image_size}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size / num_heads must be an even integer")
     tokenizer = build_tiny_tokenizer(family, corpus)
-    processor = _build_processor(family, tokenizer, image_size)
+    processor = _build_processor(family, tokenizer, image_size, grid)
     torch.manual_seed(seed)
     model = _build_model(
         family,
@@ -371,6 +377,7 @@ def build_tiny_vlm(
         hidden_size=hidden_size,
         num_layers=num_layers,
         num_heads=num_heads,
+        grid=grid,
     )
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, output_init_std)

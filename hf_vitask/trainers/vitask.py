@@ -21,9 +21,18 @@ from safetensors.torch import load_file
 
 from hf_vitask.config import VITaskConfig
 from hf_vitask.data.collator import VITaskCollator, pick_negatives
-from hf_vitask.losses import crt_loss, rda_kl, reduce_tokens, response_row_ids, token_ce
+from hf_vitask.losses import (
+    IGNORE_INDEX,
+    crt_loss,
+    rda_kl,
+    rda_kl_cached,
+    reduce_tokens,
+    response_row_ids,
+    token_ce,
+)
 from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
-from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel
+from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, VITaskOutput
+from hf_vitask.models.passes import run_passes
 from hf_vitask.task import TaskSpec, save_tasks
 from hf_vitask.trainers.base import VLMTrainer, check_datasets, wrap_lora
 
@@ -98,9 +107,9 @@ class VITaskTrainer(VLMTrainer):
         if teacher is not None and not frozen_teacher:
             raise ValueError("A teacher was passed but rda_teacher is not 'frozen' (or rda_weight is 0)")
         has_tsm = tsm is not None or getattr(model, "tsm", None) is not None
-        if args.uses_exemplar and not has_tsm:  # checked before the user's model is wrapped
+        if (args.uses_exemplar or frozen_teacher) and not has_tsm:  # checked before the user's model is wrapped
             raise ValueError(
-                "This configuration runs the exemplar (EP) pass, which needs a trained TSM: pass tsm=... "
+                "This configuration runs the exemplar (EP) pass or an EP teacher, which needs a trained TSM: pass tsm=... "
                 "(or set ep_weight=0 and rda_weight=0 for plain instruction tuning)"
             )
         model = build_model(model, args, processing_class, tsm=tsm, peft_config=peft_config)
@@ -113,7 +122,7 @@ class VITaskTrainer(VLMTrainer):
             data_collator = VITaskCollator(
                 processing_class,
                 task,
-                tsm=model.tsm if args.uses_exemplar else None,
+                tsm=model.tsm if args.uses_exemplar or frozen_teacher else None,
                 complete_instruction=args.instruction == "complete",
                 max_length=args.max_length,
                 negatives_dataset=train_dataset if crt and args.crt_negatives == "batch+dataset" else None,
@@ -122,6 +131,8 @@ class VITaskTrainer(VLMTrainer):
                 label_column=args.label_column,
                 seed=args.seed,
             )
+        if frozen_teacher and args.rda_teacher_cache and isinstance(data_collator, VITaskCollator):
+            data_collator.return_sample_keys = True  # names each sample for the teacher-output cache
         if kwargs.get("compute_metrics") is not None and isinstance(data_collator, VITaskCollator):
             data_collator.return_images = True  # prediction_step scores every class option per image
         super().__init__(
@@ -135,6 +146,7 @@ class VITaskTrainer(VLMTrainer):
         )
         self.task = task
         self.teacher_model: VITaskModel | None = None
+        self._teacher_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.teacher_connector: ExemplarConnector | None = None
         if frozen_teacher:
             self._setup_frozen_teacher(teacher)
@@ -176,6 +188,44 @@ class VITaskTrainer(VLMTrainer):
         finally:
             model.train(was_training)
 
+    def _frozen_rda(self, model: VITaskModel, inputs: dict, tsm_pixel_values, student_logits, sample_keys):
+        """L_RDA against the frozen teacher: from the per-sample cache when the batch names its samples."""
+        temperature = self.args.rda_temperature
+        if sample_keys is None or not self.args.rda_teacher_cache:
+            return rda_kl(student_logits, self._frozen_teacher_logits(model, inputs, tsm_pixel_values), temperature)
+        logprobs, index = self._cached_teacher(model, inputs, tsm_pixel_values, sample_keys)
+        return rda_kl_cached(student_logits, logprobs, index, temperature)
+
+    @torch.no_grad()
+    def _cached_teacher(self, model: VITaskModel, inputs: dict, tsm_pixel_values, sample_keys):
+        """Teacher log-probabilities at the batch's response tokens (top-k, or all), computed only for
+        samples not seen before. The teacher is frozen, so a sample's outputs never change."""
+        cache = self._teacher_cache
+        labels = inputs["labels"]
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
+        missing = [i for i, key in enumerate(sample_keys) if counts[i] and key not in cache]
+        if missing:
+            rows = torch.tensor(missing, device=labels.device)
+            keys = ("input_ids", "attention_mask", "labels", *model.family.per_token_keys)
+            sub = {k: inputs[k][rows] for k in keys if inputs.get(k) is not None}
+            sub.update(model.family.select_images(inputs, rows))
+            logits = self._frozen_teacher_logits(model, sub, tsm_pixel_values[rows])
+            logprobs = torch.log_softmax(logits.float() / self.args.rda_temperature, dim=-1)
+            index = None
+            if self.args.rda_teacher_topk:
+                logprobs, index = logprobs.topk(min(self.args.rda_teacher_topk, logprobs.shape[-1]), dim=-1)
+            start = 0
+            for i in missing:
+                end = start + counts[i]
+                cache[sample_keys[i]] = (
+                    logprobs[start:end].cpu(), None if index is None else index[start:end].to(torch.int32).cpu()
+                )
+                start = end
+        entries = [cache[key] for i, key in enumerate(sample_keys) if counts[i]]
+        logprobs = torch.cat([e[0] for e in entries]).to(labels.device)
+        index = None if entries[0][1] is None else torch.cat([e[1] for e in entries]).to(labels.device).long()
+        return logprobs, index
+
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: VITaskConfig = self.args
@@ -185,25 +235,39 @@ class VITaskTrainer(VLMTrainer):
         tsm_pixel_values = inputs.pop("tsm_pixel_values", None)
         negative_index = inputs.pop("crt_negative_index", None)
         task_ids = inputs.pop("task_ids", None)
+        sample_keys = inputs.pop("sample_keys", None)
         inputs.pop("images", None)
 
-        student = model(**inputs)
-        targets = student.response_targets
-        terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
-        ep = None
+        exemplar = None
         if args.uses_exemplar:
             if tsm_pixel_values is None:
                 raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
-            ep = model(**inputs, tsm_pixel_values=tsm_pixel_values)
-            terms["ep"] = token_ce(ep.response_logits, targets)
+            exemplar = unwrapped.exemplar_embeds(tsm_pixel_values)
+        if args.crt_weight > 0 and negative_index is None:
+            if class_ids is None:
+                raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
+            groups = None if task_ids is None else task_ids.tolist()
+            negative_index = torch.tensor(
+                pick_negatives(class_ids.tolist(), self._negative_rng(), groups), device=inputs["labels"].device
+            )
+        # one call for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes);
+        # a model wrapped for distributed training is called pass by pass through its wrapper
+        mode = args.pass_fusion if model is unwrapped else "none"
+        passes = run_passes(model if mode == "none" else unwrapped, inputs, exemplar=exemplar,
+                            negative_index=negative_index if args.crt_weight > 0 else None, mode=mode)
+        student = passes.plain
+        targets = student.response_targets
+        terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
+        if passes.ep is not None:
+            terms["ep"] = token_ce(passes.ep.response_logits, targets)
         if args.rda_weight > 0:
             if args.rda_teacher == "self":
-                teacher_logits = ep.response_logits.detach()
+                terms["rda"] = rda_kl(student.response_logits, passes.ep.response_logits.detach(), args.rda_temperature)
             else:
-                teacher_logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
-            terms["rda"] = rda_kl(student.response_logits, teacher_logits, args.rda_temperature)
+                terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
         if args.crt_weight > 0:
-            terms["crt"] = self._crt_tokens(model, unwrapped, inputs, student, class_ids, negative_index, task_ids)
+            keep = (negative_index >= 0)[response_row_ids(inputs["labels"])]
+            terms["crt"] = crt_loss(student.response_logits[keep], passes.negative.response_logits, targets[keep])
 
         weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
         loss = sum(weights[k] * reduce_tokens(v, num_items_in_batch) for k, v in terms.items() if weights[k] > 0)
@@ -211,27 +275,9 @@ class VITaskTrainer(VLMTrainer):
             if v.numel():
                 self.record(model, f"loss_{k}", v)
         loss = self.scale_for_devices(loss, num_items_in_batch)
-        return (loss, student) if return_outputs else loss
-
-    def _crt_tokens(self, model, unwrapped: VITaskModel, inputs, student, class_ids, negative_index, task_ids=None):
-        """Per-token CRT loss over rows that have a negative image (another class)."""
-        labels = inputs["labels"]
-        if negative_index is None:
-            if class_ids is None:
-                raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
-            groups = None if task_ids is None else task_ids.tolist()
-            negative_index = torch.tensor(
-                pick_negatives(class_ids.tolist(), self._negative_rng(), groups), device=labels.device
-            )
-        has_negative = negative_index >= 0
-        rows = torch.arange(len(negative_index), device=labels.device)
-        index = torch.where(has_negative, negative_index, rows)
-        negative_inputs = {**inputs, **unwrapped.family.select_images(inputs, index)}
-        negative = model(**negative_inputs)
-        keep = has_negative[response_row_ids(labels)]
-        return crt_loss(
-            student.response_logits[keep], negative.response_logits[keep], student.response_targets[keep]
-        )
+        if return_outputs:
+            return loss, VITaskOutput(loss=loss, response_logits=student.response_logits, response_targets=targets)
+        return loss
 
     def _negative_rng(self):
         if not hasattr(self, "_rng"):

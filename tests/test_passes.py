@@ -1,0 +1,98 @@
+"""The fused pass modes (shared image prefix, stacked passes) give the reference's logits and gradients."""
+
+import pytest
+import torch
+
+from hf_vitask.config import VITaskConfig
+from hf_vitask.data.collator import VITaskCollator
+from hf_vitask.losses import crt_loss, rda_kl, token_ce
+from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.passes import run_passes
+from hf_vitask.models.tiny import build_tiny_vlm
+from hf_vitask.trainers.base import wrap_lora
+
+
+def _model(family, tsm, dropout=0.0):
+    vlm, processor = build_tiny_vlm(family, seed=0)
+    args = VITaskConfig(output_dir="unused", lora_dropout=dropout, report_to="none")
+    model = VITaskModel.from_vlm(wrap_lora(vlm, args), processor, tsm=tsm)
+    with torch.no_grad():  # LoRA B starts at 0: make the adapter matter, so its gradients are compared too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train(), processor
+
+
+def _batch(processor, task, tsm, digits, n=6, dataset_top_up=True):
+    collator = VITaskCollator(processor, task, tsm=tsm, with_negatives=True,
+                              negatives_dataset=digits["train"] if dataset_top_up else None, seed=1)
+    rows = [digits["train"][i] for i in range(n)]
+    rows[1] = dict(rows[1], label=rows[0]["label"])  # some rows share a class
+    return collator(rows)
+
+
+def _losses(model, batch, mode):
+    batch = dict(batch)
+    tsm_pixels = batch.pop("tsm_pixel_values")
+    negative_index = batch.pop("crt_negative_index")
+    batch.pop("class_ids")
+    exemplar = model.exemplar_embeds(tsm_pixels)
+    passes = run_passes(model, batch, exemplar=exemplar, negative_index=negative_index, mode=mode)
+    keep = (negative_index >= 0)[torch.nonzero(batch["labels"][:, 1:] != -100)[:, 0]]
+    plain, ep, neg = passes.plain, passes.ep, passes.negative
+    terms = {
+        "van": token_ce(plain.response_logits, plain.response_targets).mean(),
+        "ep": token_ce(ep.response_logits, ep.response_targets).mean(),
+        "rda": rda_kl(plain.response_logits, ep.response_logits).mean(),
+        "crt": crt_loss(plain.response_logits[keep], neg.response_logits, plain.response_targets[keep]).mean(),
+    }
+    model.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return passes, {k: v.item() for k, v in terms.items()}, grads
+
+
+@pytest.mark.parametrize("mode", ["batch", "prefix"])
+def test_fused_passes_equal_the_separate_passes(family, tsm, digits, task, mode):
+    model, processor = _model(family, tsm)
+    batch = _batch(processor, task, tsm, digits)
+    assert (batch["crt_negative_index"] >= 0).sum() >= 2
+    ref_passes, ref_losses, ref_grads = _losses(model, batch, "none")
+    passes, losses, grads = _losses(model, batch, mode)
+    assert passes.mode == mode
+    for name in ("plain", "ep", "negative"):
+        ref, got = getattr(ref_passes, name), getattr(passes, name)
+        assert torch.equal(ref.response_targets, got.response_targets), name
+        torch.testing.assert_close(got.response_logits, ref.response_logits, atol=2e-5, rtol=1e-4)
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+    assert set(grads) == set(ref_grads) and any("lora" in n for n in grads) and any("connector" in n for n in grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_rows_without_a_negative_are_left_out(tsm, digits, task):
+    model, processor = _model("llava", tsm)
+    batch = _batch(processor, task, tsm, digits, n=4, dataset_top_up=False)
+    batch["crt_negative_index"] = torch.tensor([-1, 2, -1, 0])
+    for mode in ("none", "batch", "prefix"):
+        _, losses, _ = _losses(model, batch, mode)
+        passes = run_passes(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")},
+                            negative_index=torch.tensor([-1, -1, -1, -1]), mode=mode)
+        assert passes.negative.response_logits.shape[0] == 0 and passes.ep is None
+
+
+def test_prefix_falls_back_to_batch_under_gradient_checkpointing(tsm, digits, task):
+    model, processor = _model("llava", tsm)
+    batch = _batch(processor, task, tsm, digits, n=4)
+    model.gradient_checkpointing_enable()
+    passes, losses, _ = _losses(model, batch, "prefix")
+    assert passes.mode == "batch"
+    model.gradient_checkpointing_disable()
+    _, ref, _ = _losses(model, batch, "none")
+    assert losses == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_unknown_mode_is_an_error(tsm, digits, task):
+    model, processor = _model("llava", tsm)
+    with pytest.raises(ValueError, match="pass mode"):
+        run_passes(model, _batch(processor, task, tsm, digits, n=2), mode="fast")
