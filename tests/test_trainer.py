@@ -261,3 +261,26 @@ def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, ta
     assert loss == pytest.approx(ref_loss, rel=1e-5) and grads.keys() == ref_grads.keys()
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_a_wrapped_model_runs_the_passes_through_its_wrapper(tmp_path, digits, task, tsm):
+    """Under a distributed wrapper (DDP) every pass must go through the wrapper's forward."""
+    trainer = _trainer(tmp_path, digits, task, tsm, stage=2)
+    inner = trainer.model
+    calls = []
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            calls.append(1)
+            return self.module(**kwargs)
+
+    batch = trainer.data_collator([digits["train"][i] for i in range(4)])
+    fused = trainer.compute_loss(inner, dict(batch)).item()
+    trainer.accelerator.unwrap_model = lambda model, *a, **k: inner
+    wrapped = trainer.compute_loss(Wrapper(inner), dict(batch)).item()
+    assert len(calls) == 3  # no-EP, EP, negative
+    assert wrapped == pytest.approx(fused, rel=1e-5)

@@ -66,12 +66,14 @@ def run_passes(
     exemplar: torch.Tensor | None = None,
     negative_index: torch.Tensor | None = None,
     mode: str = "prefix",
+    forward=None,
 ) -> Passes:
     """Response logits of the no-EP pass, the EP pass (when ``exemplar`` (B, k, D) is given) and
     the negative pass (when ``negative_index`` is given: row i's text with row ``negative_index[i]``'s
     image; -1 leaves row i out) of ``model``, a :class:`~hf_vitask.models.modeling.VITaskModel`.
 
     ``inputs`` is a collated batch (``input_ids``, ``attention_mask``, ``labels``, image keys).
+    ``forward``: what separate passes call instead of ``model`` (a distributed wrapper of it).
     """
     if mode not in PASS_MODES:
         raise ValueError(f"pass mode must be one of {PASS_MODES}, got {mode!r}")
@@ -94,21 +96,21 @@ def run_passes(
         if _accepts(model.vlm, "mm_encoder_outputs"):
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
         logger.info("This transformers version takes no precomputed image features; running the passes separately")
-    return _separate_passes(model, inputs, exemplar, negative_index, neg_rows)
+    return _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward or model)
 
 
 # -- the reference: one forward per pass -------------------------------------------------------------
-def _separate_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
+def _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward) -> Passes:
     def out(result) -> PassOutput:
         return PassOutput(result.response_logits, result.response_targets)
 
-    plain = model(**inputs)
+    plain = forward(**inputs)
     passes = Passes(plain=out(plain), mode="none")
     if exemplar is not None:
-        passes.ep = out(model(**inputs, exemplar_embeds=exemplar))
+        passes.ep = out(forward(**inputs, exemplar_embeds=exemplar))
     if neg_rows is not None:
         if len(neg_rows):
-            passes.negative = out(model(**_negative_rows(model, inputs, negative_index, neg_rows)))
+            passes.negative = out(forward(**_negative_rows(model, inputs, negative_index, neg_rows)))
         else:
             passes.negative = PassOutput(plain.response_logits[:0], plain.response_targets[:0])
     return passes

@@ -253,8 +253,8 @@ class VITaskTrainer(VLMTrainer):
         # one call for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes);
         # a model wrapped for distributed training is called pass by pass through its wrapper
         mode = args.pass_fusion if model is unwrapped else "none"
-        passes = run_passes(model if mode == "none" else unwrapped, inputs, exemplar=exemplar,
-                            negative_index=negative_index if args.crt_weight > 0 else None, mode=mode)
+        passes = run_passes(unwrapped, inputs, exemplar=exemplar, mode=mode, forward=model,
+                            negative_index=negative_index if args.crt_weight > 0 else None)
         student = passes.plain
         targets = student.response_targets
         terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
