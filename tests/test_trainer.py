@@ -284,3 +284,18 @@ def test_a_wrapped_model_runs_the_passes_through_its_wrapper(tmp_path, digits, t
     wrapped = trainer.compute_loss(Wrapper(inner), dict(batch)).item()
     assert len(calls) == 3  # no-EP, EP, negative
     assert wrapped == pytest.approx(fused, rel=1e-5)
+
+
+def test_a_large_full_teacher_cache_is_announced(tmp_path, digits, task, tsm, caplog):
+    stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=1)
+    stage1.save_model(str(tmp_path / "teacher"))
+    model, processor = build_tiny_vlm("llava")
+    trainer = _trainer(tmp_path / "s2", digits, task, tsm, model=model, processor=processor, stage=1, ep_weight=0.0,
+                       rda_teacher="frozen", teacher=str(tmp_path / "teacher"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_vitask.trainers.vitask"):
+        trainer._check_teacher_cache_size(limit_gib=1e-4)
+        assert "rda_teacher_topk" in caplog.text and f"{len(digits['train'])} samples" in caplog.text
+        caplog.clear()
+        trainer._check_teacher_cache_size()  # 67 digits x a few tokens x 512: far below 4 GiB
+        assert caplog.text == ""

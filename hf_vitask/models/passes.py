@@ -90,13 +90,23 @@ def run_passes(
         why = _prefix_blocker(model, inputs)
         if why is None:
             return _prefix_passes(model, inputs, exemplar, negative_index, neg_rows)
-        logger.info("Shared-prefix passes not possible (%s); stacking the passes instead", why)
+        _warn_once(f"pass_fusion='prefix' is not possible here ({why}); stacking the passes instead ('batch')")
         mode = "batch"
     if mode == "batch":
         if _accepts(model.vlm, "mm_encoder_outputs"):
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
-        logger.info("This transformers version takes no precomputed image features; running the passes separately")
+        _warn_once("This transformers version takes no precomputed image features (mm_encoder_outputs); "
+                   "running the passes separately ('none')")
     return _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward or model)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 # -- the reference: one forward per pass -------------------------------------------------------------
@@ -242,8 +252,8 @@ def _prefix_blocker(model, inputs) -> str | None:
     ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
     try:
         pos = exemplar_positions(ids, model.image_token_id, model.image_end_token_id)
-    except ValueError as err:
-        return str(err)
+    except ValueError:
+        return "a row has no image token"
     p = int(pos[0])
     if not bool((pos == p).all()):
         return "the image ends at different positions in different rows"

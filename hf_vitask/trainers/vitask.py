@@ -13,6 +13,7 @@ The losses themselves are the pure functions of :mod:`hf_vitask.losses`.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from hf_vitask.task import TaskSpec, save_tasks
 from hf_vitask.trainers.base import VLMTrainer, check_datasets, wrap_lora
 
 TEACHER_ADAPTER = "rda_teacher"
+logger = logging.getLogger(__name__)
 
 
 def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None) -> VITaskModel:
@@ -150,6 +152,7 @@ class VITaskTrainer(VLMTrainer):
         self.teacher_connector: ExemplarConnector | None = None
         if frozen_teacher:
             self._setup_frozen_teacher(teacher)
+            self._check_teacher_cache_size()
 
     # -- frozen RDA teacher --------------------------------------------------------------------------
     def _setup_frozen_teacher(self, teacher) -> None:
@@ -174,6 +177,27 @@ class VITaskTrainer(VLMTrainer):
         connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
         connector.requires_grad_(False)
         self.teacher_connector = connector.to(self.args.device)
+
+    def _check_teacher_cache_size(self, limit_gib: float = 4.0) -> None:
+        """Warn when caching the teacher's full distribution would take more than ``limit_gib`` of RAM."""
+        args = self.args
+        tasks = self.task if isinstance(self.task, list) else [self.task]
+        if not args.rda_teacher_cache or args.rda_teacher_topk or self.task is None or self.train_dataset is None:
+            return
+        try:
+            rows = len(self.train_dataset)
+        except TypeError:  # an iterable dataset: size unknown
+            return
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        tokens = max(len(tokenizer(t.response(c))["input_ids"]) + 1 for t in tasks for c in range(t.num_classes))
+        vocab = self.model.vlm.get_output_embeddings().weight.shape[0]
+        gib = rows * tokens * vocab * 4 / 2**30
+        if gib > limit_gib:
+            logger.warning(
+                f"The frozen-teacher cache will hold up to {gib:.1f} GiB ({rows} samples x {tokens} response tokens "
+                f"x {vocab} log-probs, float32, CPU). Set rda_teacher_topk (e.g. 256) to keep only the top-k per "
+                "token, or rda_teacher_cache=False to run the teacher on every step."
+            )
 
     @torch.no_grad()
     def _frozen_teacher_logits(self, model: VITaskModel, inputs: dict, tsm_pixel_values) -> torch.Tensor:
