@@ -202,8 +202,8 @@ def _positions(model, inputs: dict) -> torch.Tensor:
 
 
 def _with_slots(model, inputs: dict, exemplar: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    ep, slots = model._with_exemplar(_token_tensors(inputs, model.family), exemplar)
-    return ep, slots
+    """The token tensors with the exemplar slots opened, and the slot mask."""
+    return model._with_exemplar(_token_tensors(inputs, model.family), exemplar)
 
 
 def _rows_with_response(labels: torch.Tensor) -> torch.Tensor:
