@@ -26,6 +26,7 @@ to float rounding, tested).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -145,7 +146,12 @@ def _base(vlm):
 
 def _accepts(vlm, name: str) -> bool:
     """Whether the VLM's forward takes keyword ``name`` (it changed across transformers 5.x)."""
-    return name in inspect.signature(_base(vlm).forward).parameters
+    return name in _forward_parameters(type(_base(vlm)))
+
+
+@functools.cache
+def _forward_parameters(model_class) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def _cache_kwargs(vlm, cache) -> dict:

@@ -56,6 +56,21 @@ def check_datasets(columns: list[str], **datasets) -> None:
                 raise ValueError(f"{name} has no column(s) {missing}; columns: {available}")
 
 
+def check_trainer_inputs(args, config_class, default_output_dir: str, processing_class, *, column_fields: tuple[str, ...],
+                         data_collator=None, train_dataset=None, eval_dataset=None):
+    """The checks every trainer constructor starts with; returns ``args`` (a default config when None).
+    ``column_fields``: the config fields naming the columns the default collator reads (not
+    checked when a custom ``data_collator`` is given)."""
+    args = args if args is not None else config_class(output_dir=default_output_dir)
+    if not isinstance(args, config_class):
+        raise TypeError(f"args must be an instance of {config_class.__name__}, got {type(args).__name__}")
+    if processing_class is None:
+        raise ValueError("processing_class (the VLM's processor) is required")
+    columns = [getattr(args, f) for f in column_fields] if data_collator is None else []
+    check_datasets(columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    return args
+
+
 class VLMTrainer(Trainer):
     """Base of :class:`VITaskTrainer` and :class:`InstructionFreeTrainer` (a ``transformers.Trainer``).
 

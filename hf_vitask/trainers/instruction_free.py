@@ -41,7 +41,7 @@ from hf_vitask.data.instruction_free import (
 from hf_vitask.losses import IGNORE_INDEX, reduce_tokens, response_logits, response_row_ids, token_ce
 from hf_vitask.models.exemplar import ExemplarInjector
 from hf_vitask.models.modeling import VITaskModel
-from hf_vitask.trainers.base import TRAINING_CONFIG_FILE, VLMTrainer, check_datasets, wrap_lora
+from hf_vitask.trainers.base import TRAINING_CONFIG_FILE, VLMTrainer, check_trainer_inputs, wrap_lora
 
 PROXY_FILE = "proxy.safetensors"
 
@@ -224,13 +224,11 @@ class InstructionFreeTrainer(VLMTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = args if args is not None else InstructionFreeConfig(output_dir="instruction-free-output")
-        if not isinstance(args, InstructionFreeConfig):
-            raise TypeError(f"args must be an InstructionFreeConfig, got {type(args).__name__}")
-        if processing_class is None:
-            raise ValueError("processing_class (the VLM's processor) is required")
-        columns = [args.image_column, args.description_column] if data_collator is None else []
-        check_datasets(columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        args = check_trainer_inputs(
+            args, InstructionFreeConfig, "instruction-free-output", processing_class,
+            column_fields=("image_column", "description_column"),
+            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        )
         model = build_model(model, args, processing_class, peft_config=peft_config)
         if args.use_proxy:
             proxy = getattr(model, "proxy", None)

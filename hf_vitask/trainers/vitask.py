@@ -35,7 +35,7 @@ from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
 from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, VITaskOutput
 from hf_vitask.models.passes import run_passes
 from hf_vitask.task import TaskSpec, save_tasks
-from hf_vitask.trainers.base import VLMTrainer, check_datasets, wrap_lora
+from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
 
 TEACHER_ADAPTER = "rda_teacher"
 logger = logging.getLogger(__name__)
@@ -96,13 +96,10 @@ class VITaskTrainer(VLMTrainer):
         peft_config=None,
         **kwargs,
     ):
-        args = args if args is not None else VITaskConfig(output_dir="vitask-output")
-        if not isinstance(args, VITaskConfig):
-            raise TypeError(f"args must be a VITaskConfig, got {type(args).__name__}")
-        if processing_class is None:
-            raise ValueError("processing_class (the VLM's processor) is required")
-        columns = [args.image_column, args.label_column] if data_collator is None else []
-        check_datasets(columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        args = check_trainer_inputs(
+            args, VITaskConfig, "vitask-output", processing_class, column_fields=("image_column", "label_column"),
+            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        )
         frozen_teacher = args.rda_teacher == "frozen" and args.rda_weight > 0
         if frozen_teacher and teacher is None:
             raise ValueError("rda_teacher='frozen' needs teacher=<stage-1 output directory or VITaskModel>")
