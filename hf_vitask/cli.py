@@ -104,13 +104,18 @@ def _info() -> int:
     import torch
 
     from hf_vitask import __version__
-    from hf_vitask.models.families import FAMILIES
+    from hf_vitask.models.families import support_matrix
 
     print(f"hf_vitask {__version__}")
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
-    print("supported VLM families:")
-    for fam in FAMILIES.values():
-        print(f"  {fam.name:<10} model_type in {list(fam.model_types)}, image token {fam.image_token!r}")
+    print("supported VLM families (pass_fusion: modes that run, fastest first; gradient checkpointing runs the")
+    print("first mode after 'prefix'; 4-bit keeps the listed modules in full precision):")
+    rows = support_matrix()
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    print(("  " + "  ".join(c.ljust(widths[c]) for c in columns)).rstrip())
+    for row in rows:
+        print(("  " + "  ".join(row[c].ljust(widths[c]) for c in columns)).rstrip())
     return 0
 
 

@@ -44,7 +44,13 @@ def config(tmp_path):
 def test_info_and_usage(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "llava" in out and "qwen2_vl" in out
+    from hf_vitask.models.families import FAMILIES, support_matrix
+
+    rows = support_matrix()
+    assert [r["family"] for r in rows] == list(FAMILIES)
+    for row in rows:  # one printed line per family, with its fusion modes and 4-bit exclusions
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [row["family"]])
+        assert row["pass_fusion"] in line and row["4-bit (kept full precision)"] in line
     assert main([]) == 0 and "train-tsm" in capsys.readouterr().out
     assert main(["--version"]) == 0 and "hf_vitask" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2

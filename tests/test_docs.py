@@ -45,3 +45,14 @@ def test_every_config_field_is_documented():
     for f in own:
         assert f.metadata.get("help"), f"{f.name} has no help text"
         assert f"`{f.name}`" in reference, f"{f.name} is missing from docs/configuration.md"
+
+
+def test_families_page_has_a_row_per_registered_family():
+    from hf_vitask.models.families import support_matrix
+
+    page = (README.parent / "docs" / "families.md").read_text()
+    for row in support_matrix():
+        line = next((ln for ln in page.splitlines() if ln.startswith(f"| `{row['family']}` |")), None)
+        assert line is not None, f"docs/families.md has no row for {row['family']}"
+        assert row["pass_fusion"] in line and row["gradient_checkpointing"] in line
+        assert all(f"`{t.strip()}`" in line for t in row["model_type"].split(","))

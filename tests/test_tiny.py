@@ -169,8 +169,10 @@ def test_select_images_qwen2_vl():
     assert (
         family.select_images(mixed, torch.tensor([0, 1]))["pixel_values"].shape == mixed["pixel_values"].shape
     )
-    with pytest.raises(ValueError, match="different numbers of image tokens"):
-        family.select_images(mixed, torch.tensor([1, 0]))
+    swapped = family.select_images(mixed, torch.tensor([1, 0]))  # whole images, whatever their grids
+    n0 = int(mixed["image_grid_thw"][0].prod())
+    assert torch.equal(swapped["pixel_values"], torch.cat([mixed["pixel_values"][n0:], mixed["pixel_values"][:n0]]))
+    assert torch.equal(swapped["image_grid_thw"], mixed["image_grid_thw"].flip(0))
 
 
 def test_save_and_reload_same_logits(tiny, images, tmp_path_factory):

@@ -99,12 +99,15 @@ def insert_exemplar_slots(
     num_tokens: int,
     slot_token_id: int,
     per_token_keys: tuple[str, ...] = (),
+    slot_fill: dict[str, int | str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Open ``num_tokens`` positions at ``positions[i]`` in every row of the sequence tensors.
 
     ``input_ids`` gets ``slot_token_id`` there (its embedding is overwritten by the injector),
-    ``attention_mask`` 1, ``labels`` -100 and any other ``per_token_keys`` 0. Returns the new
-    batch (other keys untouched) and the ``(B, L + k)`` boolean mask of the slots.
+    ``attention_mask`` 1, ``labels`` -100 and the other ``per_token_keys`` (any rank, sequence on
+    dim 1, e.g. a ``(B, L, images, tiles)`` cross-attention mask) ``slot_fill[key]``: a value
+    (default 0) or ``"previous"``, a copy of the token before the slot. Returns the new batch
+    (other keys untouched) and the ``(B, L + k)`` boolean mask of the slots.
     """
     input_ids = batch["input_ids"]
     bsz, length = input_ids.shape
@@ -113,16 +116,21 @@ def insert_exemplar_slots(
     p = positions.to(input_ids.device)[:, None]
     slot = (j >= p) & (j < p + num_tokens)
     src = torch.where(j < p, j, j - num_tokens).clamp(0, length - 1)
-    fills = {"input_ids": slot_token_id, "attention_mask": 1, "labels": IGNORE_INDEX}
+    src_previous = torch.where(slot, (p - 1).clamp(min=0), src)
+    fills = {"input_ids": slot_token_id, "attention_mask": 1, "labels": IGNORE_INDEX, **(slot_fill or {})}
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "labels", *per_token_keys):
         if key not in batch or batch[key] is None:
             continue
         t = batch[key]
         if t.shape[:2] != (bsz, length):
-            raise ValueError(f"{key} has shape {tuple(t.shape)}, expected (batch, length) = {(bsz, length)}")
-        moved = t.gather(1, src)
-        out[key] = moved.masked_fill(slot, fills.get(key, 0))
+            raise ValueError(f"{key} has shape {tuple(t.shape)}, expected (batch, length, ...) = {(bsz, length)}")
+        fill = fills.get(key, 0)
+        index = src_previous if fill == "previous" else src
+        moved = t.gather(1, index.view(bsz, new_len, *([1] * (t.dim() - 2))).expand(bsz, new_len, *t.shape[2:]))
+        if fill != "previous":
+            moved = moved.masked_fill(slot.view(bsz, new_len, *([1] * (t.dim() - 2))), fill)
+        out[key] = moved
     return out, slot
 
 

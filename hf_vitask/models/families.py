@@ -1,9 +1,22 @@
-"""Everything that differs between VLM families lives here; adding a family is one entry plus a tiny-config test.
+"""Everything that differs between VLM families lives here: one adapter object per family.
 
-The rest of the package (collators, LoRA/QLoRA setup, contrastive negatives, generation)
-asks a :class:`VLMFamily` instead of branching on model classes, so supporting a new
-architecture means describing it once in :data:`FAMILIES` (or via :func:`register_family`)
-and adding a tiny-config test next to ``tests/test_tiny.py``.
+The rest of the package (collators, exemplar insertion, fused passes, LoRA/QLoRA setup,
+contrastive negatives, evaluation) asks a :class:`VLMFamily` instead of branching on model
+classes, the way peft keeps per-model-type target maps and transformers per-model processors.
+Supporting a new architecture means describing it once here (:func:`register_family`), adding
+a tiny builder to :mod:`hf_vitask.models.tiny`, and one line in the shared family test.
+
+What an adapter answers:
+
+* which tokens delimit the image block (the exemplar slot goes right after it);
+* which processor outputs follow the tokens (``per_token_keys``, any rank, sequence on dim 1)
+  and what an exemplar slot holds in them (``slot_fill``);
+* which outputs carry the images, and how one row's image is cut out of them
+  (:meth:`VLMFamily.select_images`: all its tiles, grid patches or cross-attention tiles);
+* the position ids the model would compute (:meth:`VLMFamily.positions`: 0..L-1, or M-RoPE);
+* how image features reach the language model (``feature_route``), which decides whether the
+  vision tower can run once and be reused by stacked passes;
+* LoRA targets and the modules kept out of 4-bit quantisation.
 """
 
 from __future__ import annotations
@@ -19,43 +32,70 @@ __all__ = [
     "LANGUAGE_MODEL_LORA_REGEX",
     "VLMFamily",
     "get_family",
+    "lora_regex",
     "register_family",
+    "support_matrix",
 ]
 
-# transformers 5 names every VLM's text decoder `model.language_model` (old checkpoints'
-# `language_model.model.*` keys are renamed on load), so one regex covers both families.
-# peft full-matches a str `target_modules` against each module name; anchoring on
-# `language_model.layers.N.` keeps it off the vision tower, which has its own q/k/v
-# (CLIP) or gate/up/down (Qwen2.5-VL) projections.
-LANGUAGE_MODEL_LORA_REGEX = (
-    r"(.*\.)?language_model\.layers\.\d+\."
-    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-)
+FAMILIES_GUIDE = "docs/families.md (\"Adding a family\")"
+
+
+def lora_regex(decoder: str = "language_model") -> str:
+    """Full-match regex for peft ``target_modules``: the attention and MLP linears of the text
+    decoder whose layers live under ``<decoder>.layers.N`` (never the vision tower's own q/k/v)."""
+    return (
+        rf"(.*\.)?{decoder}\.layers\.\d+\."
+        r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    )
+
+
+# transformers 5 names most VLMs' text decoder `model.language_model` (old checkpoints'
+# `language_model.model.*` keys are renamed on load); Idefics3/SmolVLM call it `text_model`.
+LANGUAGE_MODEL_LORA_REGEX = lora_regex("language_model")
+
+#: How image features reach the language model. ``"embedding"``: they replace the image-token
+#: positions of the input embedding (masked_scatter), so stacked passes can write precomputed
+#: features there; ``None``: another route (cross-attention, features added inside the decoder),
+#: where stacked passes are not available and the step runs its passes separately.
+FEATURE_ROUTES = ("embedding", None)
 
 
 @dataclass(frozen=True)
 class VLMFamily:
-    """What a VLM family needs the rest of the package to know about it."""
+    """What a VLM family needs the rest of the package to know about it.
+
+    The defaults describe the common layout (LLaVA): images stacked one per row on dim 0,
+    features written at image-token positions, positions 0..L-1.
+    """
 
     name: str
     #: ``config.model_type`` values this family serves.
     model_types: tuple[str, ...]
     #: Placeholder the processor expands into one token per image feature.
     image_token: str
-    #: Token closing an image block (Qwen2-VL ``<|vision_end|>``); None when there is none.
+    #: Token closing an image block (``<|vision_end|>``, ``</img>``); None when there is none.
     image_end_token: str | None
     #: Full-match regex for peft ``target_modules``: language-model linears only.
     lora_target_modules: str
-    #: Full transformers-5 module names to keep out of quantisation (bnb ``llm_int8_skip_modules``).
+    #: Full transformers-5 module names kept out of quantisation (bnb ``llm_int8_skip_modules``).
     vision_modules: tuple[str, ...]
-    #: Processor outputs besides input_ids/attention_mask shaped (B, L) that must be edited
-    #: in step with input_ids when tokens are inserted, removed or padded.
-    per_token_keys: tuple[str, ...]
-    #: Processor outputs carrying the image data.
-    image_keys: tuple[str, ...]
-    #: Positions are multimodal RoPE indices from ``model.get_rope_index`` (Qwen2-VL), not 0..L-1.
-    mrope: bool = False
+    #: Processor outputs besides input_ids/attention_mask whose dims 0 and 1 are (batch, length)
+    #: and must be edited in step with input_ids when tokens are inserted, removed or padded.
+    per_token_keys: tuple[str, ...] = ()
+    #: Processor outputs carrying the image data; all but the first may be absent from a batch.
+    image_keys: tuple[str, ...] = ("pixel_values",)
+    #: Image keys that concatenate every image's tiles / patches on dim 0 (InternVL tiles, Qwen
+    #: patches); the other image keys hold one entry per image.
+    tiled_keys: tuple[str, ...] = ()
+    #: Value an exemplar slot gets in each per-token key (default 0); ``"previous"`` copies the
+    #: token before the slot (a cross-attention mask keeps attending to the image).
+    slot_fill: tuple[tuple[str, int | str], ...] = ()
+    #: See :data:`FEATURE_ROUTES`.
+    feature_route: str | None = "embedding"
+    #: Whether the image prefix can run once into a KV cache shared by all passes.
+    prefix_fusion: bool = True
 
+    # -- tokens ----------------------------------------------------------------------------------
     def image_token_id(self, tokenizer: Any) -> int:
         """Id of :attr:`image_token` in ``tokenizer`` (a tokenizer or a processor)."""
         token_id = _token_id(tokenizer, self.image_token)
@@ -76,22 +116,84 @@ class VLMFamily:
             )
         return token_id
 
-    def select_images(self, batch: dict, index: torch.LongTensor) -> dict:
-        """Return ``{key: tensor}`` for :attr:`image_keys`, row ``i`` getting the image of row ``index[i]``.
+    @property
+    def fusion_modes(self) -> tuple[str, ...]:
+        """The ``pass_fusion`` modes this family can run (``"none"`` always can). ``"prefix"``
+        also needs every row of a batch to share the image prefix (same-size images) and no
+        gradient checkpointing; otherwise it falls back to the next mode, with one warning."""
+        modes = []
+        if self.prefix_fusion:
+            modes.append("prefix")
+        if self.feature_route == "embedding":
+            modes.append("batch")
+        return (*modes, "none")
 
-        Builds contrastive negatives (text of row ``i`` with the image of row ``index[i]``)
-        without re-running the processor. Assumes one image per row. Raises ValueError
-        when the swapped image would not fill row ``i``'s image tokens (different grid).
+    @property
+    def token_keys(self) -> tuple[str, ...]:
+        """Every key whose dims 0 and 1 are (batch, length)."""
+        return ("input_ids", "attention_mask", "labels", *self.per_token_keys)
+
+    def slot_value(self, key: str) -> int | str:
+        """What an exemplar slot holds in per-token key ``key``."""
+        return dict(self.slot_fill).get(key, 0)
+
+    # -- positions -------------------------------------------------------------------------------
+    def positions(self, model, inputs: dict) -> torch.Tensor:
+        """Position ids as the model computes them for right-padded ``inputs``: ``(B, L)`` 0..L-1.
+        ``model`` is the VLM (peft-wrapped or not)."""
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+
+    # -- images ----------------------------------------------------------------------------------
+    def image_inputs(self, batch: dict) -> dict:
+        """The image tensors of ``batch`` (what the vision tower needs)."""
+        return {key: batch[key] for key in self.image_keys if batch.get(key) is not None}
+
+    def tiles_per_image(self, batch: dict, image_token_id: int | None) -> list[int] | None:
+        """How many dim-0 entries of the :attr:`tiled_keys` each row's image owns (None: no tiled keys)."""
+        if not self.tiled_keys:
+            return None
+        raise TypeError(f"{self.name}: a family with tiled_keys must override tiles_per_image (see TiledFamily)")
+
+    def select_images(self, batch: dict, index: torch.Tensor, image_token_id: int | None = None) -> dict:
+        """Return the image tensors with row ``i`` holding the WHOLE image of row ``index[i]``
+        (all its tiles, patches or cross-attention tiles).
+
+        Builds contrastive negatives and sub-batches without re-running the processor. Assumes
+        one image per row; ``image_token_id`` is needed by families that count tiles from tokens.
         """
-        missing = [key for key in self.image_keys if key not in batch]
-        if missing:
-            raise ValueError(f"{self.name}: batch lacks image keys {missing}; it has {sorted(batch)}")
+        if batch.get(self.image_keys[0]) is None:
+            raise ValueError(f"{self.name}: batch lacks {self.image_keys[0]!r}; it has {sorted(batch)}")
         index = torch.as_tensor(index, dtype=torch.long)
         if index.ndim != 1:
             raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
-        if "image_grid_thw" in self.image_keys:
-            return _select_patch_images(self.name, batch, index)
-        return _select_stacked_images(self.name, self.image_keys, batch, index)
+        rows = batch["input_ids"].shape[0] if batch.get("input_ids") is not None else None
+        tiles = self.tiles_per_image(batch, image_token_id)
+        out = {}
+        for key in self.image_keys:
+            value = batch.get(key)
+            if value is None:
+                continue
+            if key in self.tiled_keys:
+                if sum(tiles) != value.shape[0]:
+                    raise ValueError(
+                        f"{self.name}: {key} has {value.shape[0]} tiles/patches but the images account for "
+                        f"{sum(tiles)} ({tiles})"
+                    )
+                _check_index(self.name, len(tiles), rows, index)
+                chunks = value.split(tiles, dim=0)
+                out[key] = torch.cat([chunks[j] for j in index.tolist()], dim=0)
+            else:
+                _check_index(self.name, value.shape[0], rows, index)
+                out[key] = value[index.to(value.device)]
+        return out
+
+    def take_rows(self, batch: dict, rows: torch.Tensor, image_token_id: int | None = None) -> dict:
+        """The sub-batch of ``rows``: their token tensors and their images."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+        out = {k: batch[k][rows] for k in self.token_keys if batch.get(k) is not None}
+        out.update(self.select_images(batch, rows, image_token_id))
+        return out
 
 
 def _token_id(tokenizer: Any, token: str) -> int | None:
@@ -102,49 +204,52 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     return int(token_id)
 
 
-def _check_rows(name: str, n_images: int, batch: dict, index: torch.Tensor) -> None:
-    input_ids = batch.get("input_ids")
-    if input_ids is not None and n_images != input_ids.shape[0]:
+def _check_index(name: str, n_images: int, rows: int | None, index: torch.Tensor) -> None:
+    if rows is not None and n_images != rows:
         raise ValueError(
-            f"{name}: select_images needs exactly one image per row, got {n_images} images "
-            f"for {input_ids.shape[0]} rows"
+            f"{name}: select_images needs exactly one image per row, got {n_images} images for {rows} rows"
         )
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= n_images):
         raise ValueError(f"{name}: index {index.tolist()} out of range for {n_images} images")
 
 
-def _select_stacked_images(name: str, keys: tuple[str, ...], batch: dict, index: torch.Tensor) -> dict:
-    """Images stacked on dim 0 (LLaVA: pixel_values (B, C, H, W)): plain indexing."""
-    n_images = batch[keys[0]].shape[0]
-    _check_rows(name, n_images, batch, index)
-    return {key: batch[key][index.to(batch[key].device)] for key in keys}
+def image_tokens_per_row(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    return (input_ids == image_token_id).sum(1).tolist()
 
 
-def _select_patch_images(name: str, batch: dict, index: torch.Tensor) -> dict:
-    """Qwen2-VL layout: pixel_values concatenates each image's grid.prod() patch rows."""
-    pixel_values, grid = batch["pixel_values"], batch["image_grid_thw"]
-    n_images = grid.shape[0]
-    _check_rows(name, n_images, batch, index)
-    patches = grid.prod(dim=-1).tolist()
-    if sum(patches) != pixel_values.shape[0]:
-        raise ValueError(
-            f"{name}: pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw "
-            f"accounts for {sum(patches)}"
-        )
-    idx = index.tolist()
-    bad = [(i, j) for i, j in enumerate(idx) if patches[i] != patches[j]]
-    if bad:
-        i, j = bad[0]
-        raise ValueError(
-            f"{name}: cannot give row {i} the image of row {j}: their grids {grid[i].tolist()} and "
-            f"{grid[j].tolist()} yield different numbers of image tokens ({patches[i]} vs {patches[j]} "
-            "patches). Resize images to one size (or pair only same-size images) for contrastive negatives."
-        )
-    chunks = pixel_values.split(patches, dim=0)
-    return {
-        "pixel_values": torch.cat([chunks[j] for j in idx], dim=0),
-        "image_grid_thw": grid[index.to(grid.device)],
-    }
+@dataclass(frozen=True)
+class TiledFamily(VLMFamily):
+    """Images cut into a variable number of equal tiles, all concatenated on dim 0 of the pixel
+    values, each tile giving the same number of image tokens (InternVL). A row's tile count is
+    its image-token count over the tokens per tile."""
+
+    def tiles_per_image(self, batch: dict, image_token_id: int | None) -> list[int]:
+        if image_token_id is None:
+            raise ValueError(f"{self.name}: counting an image's tiles needs the image token id")
+        tokens = image_tokens_per_row(batch["input_ids"], image_token_id)
+        total_tiles = batch[self.tiled_keys[0]].shape[0]
+        per_tile, rest = divmod(sum(tokens), total_tiles) if total_tiles else (0, 1)
+        if rest or not per_tile or any(t % per_tile for t in tokens):
+            raise ValueError(
+                f"{self.name}: {sum(tokens)} image tokens ({tokens} per row) do not split evenly over "
+                f"{total_tiles} tiles; was the batch built by the model's processor?"
+            )
+        return [t // per_tile for t in tokens]
+
+
+@dataclass(frozen=True)
+class MRopeFamily(VLMFamily):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: each image's patches concatenated on dim 0 with one
+    ``image_grid_thw`` row per image, and 3-D multimodal RoPE positions (``get_rope_index``)."""
+
+    def tiles_per_image(self, batch: dict, image_token_id: int | None) -> list[int]:
+        return batch["image_grid_thw"].prod(dim=-1).tolist()
+
+    def positions(self, model, inputs: dict) -> torch.Tensor:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kwargs = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in inputs}
+        positions, _ = base.model.get_rope_index(inputs["input_ids"], **kwargs)
+        return positions
 
 
 FAMILIES: dict[str, VLMFamily] = {}
@@ -158,6 +263,8 @@ def register_family(family: VLMFamily) -> None:
         clash = set(other.model_types) & set(family.model_types)
         if clash:
             raise ValueError(f"model_type(s) {sorted(clash)} already served by family {other.name!r}")
+    if family.feature_route not in FEATURE_ROUTES:
+        raise ValueError(f"feature_route must be one of {FEATURE_ROUTES}, got {family.feature_route!r}")
     FAMILIES[family.name] = family
 
 
@@ -169,15 +276,13 @@ register_family(
         image_end_token=None,
         lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
         vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
-        per_token_keys=(),
-        image_keys=("pixel_values",),
     )
 )
 
 # Qwen2.5-VL shares the module layout (model.visual / model.language_model / lm_head), the
 # image processor (pixel_values + image_grid_thw) and the mm_token_type_ids output.
 register_family(
-    VLMFamily(
+    MRopeFamily(
         name="qwen2_vl",
         model_types=("qwen2_vl", "qwen2_5_vl"),
         image_token="<|image_pad|>",
@@ -186,9 +291,56 @@ register_family(
         vision_modules=("model.visual", "lm_head"),
         per_token_keys=("mm_token_type_ids",),
         image_keys=("pixel_values", "image_grid_thw"),
-        mrope=True,
+        tiled_keys=("pixel_values",),
     )
 )
+
+# LLaVA-NeXT / LLaVA-OneVision ("anyres"): pixel_values (images, max tiles, C, H, W) zero-padded on
+# the tile axis, one `image_sizes` row per image (the model recomputes the tile grid from it), and
+# OneVision's `batch_num_images` per row; features packed with a newline vector per row are
+# written at the `<image>` positions.
+register_family(
+    VLMFamily(
+        name="llava_next",
+        model_types=("llava_next", "llava_onevision"),
+        image_token="<image>",
+        image_end_token=None,
+        lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
+        vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        image_keys=("pixel_values", "image_sizes", "batch_num_images"),
+    )
+)
+
+# InternVL (InternVL2/2.5/3 in transformers format): `<img>` + 256 `<IMG_CONTEXT>` per 448px tile
+# + `</img>`; GotOcr2's processor cuts an image into 1..max_patches tiles (+ a thumbnail),
+# concatenated on dim 0 of pixel_values with no per-image count in the batch.
+register_family(
+    TiledFamily(
+        name="internvl",
+        model_types=("internvl",),
+        image_token="<IMG_CONTEXT>",
+        image_end_token="</img>",
+        lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
+        vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        tiled_keys=("pixel_values",),
+    )
+)
+
+
+def support_matrix() -> list[dict[str, str]]:
+    """One row per registered family: model types, fused-pass modes, what gradient checkpointing
+    runs, the modules kept out of 4-bit quantisation (``hf-vitask info`` prints it)."""
+    rows = []
+    for family in FAMILIES.values():
+        fused = [m for m in family.fusion_modes if m != "prefix"]
+        rows.append({
+            "family": family.name,
+            "model_type": ", ".join(family.model_types),
+            "pass_fusion": ", ".join(family.fusion_modes),
+            "gradient_checkpointing": fused[0],
+            "4-bit (kept full precision)": ", ".join(family.vision_modules),
+        })
+    return rows
 
 
 def _model_type(obj: Any) -> str | None:
@@ -213,6 +365,6 @@ def get_family(obj: Any) -> VLMFamily:
     supported = ", ".join(f"{f.name} (model_type {', '.join(f.model_types)})" for f in FAMILIES.values())
     raise ValueError(
         f"Unsupported VLM model_type {model_type!r} (from {type(obj).__name__}). Supported families: "
-        f"{supported}. To support it, add an entry to hf_vitask.models.families.FAMILIES "
-        "(hf_vitask.models.families.register_family)."
+        f"{supported}. To support it, add an entry to hf_vitask.models.families.FAMILIES with "
+        f"register_family(...): see {FAMILIES_GUIDE}."
     )

@@ -206,7 +206,8 @@ class VITaskModel(nn.Module):
     def _with_exemplar(self, inputs: dict, exemplar: torch.Tensor) -> tuple[dict, torch.Tensor]:
         positions = exemplar_positions(inputs["input_ids"], self.image_token_id, self.image_end_token_id)
         return insert_exemplar_slots(
-            inputs, positions, exemplar.shape[1], self.slot_token_id, self.family.per_token_keys
+            inputs, positions, exemplar.shape[1], self.slot_token_id, self.family.per_token_keys,
+            dict(self.family.slot_fill),
         )
 
     # -- forward / generate ----------------------------------------------------------------------

@@ -32,7 +32,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hf_vitask.config import PASS_MODES
 from hf_vitask.losses import IGNORE_INDEX
@@ -94,10 +93,10 @@ def run_passes(
         _warn_once(f"pass_fusion='prefix' is not possible here ({why}); stacking the passes instead ('batch')")
         mode = "batch"
     if mode == "batch":
-        if _accepts(model.vlm, "mm_encoder_outputs"):
+        if model.family.feature_route == "embedding":
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
-        _warn_once("This transformers version takes no precomputed image features (mm_encoder_outputs); "
-                   "running the passes separately ('none')")
+        _warn_once(f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
+                   "do not enter through the input embedding); running the passes separately ('none')")
     return _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward or model)
 
 
@@ -121,22 +120,39 @@ def _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward)
         passes.ep = out(forward(**inputs, exemplar_embeds=exemplar))
     if neg_rows is not None:
         if len(neg_rows):
-            passes.negative = out(forward(**_negative_rows(model, inputs, negative_index, neg_rows)))
+            passes.negative = out(forward(**negative_rows(model, inputs, negative_index, neg_rows)))
         else:
             passes.negative = PassOutput(plain.response_logits[:0], plain.response_targets[:0])
     return passes
 
 
-def _negative_rows(model, inputs: dict, negative_index, neg_rows) -> dict:
-    """Rows ``neg_rows`` of the batch, each with the image of row ``negative_index[row]``."""
+def negative_rows(model, inputs: dict, negative_index: torch.Tensor, neg_rows: torch.Tensor) -> dict:
+    """Rows ``neg_rows`` of the batch, row i with the WHOLE image of row ``negative_index[i]``.
+
+    Built by splicing tokens: row j's prefix up to the end of its image block, then row i's text
+    (every per-token tensor likewise), with all of image j's tiles / patches / cross-attention
+    tiles. So image j may have another size (tile count, grid) than image i; the result is what
+    the processor would give for row i's text with image j.
+    """
     fam = model.family
-    rows = {k: v[neg_rows] for k, v in _token_tensors(inputs, fam).items()}
-    return {**rows, **fam.select_images(inputs, negative_index[neg_rows])}
+    tokens = _token_tensors(inputs, fam)
+    ends = exemplar_positions(inputs["input_ids"], model.image_token_id, model.image_end_token_id).tolist()
+    sources = negative_index[neg_rows]
+    spliced = [
+        {k: torch.cat([v[j, : ends[j]], v[i, ends[i] :]]) for k, v in tokens.items()}
+        for i, j in zip(neg_rows.tolist(), sources.tolist())
+    ]
+    length = max(part["input_ids"].shape[0] for part in spliced)
+    pad = {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX}
+    out = {
+        k: torch.stack([_pad_seq(part[k][None], length, pad.get(k, 0))[0] for part in spliced]) for k in tokens
+    }
+    out.update(fam.select_images(inputs, sources, model.image_token_id))
+    return out
 
 
 def _token_tensors(inputs: dict, fam) -> dict:
-    keys = ("input_ids", "attention_mask", "labels", *fam.per_token_keys)
-    return {k: inputs[k] for k in keys if inputs.get(k) is not None}
+    return {k: inputs[k] for k in fam.token_keys if inputs.get(k) is not None}
 
 
 # -- helpers shared by the fused modes --------------------------------------------------------------
@@ -170,17 +186,33 @@ def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+# Token tensors have rows on dim 0 and the sequence on dim 1, whatever their rank; position ids
+# ((R, L), or (3, R, L) for M-RoPE) have rows on dim -2 and the sequence on dim -1.
+def _rows(part: dict, rows: torch.Tensor) -> dict:
+    return {k: (v.index_select(-2, rows) if k == "position_ids" else v[rows]) for k, v in part.items()}
+
+
+def _from(part: dict, start: int) -> dict:
+    return {k: (v[..., start:] if k == "position_ids" else v[:, start:]) for k, v in part.items()}
+
+
+def _pad_seq(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    missing = length - t.shape[1]
+    if missing <= 0:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], missing, *t.shape[2:]), value)], dim=1)
+
+
 def _stack(parts: list[dict], pad: dict) -> dict:
-    """Right-pad each part's (R_i, L_i, ...) tensors to the longest and stack the rows."""
+    """Right-pad each part's tensors to the longest sequence and stack the rows."""
     length = max(p["input_ids"].shape[1] for p in parts)
     out = {}
     for key in parts[0]:
-        if key == "position_ids":  # (R, L) or (3, R, L): rows on dim -2, sequence on dim -1
+        if key == "position_ids":
             tensors = [torch.nn.functional.pad(p[key], (0, length - p[key].shape[-1])) for p in parts]
             out[key] = torch.cat(tensors, dim=-2)
-            continue
-        tensors = [torch.nn.functional.pad(p[key], (0, length - p[key].shape[1]), value=pad.get(key, 0)) for p in parts]
-        out[key] = torch.cat(tensors, dim=0)
+        else:
+            out[key] = torch.cat([_pad_seq(p[key], length, pad.get(key, 0)) for p in parts], dim=0)
     return out
 
 
@@ -197,61 +229,108 @@ def _split(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, row_c
     return outs
 
 
-def _positions(model, inputs: dict) -> torch.Tensor:
-    """Position ids as the model would compute them: 0..L-1, or Qwen2-VL's 3-D M-RoPE indices."""
-    ids = inputs["input_ids"]
-    if not model.family.mrope:
-        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    kwargs = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in inputs}
-    positions, _ = _base(model.vlm).model.get_rope_index(ids, **kwargs)
-    return positions
-
-
-def _with_slots(model, inputs: dict, exemplar: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """The token tensors with the exemplar slots opened, and the slot mask."""
-    return model._with_exemplar(_token_tensors(inputs, model.family), exemplar)
-
-
 def _rows_with_response(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).any(1).nonzero().flatten()
 
 
-# -- "batch": vision tower once, passes stacked ------------------------------------------------------
-def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
-    fam = model.family
-    features = list(_base(model.vlm).get_image_features(**{k: inputs[k] for k in fam.image_keys}, return_dict=True).pooler_output)
-    tokens = _token_tensors(inputs, fam)
-    rows = _rows_with_response(inputs["labels"])  # extra CRT rows only lend their image
-    parts, sources, counts = [{k: v[rows] for k, v in tokens.items()}], [rows], [len(rows)]
+def _pass_parts(model, inputs, exemplar, negative_index, neg_rows):
+    """The passes as token dicts with position ids, their slot masks, the batch row whose image
+    each row shows, and their row counts. Rows without a response (extra CRT image rows) are left
+    out of the no-EP and EP passes."""
+    fam, vlm = model.family, model.vlm
+    tokens = dict(_token_tensors(inputs, fam), position_ids=fam.positions(vlm, inputs))
+    rows = _rows_with_response(inputs["labels"])
+    parts, sources = [_rows(tokens, rows)], [rows]
     slot_parts = [torch.zeros_like(parts[0]["input_ids"], dtype=torch.bool)]
     if exemplar is not None:
-        ep, slots = _with_slots(model, inputs, exemplar)
-        parts.append({k: v[rows] for k, v in ep.items()})
+        ep, slots = model._with_exemplar(_token_tensors(inputs, fam), exemplar)
+        ep["position_ids"] = fam.positions(vlm, {**inputs, **ep})
+        parts.append(_rows(ep, rows))
         slot_parts.append(slots[rows])
         sources.append(rows)
-        counts.append(len(rows))
     if neg_rows is not None and len(neg_rows):
-        parts.append({k: v[neg_rows] for k, v in tokens.items()})
-        slot_parts.append(torch.zeros_like(parts[-1]["input_ids"], dtype=torch.bool))
+        negative = negative_rows(model, inputs, negative_index, neg_rows)
+        part = _token_tensors(negative, fam)
+        part["position_ids"] = fam.positions(vlm, negative)
+        parts.append(part)
+        slot_parts.append(torch.zeros_like(part["input_ids"], dtype=torch.bool))
         sources.append(negative_index[neg_rows])
-        counts.append(len(neg_rows))
-    source = torch.cat(sources)
+    return parts, slot_parts, sources, [len(s) for s in sources]
+
+
+def _run_stacked(model, parts, slot_parts, exemplar_rows, dense_features, counts, mode, exemplar, neg_rows, **kwargs):
+    """One forward of the stacked passes; exemplar (and, in "batch" mode, image features) are
+    written into the input embedding at their positions."""
     batch = _stack(parts, {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX})
     slots = _stack([{"input_ids": s} for s in slot_parts], {})["input_ids"]
     labels = batch.pop("labels")
     keep = _keep_mask(labels)
-    images = BaseModelOutputWithPooling(pooler_output=[features[i] for i in source.tolist()])
-    kwargs = dict(batch, mm_encoder_outputs={"image": images})
-    if "image_grid_thw" in inputs:
-        kwargs["image_grid_thw"] = inputs["image_grid_thw"][source]
-    with _injection(model, slots, None if exemplar is None else exemplar[rows]):
-        logits = model.vlm(**kwargs, logits_to_keep=keep).logits
-    return _assemble(_split(logits, labels, keep, counts), exemplar, neg_rows, "batch")
+    if "attention_mask" in kwargs:  # the cached prefix's mask goes in front
+        batch["attention_mask"] = torch.cat([kwargs.pop("attention_mask"), batch["attention_mask"]], dim=1)
+    mask, values = None, None
+    if exemplar_rows is not None:
+        mask, values = slots, exemplar_rows.reshape(-1, exemplar_rows.shape[-1])
+    if dense_features is not None:
+        image_mask = batch["input_ids"] == model.image_token_id
+        dense = dense_features(image_mask)
+        if mask is not None:
+            dense[slots] = values.to(dense.dtype)
+            mask = image_mask | slots
+        else:
+            mask = image_mask
+        values = dense[mask]
+    context = contextlib.nullcontext() if mask is None else model._injector.inject(mask, values[None])
+    with context:
+        logits = model.vlm(**batch, **kwargs, logits_to_keep=keep).logits
+    return _assemble(_split(logits, labels, keep, counts), exemplar, neg_rows, mode)
+
+
+# -- "batch": vision tower once, passes stacked ------------------------------------------------------
+def _image_features(model, inputs: dict) -> list[torch.Tensor]:
+    """Each row's image features, ``(T_i, D)`` in the order of its image tokens."""
+    base = _base(model.vlm)
+    accepted = _forward_parameters_of(base.get_image_features)
+    images = {k: v for k, v in model.family.image_inputs(inputs).items() if k in accepted}
+    pooled = base.get_image_features(**images, return_dict=True).pooler_output
+    if isinstance(pooled, torch.Tensor):
+        flat = pooled.reshape(-1, pooled.shape[-1])
+    else:
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled])
+    counts = (inputs["input_ids"] == model.image_token_id).sum(1).tolist()
+    if sum(counts) != flat.shape[0]:
+        raise ValueError(
+            f"{model.family.name}: the vision tower gave {flat.shape[0]} image features for {sum(counts)} image tokens"
+        )
+    return list(flat.split(counts))
+
+
+def _forward_parameters_of(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
+    features = _image_features(model, inputs)
+    parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows)
+    source = torch.cat(sources).tolist()
+
+    def dense(image_mask: torch.Tensor) -> torch.Tensor:
+        flat = torch.cat([features[i] for i in source])
+        if int(image_mask.sum()) != flat.shape[0]:
+            raise ValueError("stacked passes: image tokens and image features do not line up")
+        out = flat.new_zeros(*image_mask.shape, flat.shape[-1])
+        out[image_mask] = flat
+        return out
+
+    rows = _rows_with_response(inputs["labels"])
+    return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], dense, counts,
+                        "batch", exemplar, neg_rows)
 
 
 # -- "prefix": image prefix once into a KV cache, continuations batched on it ----------------------------
 def _prefix_blocker(model, inputs) -> str | None:
     """Why the shared-prefix form cannot run on this batch (None: it can)."""
+    if not model.family.prefix_fusion:
+        return f"the {model.family.name} family cannot continue from a shared image prefix"
     base = _base(model.vlm)
     if getattr(base, "is_gradient_checkpointing", False) and model.training and torch.is_grad_enabled():
         return "gradient checkpointing drops the KV cache in training"
@@ -262,7 +341,7 @@ def _prefix_blocker(model, inputs) -> str | None:
         return "a row has no image token"
     p = int(pos[0])
     if not bool((pos == p).all()):
-        return "the image ends at different positions in different rows"
+        return "the image ends at different positions in different rows (images of different sizes)"
     if not bool((ids[:, :p] == ids[:1, :p]).all()):
         return "the rows differ before the end of the image"
     if mask is not None and not bool(mask[:, :p].all()):
@@ -276,54 +355,25 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     fam = model.family
     ids = inputs["input_ids"]
     p = int(exemplar_positions(ids, model.image_token_id, model.image_end_token_id)[0])
-    tokens = _token_tensors(inputs, fam)
-    positions = _positions(model, inputs)
-    tokens_pos = dict(tokens, position_ids=positions)
+    parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows)
 
-    prefix = {k: v[..., :p] for k, v in tokens_pos.items() if k != "labels"}
-    prefix.update({k: inputs[k] for k in fam.image_keys})
-    cache = _cache_of(model.vlm(**prefix, use_cache=True, logits_to_keep=1))
+    tokens = dict(_token_tensors(inputs, fam), position_ids=fam.positions(model.vlm, inputs))
+    prefix = {k: (v[..., :p] if k == "position_ids" else v[:, :p]) for k, v in tokens.items() if k != "labels"}
+    cache = _cache_of(model.vlm(**prefix, **fam.image_inputs(inputs), use_cache=True, logits_to_keep=1))
     if cache is None or cache.get_seq_length() != p:
         raise RuntimeError("The prefix forward returned no KV cache; use pass_fusion='batch'")
-
-    def suffix(part: dict, rows: torch.Tensor) -> dict:
-        return {k: (v.index_select(-2, rows) if k == "position_ids" else v[rows])[..., p:] for k, v in part.items()}
-
-    rows = _rows_with_response(inputs["labels"])
-    parts, slot_parts, cache_rows, counts = [suffix(tokens_pos, rows)], [], [rows], [len(rows)]
-    slot_parts.append(torch.zeros_like(parts[0]["input_ids"], dtype=torch.bool))
-    if exemplar is not None:
-        ep, slots = _with_slots(model, inputs, exemplar)
-        ep_pos = _positions(model, {**inputs, **ep})
-        parts.append(suffix(dict(ep, position_ids=ep_pos), rows))
-        slot_parts.append(slots[rows][:, p:])
-        cache_rows.append(rows)
-        counts.append(len(rows))
-    if neg_rows is not None and len(neg_rows):
-        sources = negative_index[neg_rows]
-        negative = _negative_rows(model, inputs, negative_index, neg_rows)
-        neg_pos = _positions(model, negative)
-        every = torch.arange(len(neg_rows), device=ids.device)
-        part = {k: negative[k] for k in tokens}
-        parts.append(suffix(dict(part, position_ids=neg_pos), every))
-        slot_parts.append(torch.zeros_like(parts[-1]["input_ids"], dtype=torch.bool))
-        cache_rows.append(sources)
-        counts.append(len(neg_rows))
-    cache_index = torch.cat(cache_rows)
+    cache_index = torch.cat(sources)
     cache.reorder_cache(cache_index)  # index_select per layer: differentiable, shared rows fan out
 
-    batch = _stack(parts, {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX})
-    slots = _stack([{"input_ids": s} for s in slot_parts], {})["input_ids"]
-    labels = batch.pop("labels")
-    keep = _keep_mask(labels)
-    prefix_mask = torch.ones(len(cache_index), p, dtype=batch["attention_mask"].dtype, device=ids.device)
-    batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)
-    with _injection(model, slots, None if exemplar is None else exemplar[rows]):
-        logits = model.vlm(**batch, **_cache_kwargs(model.vlm, cache), logits_to_keep=keep).logits
-    return _assemble(_split(logits, labels, keep, counts), exemplar, neg_rows, "prefix")
+    parts = [_from(part, p) for part in parts]
+    slot_parts = [s[:, p:] for s in slot_parts]
+    prefix_mask = torch.ones(len(cache_index), p, dtype=inputs["attention_mask"].dtype, device=ids.device)
+    rows = _rows_with_response(inputs["labels"])
+    return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], None, counts,
+                        "prefix", exemplar, neg_rows, attention_mask=prefix_mask, **_cache_kwargs(model.vlm, cache))
 
 
-def _injection(model, slots: torch.Tensor, exemplar: torch.Tensor | None):
+def _injection(model, slots: torch.Tensor | None, exemplar: torch.Tensor | None):
     if exemplar is None:
         return contextlib.nullcontext()
     return model._injector.inject(slots, exemplar)
@@ -373,11 +423,11 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
     if not bool(tokens["attention_mask"][:, :q].all()):
         return None
     n, c = tokens["input_ids"].shape[0], options["input_ids"].shape[0]
-    positions = _positions(model, {**prompts, **tokens})
+    positions = fam.positions(model.vlm, {**prompts, **tokens})
     prefix = {k: v[:, :q] for k, v in tokens.items() if k != "labels"}
     prefix["position_ids"] = positions[..., :q]
     with _injection(model, None if slots is None else slots[:, :q], exemplar):
-        out = model.vlm(**prefix, **{k: prompts[k] for k in fam.image_keys}, use_cache=True, logits_to_keep=1)
+        out = model.vlm(**prefix, **fam.image_inputs(prompts), use_cache=True, logits_to_keep=1)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts the first response token
     scores = first_logp[:, options["labels"][:, qc]]  # (N, C)
     cache = _cache_of(out)

@@ -18,22 +18,42 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    SiglipVisionConfig,
 )
+
+from hf_vitask.models.families import get_family
 
 __all__ = [
     "DEFAULT_CORPUS",
+    "INTERNVL_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "QWEN2_VL_CHAT_TEMPLATE",
     "TINY_FAMILIES",
@@ -42,7 +62,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl")
+TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -120,6 +140,17 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
+# InternVL's template is Qwen2's ChatML with `<IMG_CONTEXT>\n` for an image; the processor expands
+# it to `<img>` + image_seq_length `<IMG_CONTEXT>` per tile + `</img>`.
+INTERNVL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
+    "'<|vision_start|><|image_pad|><|vision_end|>'", "'<IMG_CONTEXT>\\n'"
+)
+
+# LLaVA-OneVision (Qwen2 based): ChatML with `<image>\n`.
+LLAVA_ONEVISION_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
+    "'<|vision_start|><|image_pad|><|vision_end|>'", "'<image>\\n'"
+)
+
 # Per-family tokenizer layout. Qwen2-VL needs the video pad token too: its processor
 # looks both placeholders up at construction time.
 _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
@@ -154,6 +185,38 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
         },
         "add_bos": False,
         "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+    },
+    "llava_next": {
+        "special_tokens": ["<pad>", "<s>", "</s>", "<image>"],
+        "pad": "<pad>",
+        "bos": "<s>",
+        "eos": "</s>",
+        "extra": {"image_token": "<image>"},
+        "add_bos": True,
+        "chat_template": LLAVA_CHAT_TEMPLATE,  # llava-v1.6-vicuna's USER/ASSISTANT turns
+    },
+    "llava_onevision": {
+        "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "extra": {"image_token": "<image>", "video_token": "<video>"},
+        "add_bos": False,
+        "chat_template": LLAVA_ONEVISION_CHAT_TEMPLATE,
+    },
+    "internvl": {
+        "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "extra": {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        "add_bos": False,
+        "chat_template": INTERNVL_CHAT_TEMPLATE,
     },
 }
 
@@ -231,6 +294,23 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
             num_additional_image_tokens=1,
             chat_template=chat_template,
         )
+    if family in ("llava_next", "llava_onevision"):
+        # "anyres": a base tile (the whole image at image_size) plus high-resolution tiles from the
+        # best-fitting pinpoint grid; each tile is a grid x grid patch map, packed with one newline
+        # feature per row. A 32x32 image gives 36 image tokens, a 64x32 one 52 (llava_next).
+        return _anyres_processor(family, tokenizer, image_size, grid, chat_template)
+    if family == "internvl":
+        # Tiles of image_size/2 px: a square image is cut into 2x2 tiles plus a thumbnail (5 tiles),
+        # a 2:1 one into 2x1 plus a thumbnail (3); each tile gives tokens_per_tile image tokens.
+        tile = image_size // 2
+        size = {"height": tile, "width": tile}
+        return InternVLProcessor(
+            image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(size=size),
+            image_seq_length=_internvl_tokens_per_tile(grid),
+            chat_template=chat_template,
+        )
     # Qwen2-VL resizes images to a multiple of patch*merge with an area in
     # [min_pixels, max_pixels]. Pinning both to image_size**2 makes every square image
     # (whatever its resolution) an (image_size/patch)^2 grid -> 16 tokens after 2x2 merge.
@@ -252,6 +332,81 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
     )
 
 
+def _pinpoints(family: str, image_size: int) -> list[list[int]]:
+    if family == "llava_next":  # every image gets at least two high-resolution tiles
+        return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size],
+                [3 * image_size, image_size], [image_size, 3 * image_size]]
+    return [[image_size * i, image_size * j] for i in range(1, 4) for j in range(1, 4)]
+
+
+def _anyres_processor(family, tokenizer, image_size: int, grid: int, chat_template: str) -> ProcessorMixin:
+    patch = image_size // grid
+    if family == "llava_next":
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=_pinpoints(family, image_size),
+            do_center_crop=True,
+            do_pad=True,
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS
+            chat_template=chat_template,
+        )
+    common = {"size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            image_grid_pinpoints=_pinpoints(family, image_size), do_pad=True, **common
+        ),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(**common),
+        num_image_tokens=grid * grid,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=chat_template,
+    )
+
+
+def _anyres_model(family, tokenizer, image_size: int, grid: int, text_common: dict, image_id: int) -> PreTrainedModel:
+    patch = image_size // grid
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    if family == "llava_next":
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**small, image_size=image_size, patch_size=patch, projection_dim=32),
+            text_config=LlamaConfig(**text_common),
+            image_token_index=image_id,
+            image_grid_pinpoints=_pinpoints(family, image_size),
+            image_seq_length=grid * grid,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            pad_token_id=text_common["pad_token_id"],
+        )
+        return LlavaNextForConditionalGeneration(config)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**small, image_size=image_size, patch_size=patch, vision_use_head=False),
+        text_config=Qwen2Config(**text_common),
+        image_token_index=image_id,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_pinpoints(family, image_size),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        pad_token_id=text_common["pad_token_id"],
+    )
+    return LlavaOnevisionForConditionalGeneration(config)
+
+
+def _internvl_tokens_per_tile(grid: int) -> int:
+    """A square image is 4 tiles + a thumbnail; ``grid**2`` tokens are spread over the 4 tiles."""
+    if grid % 2:
+        raise ValueError(f"internvl: image_tokens must be (2g)^2 for a tiled image, got {grid * grid}")
+    return (grid // 2) ** 2
+
+
 def _build_model(
     family: str,
     tokenizer: PreTrainedTokenizerFast,
@@ -267,7 +422,7 @@ def _build_model(
     eos_id = tokenizer.eos_token_id
     # Qwen has no bos token; its real config uses <|endoftext|> as bos.
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id
-    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    image_id = tokenizer.convert_tokens_to_ids(get_family(family).image_token)
     text_common = {
         "vocab_size": vocab,
         "hidden_size": hidden_size,
@@ -300,6 +455,28 @@ def _build_model(
             pad_token_id=pad_id,
         )
         model: PreTrainedModel = LlavaForConditionalGeneration(config)
+    elif family in ("llava_next", "llava_onevision"):
+        model = _anyres_model(family, tokenizer, image_size, grid, text_common, image_id)
+    elif family == "internvl":
+        # pixel shuffle (downsample 0.5) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
+        g = math.isqrt(_internvl_tokens_per_tile(grid))
+        vision = InternVLVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size // 2,
+            patch_size=image_size // 2 // (2 * g),
+        )
+        config = InternVLConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**text_common),
+            image_token_id=image_id,
+            image_seq_length=g * g,
+            downsample_ratio=0.5,
+            pad_token_id=pad_id,
+        )
+        model = InternVLForConditionalGeneration(config)
     else:
         head_dim = hidden_size // num_heads
         half = head_dim // 2

@@ -227,9 +227,7 @@ class VITaskTrainer(VLMTrainer):
         missing = [i for i, key in enumerate(sample_keys) if counts[i] and key not in cache]
         if missing:
             rows = torch.tensor(missing, device=labels.device)
-            keys = ("input_ids", "attention_mask", "labels", *model.family.per_token_keys)
-            sub = {k: inputs[k][rows] for k in keys if inputs.get(k) is not None}
-            sub.update(model.family.select_images(inputs, rows))
+            sub = model.family.take_rows(inputs, rows, model.image_token_id)
             logits = self._frozen_teacher_logits(model, sub, tsm_pixel_values[rows])
             logprobs = torch.log_softmax(logits.float() / self.args.rda_temperature, dim=-1)
             index = None
