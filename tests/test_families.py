@@ -254,3 +254,14 @@ def test_4bit_keeps_vision_projector_and_head_unquantised(name):
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in inside), kept
     quantised = [n for n, m in modules.items() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised and all(not any(n.startswith(k) for k in family.vision_modules) for n in quantised)
+
+
+def test_lora_targets_the_text_decoder_only(name):
+    from peft import LoraConfig, get_peft_model
+
+    family = get_family(name)
+    vlm, _ = build_tiny_vlm(name, num_layers=2)
+    adapted = get_peft_model(vlm, LoraConfig(r=2, target_modules=family.lora_target_modules))
+    targets = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A")]
+    assert len(targets) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 decoder layers
+    assert not any(f".{kept}." in t for t in targets for kept in family.vision_modules)

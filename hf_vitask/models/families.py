@@ -311,6 +311,23 @@ register_family(
     )
 )
 
+# Idefics3 (and, once its processor's video dependency is met, SmolVLM): the text decoder is
+# `model.text_model`; an image is split into tiles + a global image, stacked per row on dim 1 of
+# pixel_values (B, max tiles, C, H, W) with `pixel_attention_mask`; the image block interleaves
+# `<fake_token_around_image>`, `<row_r_col_c>` / `<global-img>` tags and `<image>` runs, and
+# closes with `<fake_token_around_image>`.
+register_family(
+    VLMFamily(
+        name="idefics3",
+        model_types=("idefics3",),
+        image_token="<image>",
+        image_end_token="<fake_token_around_image>",
+        lora_target_modules=lora_regex("text_model"),
+        vision_modules=("model.vision_model", "model.connector", "lm_head"),
+        image_keys=("pixel_values", "pixel_attention_mask"),
+    )
+)
+
 # InternVL (InternVL2/2.5/3 in transformers format): `<img>` + 256 `<IMG_CONTEXT>` per 448px tile
 # + `</img>`; GotOcr2's processor cuts an image into 1..max_patches tiles (+ a thumbnail),
 # concatenated on dim 0 of pixel_values with no per-image count in the batch.

@@ -19,6 +19,10 @@ from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     GotOcr2ImageProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
@@ -48,6 +52,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
 from hf_vitask.models.families import get_family
 
@@ -62,7 +67,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision")
+TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -151,6 +156,30 @@ LLAVA_ONEVISION_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
     "'<|vision_start|><|image_pad|><|vision_end|>'", "'<image>\\n'"
 )
 
+# Idefics3's own User:/Assistant: turns closed by <end_of_utterance> (its eos), bos written by the template.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set body = ': ' + message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(body=(':' if message['content'][0]['type'] == 'image' else ': ')) -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.body = ns.body + '<image>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.body = ns.body + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set body = ns.body -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ 'Assistant:' }}{% generation %}{{ body[1:] + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['role'] | capitalize }}{{ body + '<end_of_utterance>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
 # Per-family tokenizer layout. Qwen2-VL needs the video pad token too: its processor
 # looks both placeholders up at construction time.
 _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
@@ -203,6 +232,24 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
         "extra": {"image_token": "<image>", "video_token": "<video>"},
         "add_bos": False,
         "chat_template": LLAVA_ONEVISION_CHAT_TEMPLATE,
+    },
+    "idefics3": {
+        "special_tokens": [
+            "<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>",
+            "<image>", "<end_of_utterance>", "<global-img>",
+            *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+        ],
+        "pad": "<|finetune_right_pad_id|>",
+        "bos": "<|begin_of_text|>",
+        "eos": "<end_of_utterance>",
+        "extra": {
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
+        "add_bos": True,
+        "chat_template": IDEFICS3_CHAT_TEMPLATE,
     },
     "internvl": {
         "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
@@ -299,6 +346,18 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         # best-fitting pinpoint grid; each tile is a grid x grid patch map, packed with one newline
         # feature per row. A 32x32 image gives 36 image tokens, a 64x32 one 52 (llava_next).
         return _anyres_processor(family, tokenizer, image_size, grid, chat_template)
+    if family == "idefics3":
+        # The longest edge goes to 2 * image_size, then image_size tiles + one global image: a square
+        # image gives 2x2 tiles + global (5 tiles), a 2:1 one 1x2 + global (3); tokens_per_tile each.
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessor(
+                size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
+                do_image_splitting=True,
+            ),
+            tokenizer=tokenizer,
+            image_seq_len=_internvl_tokens_per_tile(grid),
+            chat_template=chat_template,
+        )
     if family == "internvl":
         # Tiles of image_size/2 px: a square image is cut into 2x2 tiles plus a thumbnail (5 tiles),
         # a 2:1 one into 2x1 plus a thumbnail (3); each tile gives tokens_per_tile image tokens.
@@ -457,6 +516,22 @@ def _build_model(
         model: PreTrainedModel = LlavaForConditionalGeneration(config)
     elif family in ("llava_next", "llava_onevision"):
         model = _anyres_model(family, tokenizer, image_size, grid, text_common, image_id)
+    elif family == "idefics3":
+        # pixel shuffle (scale 2) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
+        g = math.isqrt(_internvl_tokens_per_tile(grid))
+        vision = Idefics3VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=image_size // (2 * g),
+        )
+        config = Idefics3Config(
+            text_config=LlamaConfig(**text_common),
+            vision_config=vision,
+            scale_factor=2,
+            image_token_id=image_id,
+            pad_token_id=pad_id,
+            tie_word_embeddings=False,
+        )
+        model = Idefics3ForConditionalGeneration(config)
     elif family == "internvl":
         # pixel shuffle (downsample 0.5) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
         g = math.isqrt(_internvl_tokens_per_tile(grid))
