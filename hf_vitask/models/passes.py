@@ -289,7 +289,7 @@ def _run_stacked(model, parts, slot_parts, exemplar_rows, dense_features, counts
 def _image_features(model, inputs: dict) -> list[torch.Tensor]:
     """Each row's image features, ``(T_i, D)`` in the order of its image tokens."""
     base = _base(model.vlm)
-    accepted = _forward_parameters_of(base.get_image_features)
+    accepted = _image_feature_parameters(type(base))
     images = {k: v for k, v in model.family.image_inputs(inputs).items() if k in accepted}
     pooled = base.get_image_features(**images, return_dict=True).pooler_output
     if isinstance(pooled, torch.Tensor):
@@ -304,8 +304,9 @@ def _image_features(model, inputs: dict) -> list[torch.Tensor]:
     return list(flat.split(counts))
 
 
-def _forward_parameters_of(fn) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+@functools.cache
+def _image_feature_parameters(model_class) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.get_image_features).parameters)
 
 
 def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
