@@ -3,24 +3,9 @@
 import pytest
 import torch
 
-from hf_vitask.config import VITaskConfig
 from hf_vitask.data.collator import VITaskCollator
-from hf_vitask.losses import crt_loss, rda_kl, token_ce
-from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import run_passes
-from hf_vitask.models.tiny import build_tiny_vlm
-from hf_vitask.trainers.base import wrap_lora
-
-
-def _model(family, tsm, dropout=0.0):
-    vlm, processor = build_tiny_vlm(family, seed=0)
-    args = VITaskConfig(output_dir="unused", lora_dropout=dropout, report_to="none")
-    model = VITaskModel.from_vlm(wrap_lora(vlm, args), processor, tsm=tsm)
-    with torch.no_grad():  # LoRA B starts at 0: make the adapter matter, so its gradients are compared too
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model.train(), processor
+from tests.test_families import _losses, _model
 
 
 def _batch(processor, task, tsm, digits, n=6, dataset_top_up=True):
@@ -29,27 +14,6 @@ def _batch(processor, task, tsm, digits, n=6, dataset_top_up=True):
     rows = [digits["train"][i] for i in range(n)]
     rows[1] = dict(rows[1], label=rows[0]["label"])  # some rows share a class
     return collator(rows)
-
-
-def _losses(model, batch, mode):
-    batch = dict(batch)
-    tsm_pixels = batch.pop("tsm_pixel_values")
-    negative_index = batch.pop("crt_negative_index")
-    batch.pop("class_ids")
-    exemplar = model.exemplar_embeds(tsm_pixels)
-    passes = run_passes(model, batch, exemplar=exemplar, negative_index=negative_index, mode=mode)
-    keep = (negative_index >= 0)[torch.nonzero(batch["labels"][:, 1:] != -100)[:, 0]]
-    plain, ep, neg = passes.plain, passes.ep, passes.negative
-    terms = {
-        "van": token_ce(plain.response_logits, plain.response_targets).mean(),
-        "ep": token_ce(ep.response_logits, ep.response_targets).mean(),
-        "rda": rda_kl(plain.response_logits, ep.response_logits).mean(),
-        "crt": crt_loss(plain.response_logits[keep], neg.response_logits, plain.response_targets[keep]).mean(),
-    }
-    model.zero_grad(set_to_none=True)
-    sum(terms.values()).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return passes, {k: v.item() for k, v in terms.items()}, grads
 
 
 @pytest.mark.parametrize("mode", ["batch", "prefix"])
