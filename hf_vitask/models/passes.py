@@ -233,12 +233,14 @@ def _rows_with_response(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).any(1).nonzero().flatten()
 
 
-def _pass_parts(model, inputs, exemplar, negative_index, neg_rows):
+def _pass_parts(model, inputs, exemplar, negative_index, neg_rows, positions=None):
     """The passes as token dicts with position ids, their slot masks, the batch row whose image
     each row shows, and their row counts. Rows without a response (extra CRT image rows) are left
     out of the no-EP and EP passes."""
     fam, vlm = model.family, model.vlm
-    tokens = dict(_token_tensors(inputs, fam), position_ids=fam.positions(vlm, inputs))
+    if positions is None:
+        positions = fam.positions(vlm, inputs)
+    tokens = dict(_token_tensors(inputs, fam), position_ids=positions)
     rows = _rows_with_response(inputs["labels"])
     parts, sources = [_rows(tokens, rows)], [rows]
     slot_parts = [torch.zeros_like(parts[0]["input_ids"], dtype=torch.bool)]
@@ -356,9 +358,9 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     fam = model.family
     ids = inputs["input_ids"]
     p = int(exemplar_positions(ids, model.image_token_id, model.image_end_token_id)[0])
-    parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows)
-
     tokens = dict(_token_tensors(inputs, fam), position_ids=fam.positions(model.vlm, inputs))
+    parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows,
+                                                     positions=tokens["position_ids"])
     prefix = {k: (v[..., :p] if k == "position_ids" else v[:, :p]) for k, v in tokens.items() if k != "labels"}
     cache = _cache_of(model.vlm(**prefix, **fam.image_inputs(inputs), use_cache=True, logits_to_keep=1))
     if cache is None or cache.get_seq_length() != p:
