@@ -229,7 +229,13 @@ def validate_batch(batch, image_token_id: int | None, max_length: int | None, n_
 
 
 def image_token_id_of(processor) -> int | None:
-    """The id of the image placeholder token, as the processor declares it."""
+    """The id of the token the processor expands into one token per image feature.
+
+    transformers' ``image_token_ids`` names it; ``image_token_id`` alone may be the token that opens
+    an image block instead (Gemma 3's ``<start_of_image>``)."""
+    ids = getattr(processor, "image_token_ids", None)
+    if ids and ids[0] is not None:
+        return int(ids[0])
     token_id = getattr(processor, "image_token_id", None)
     token = getattr(processor, "image_token", None)
     if token_id is None and token is not None:

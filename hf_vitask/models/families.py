@@ -344,6 +344,22 @@ register_family(
 )
 
 
+# Gemma 3: every image resized to one square (896 px, 256 soft tokens after pooling); the chat
+# template's `<start_of_image>` expands to `<start_of_image>` + `<image_soft_token>`s + `<end_of_image>`,
+# and `token_type_ids` (1 on image tokens) make attention bidirectional inside an image block.
+register_family(
+    VLMFamily(
+        name="gemma3",
+        model_types=("gemma3",),
+        image_token="<image_soft_token>",
+        image_end_token="<end_of_image>",
+        lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
+        vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        per_token_keys=("token_type_ids",),
+    )
+)
+
+
 def support_matrix() -> list[dict[str, str]]:
     """One row per registered family: model types, fused-pass modes, what gradient checkpointing
     runs, the modules kept out of 4-bit quantisation (``hf-vitask info`` prints it)."""

@@ -18,6 +18,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -67,7 +72,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3")
+TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -180,6 +185,31 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
 
+# Gemma's turns: `<start_of_turn>user ... <end_of_turn>`, the assistant is "model", an image is
+# `<start_of_image>` (the processor expands it); bos written by the template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set body = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(body='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.body = ns.body + '<start_of_image>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.body = ns.body + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set body = ns.body -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<start_of_turn>model\n' }}{% generation %}{{ body + eos_token }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<start_of_turn>' + message['role'] + '\n' + body + '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 # Per-family tokenizer layout. Qwen2-VL needs the video pad token too: its processor
 # looks both placeholders up at construction time.
 _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
@@ -250,6 +280,18 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
         },
         "add_bos": True,
         "chat_template": IDEFICS3_CHAT_TEMPLATE,
+    },
+    "gemma3": {
+        "special_tokens": [
+            "<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
+            "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+        ],
+        "pad": "<pad>",
+        "bos": "<bos>",
+        "eos": "<end_of_turn>",  # what a Gemma chat turn ends with (its generation eos)
+        "extra": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        "add_bos": True,
+        "chat_template": GEMMA3_CHAT_TEMPLATE,
     },
     "internvl": {
         "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
@@ -356,6 +398,17 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
             ),
             tokenizer=tokenizer,
             image_seq_len=_internvl_tokens_per_tile(grid),
+            chat_template=chat_template,
+        )
+    if family == "gemma3":
+        # Every image is resized to one image_size square; the vision tower's patch map is average-pooled
+        # to grid x grid soft tokens.
+        return Gemma3Processor(
+            image_processor=Gemma3ImageProcessor(
+                size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            ),
+            tokenizer=tokenizer,
+            image_seq_length=grid * grid,
             chat_template=chat_template,
         )
     if family == "internvl":
@@ -532,6 +585,28 @@ def _build_model(
             tie_word_embeddings=False,
         )
         model = Idefics3ForConditionalGeneration(config)
+    elif family == "gemma3":
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=image_size // (2 * grid), vision_use_head=False,
+        )
+        text = Gemma3TextConfig(
+            **text_common, head_dim=hidden_size // num_heads, query_pre_attn_scalar=hidden_size // num_heads,
+            sliding_window=16, tie_word_embeddings=False,
+        )
+        config = Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=grid * grid,
+            boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+            image_token_index=image_id,
+            pad_token_id=pad_id,
+            tie_word_embeddings=False,
+        )
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # initialised to zeros: the image would not reach the language model
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     elif family == "internvl":
         # pixel shuffle (downsample 0.5) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
         g = math.isqrt(_internvl_tokens_per_tile(grid))
