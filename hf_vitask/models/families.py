@@ -295,6 +295,24 @@ register_family(
     )
 )
 
+# Qwen3-VL: Qwen2-VL's images and M-RoPE (interleaved), plus "deepstack": features of several vision
+# layers are added to the hidden states of the first decoder layers at the image positions, so
+# writing the final features into the input embedding alone is not the model's forward.
+register_family(
+    MRopeFamily(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        image_token="<|image_pad|>",
+        image_end_token="<|vision_end|>",
+        lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
+        vision_modules=("model.visual", "lm_head"),
+        per_token_keys=("mm_token_type_ids",),
+        image_keys=("pixel_values", "image_grid_thw"),
+        tiled_keys=("pixel_values",),
+        feature_route=None,
+    )
+)
+
 # LLaVA-NeXT / LLaVA-OneVision ("anyres"): pixel_values (images, max tiles, C, H, W) zero-padded on
 # the tile axis, one `image_sizes` row per image (the model recomputes the tile grid from it), and
 # OneVision's `batch_num_images` per row; features packed with a newline vector per row are

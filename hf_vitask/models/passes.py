@@ -90,8 +90,10 @@ def run_passes(
         why = _prefix_blocker(model, inputs)
         if why is None:
             return _prefix_passes(model, inputs, exemplar, negative_index, neg_rows)
-        _warn_once(f"pass_fusion='prefix' is not possible here ({why}); stacking the passes instead ('batch')")
-        mode = "batch"
+        # fall back to the next mode the family can run, with one warning naming it
+        mode = "batch" if "batch" in model.family.fusion_modes else "none"
+        instead = "stacking the passes instead" if mode == "batch" else "running the passes separately"
+        _warn_once(f"pass_fusion='prefix' is not possible here ({why}); {instead} ('{mode}')")
     if mode == "batch":
         if model.family.feature_route == "embedding":
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)

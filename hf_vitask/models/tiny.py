@@ -55,6 +55,10 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SiglipVisionConfig,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
@@ -72,7 +76,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3")
+TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -310,6 +314,9 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+_TOKENIZER_SPECS["qwen3_vl"] = _TOKENIZER_SPECS["qwen2_vl"]  # same ChatML and vision tokens
+
+
 def _tiny_name(family: str) -> str:
     return f"tiny-{family.replace('_', '-')}"
 
@@ -435,6 +442,13 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         "max_pixels": image_size * image_size,
     }
     image_processor = Qwen2VLImageProcessor(**common)
+    if family == "qwen3_vl":
+        return Qwen3VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(**common),
+            chat_template=chat_template,
+        )
     video_processor = Qwen2VLVideoProcessor(**common)
     return Qwen2VLProcessor(
         image_processor=image_processor,
@@ -647,18 +661,33 @@ def _build_model(
             text_common,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
         )
-        config = Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=image_id,
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-            pad_token_id=pad_id,
-            bos_token_id=bos_id,
-            eos_token_id=eos_id,
-        )
-        model = Qwen2VLForConditionalGeneration(config)
+        tokens = {
+            "image_token_id": image_id,
+            "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+            "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+            "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        }
+        if family == "qwen3_vl":
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+            config = Qwen3VLConfig(
+                text_config=dict(text, head_dim=head_dim),
+                vision_config={
+                    "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                    "patch_size": vision["patch_size"], "spatial_merge_size": 2, "temporal_patch_size": 2,
+                    "out_hidden_size": hidden_size,
+                    "num_position_embeddings": (2 * grid) ** 2,  # learnt, interpolated to each image's grid
+                    "deepstack_visual_indexes": [0],  # vision layer 0's features join decoder layer 0
+                },
+                **tokens,
+                pad_token_id=pad_id,
+            )
+            model = Qwen3VLForConditionalGeneration(config)
+        else:
+            config = Qwen2VLConfig(
+                text_config=text, vision_config=vision, **tokens, pad_token_id=pad_id, bos_token_id=bos_id,
+                eos_token_id=eos_id,
+            )
+            model = Qwen2VLForConditionalGeneration(config)
     gen = model.generation_config
     gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = pad_id, bos_id, eos_id
     return model
