@@ -329,7 +329,7 @@ register_family(
     )
 )
 
-# Idefics3 (and, once its processor's video dependency is met, SmolVLM): the text decoder is
+# Idefics3 and SmolVLM (Idefics3's architecture and image handling): the text decoder is
 # `model.text_model`; an image is split into tiles + a global image, stacked per row on dim 1 of
 # pixel_values (B, max tiles, C, H, W) with `pixel_attention_mask`; the image block interleaves
 # `<fake_token_around_image>`, `<row_r_col_c>` / `<global-img>` tags and `<image>` runs, and
@@ -337,7 +337,7 @@ register_family(
 register_family(
     VLMFamily(
         name="idefics3",
-        model_types=("idefics3",),
+        model_types=("idefics3", "smolvlm"),
         image_token="<image>",
         image_end_token="<fake_token_around_image>",
         lora_target_modules=lora_regex("text_model"),

@@ -60,8 +60,14 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
 from hf_vitask.models.families import get_family
 
@@ -76,7 +82,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl")
+TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl", "smolvlm")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -315,6 +321,11 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
 
 
 _TOKENIZER_SPECS["qwen3_vl"] = _TOKENIZER_SPECS["qwen2_vl"]  # same ChatML and vision tokens
+_TOKENIZER_SPECS["smolvlm"] = dict(  # Idefics3's turns and image tags, plus a video placeholder
+    _TOKENIZER_SPECS["idefics3"],
+    special_tokens=[*_TOKENIZER_SPECS["idefics3"]["special_tokens"], "<video>"],
+    extra=dict(_TOKENIZER_SPECS["idefics3"]["extra"], video_token="<video>"),
+)
 
 
 def _tiny_name(family: str) -> str:
@@ -395,18 +406,18 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         # best-fitting pinpoint grid; each tile is a grid x grid patch map, packed with one newline
         # feature per row. A 32x32 image gives 36 image tokens, a 64x32 one 52 (llava_next).
         return _anyres_processor(family, tokenizer, image_size, grid, chat_template)
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         # The longest edge goes to 2 * image_size, then image_size tiles + one global image: a square
         # image gives 2x2 tiles + global (5 tiles), a 2:1 one 1x2 + global (3); tokens_per_tile each.
-        return Idefics3Processor(
-            image_processor=Idefics3ImageProcessor(
-                size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
-                do_image_splitting=True,
-            ),
-            tokenizer=tokenizer,
-            image_seq_len=_internvl_tokens_per_tile(grid),
-            chat_template=chat_template,
-        )
+        sizes = {"size": {"longest_edge": 2 * image_size}, "max_image_size": {"longest_edge": image_size}}
+        common = {"tokenizer": tokenizer, "image_seq_len": _internvl_tokens_per_tile(grid), "chat_template": chat_template}
+        if family == "smolvlm":
+            return SmolVLMProcessor(
+                image_processor=SmolVLMImageProcessor(**sizes, do_image_splitting=True),
+                video_processor=SmolVLMVideoProcessor(**sizes),
+                **common,
+            )
+        return Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes, do_image_splitting=True), **common)
     if family == "gemma3":
         # Every image is resized to one image_size square; the vision tower's patch map is average-pooled
         # to grid x grid soft tokens.
@@ -583,14 +594,18 @@ def _build_model(
         model: PreTrainedModel = LlavaForConditionalGeneration(config)
     elif family in ("llava_next", "llava_onevision"):
         model = _anyres_model(family, tokenizer, image_size, grid, text_common, image_id)
-    elif family == "idefics3":
+    elif family in ("idefics3", "smolvlm"):
         # pixel shuffle (scale 2) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
         g = math.isqrt(_internvl_tokens_per_tile(grid))
-        vision = Idefics3VisionConfig(
+        vision_config, config_class, model_class = {
+            "idefics3": (Idefics3VisionConfig, Idefics3Config, Idefics3ForConditionalGeneration),
+            "smolvlm": (SmolVLMVisionConfig, SmolVLMConfig, SmolVLMForConditionalGeneration),
+        }[family]
+        vision = vision_config(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             image_size=image_size, patch_size=image_size // (2 * g),
         )
-        config = Idefics3Config(
+        config = config_class(
             text_config=LlamaConfig(**text_common),
             vision_config=vision,
             scale_factor=2,
@@ -598,7 +613,7 @@ def _build_model(
             pad_token_id=pad_id,
             tie_word_embeddings=False,
         )
-        model = Idefics3ForConditionalGeneration(config)
+        model = model_class(config)
     elif family == "gemma3":
         vision = SiglipVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
