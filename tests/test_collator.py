@@ -425,3 +425,37 @@ def test_build_prompts_are_left_padded_generation_prompts(tiny, family, task, ra
 def test_build_prompts_names_a_bad_image(tiny, task, random_image, tmp_path):
     with pytest.raises(ValueError, match=r"not found at index 1"):
         build_prompts(tiny[1], task, [random_image(0), str(tmp_path / "nope.png")])
+
+
+def test_vlm_collator_is_trls_for_families_without_quirks_and_fixes_the_others(digits):
+    """VLMCollator finds the family from the processor; for LLaVA it returns exactly trl's batch,
+    for PaliGemma (whose processor refuses text without images) the answer is a causal suffix."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from hf_vitask.data.collator import assistant_message, user_message
+    from hf_vitask.data.vlm_collator import VLMCollator
+    from hf_vitask.models.families import family_of_processor
+    from hf_vitask.models.tiny import build_tiny_vlm
+
+    def examples():
+        return [
+            {"images": [row["image"].convert("RGB")], "prompt": user_message("Which digit?"),
+             "completion": assistant_message(f"digit {row['label']}")}
+            for row in digits["train"].select(range(3))
+        ]
+
+    _, llava = build_tiny_vlm("llava")
+    ours = VLMCollator(llava, completion_only_loss=True)
+    assert ours.family.name == "llava"
+    theirs = DataCollatorForVisionLanguageModeling(llava, completion_only_loss=True).torch_call(examples())
+    got = ours.torch_call(examples())
+    assert set(got) == set(theirs) and all(torch.equal(got[k], theirs[k]) for k in theirs)
+
+    _, paligemma = build_tiny_vlm("paligemma")
+    with pytest.raises(ValueError, match="images"):  # what trl alone does with PaliGemma
+        DataCollatorForVisionLanguageModeling(paligemma, completion_only_loss=True).torch_call(examples())
+    batch = VLMCollator(paligemma, completion_only_loss=True).torch_call(examples())
+    answer = batch["labels"] != -100
+    assert answer.any(1).all()
+    assert torch.equal(batch["token_type_ids"].bool() & batch["attention_mask"].bool(), answer)
+    assert family_of_processor(llava.tokenizer) is None  # no family claims a bare tokenizer

@@ -263,5 +263,6 @@ def test_lora_targets_the_text_decoder_only(name):
     vlm, _ = build_tiny_vlm(name, num_layers=2)
     adapted = get_peft_model(vlm, LoraConfig(r=2, target_modules=family.lora_target_modules))
     targets = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A")]
-    assert len(targets) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 decoder layers
+    layers = vlm.config.get_text_config().num_hidden_layers  # Mllama adds a cross-attention layer
+    assert len(targets) == layers * 7  # q, k, v, o (self- or cross-attention), gate, up, down per layer
     assert not any(f".{kept}." in t for t in targets for kept in family.vision_modules)

@@ -249,3 +249,20 @@ def test_qlora_vitask_trainer_three_steps(tmp_path, tiny_dirs):
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before), "LoRA weights did not move"
     _assert_quantised_layout(trainer.model.vlm.get_base_model(), "llava")
+
+
+def test_a_checkpoint_without_chat_template_gets_its_family_default(tmp_path):
+    """PaliGemma checkpoints ship no chat template: load_vlm gives the processor the family's."""
+    from hf_vitask import VITaskCollator, digits_task, load_digits_dataset
+    from hf_vitask.models.families import PALIGEMMA_CHAT_TEMPLATE
+
+    model, processor = build_tiny_vlm("paligemma")
+    processor.chat_template = None
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_vlm(str(tmp_path))
+    assert loaded_processor.chat_template == PALIGEMMA_CHAT_TEMPLATE
+    rows = list(load_digits_dataset(max_samples=48)["train"].select(range(2)))
+    batch = VITaskCollator(loaded_processor, digits_task())(rows)
+    learnt = batch["labels"][0][batch["labels"][0] != -100]
+    assert loaded_processor.tokenizer.decode(learnt) == digits_task().response(rows[0]["label"]) + "<eos>"

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from PIL import Image
-from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.losses import IGNORE_INDEX
 from hf_vitask.task import TaskSpec
 
@@ -121,7 +121,7 @@ class VITaskCollator:
         if not self.tasks:
             raise ValueError("The collator needs at least one TaskSpec")
         self.image_token_id = image_token_id_of(self.processor)
-        self._trl = DataCollatorForVisionLanguageModeling(self.processor, completion_only_loss=True)
+        self._trl = VLMCollator(self.processor, completion_only_loss=True)
         self._rng = random.Random(self.seed)
 
     @property

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from hf_vitask.data.collator import (
     assistant_message,
@@ -32,6 +31,7 @@ from hf_vitask.data.collator import (
     validate_batch,
 )
 from hf_vitask.data.sources import DIGIT_NAMES
+from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.losses import IGNORE_INDEX
 
 PROXY_SLOT_MASK = "proxy_slot_mask"
@@ -166,7 +166,7 @@ class InstructionFreeCollator:
         else:
             self.slot_token_id = None
         self.image_token_id = image_token_id_of(self.processor)
-        self._trl = DataCollatorForVisionLanguageModeling(self.processor, completion_only_loss=True)
+        self._trl = VLMCollator(self.processor, completion_only_loss=True)
 
     @property
     def prompt_text(self) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "FAMILIES",
     "LANGUAGE_MODEL_LORA_REGEX",
     "VLMFamily",
+    "family_of_processor",
     "get_family",
     "lora_regex",
     "register_family",
@@ -40,12 +41,13 @@ __all__ = [
 FAMILIES_GUIDE = "docs/families.md (\"Adding a family\")"
 
 
-def lora_regex(decoder: str = "language_model") -> str:
+def lora_regex(decoder: str = "language_model", attention: tuple[str, ...] = ("self_attn",)) -> str:
     """Full-match regex for peft ``target_modules``: the attention and MLP linears of the text
-    decoder whose layers live under ``<decoder>.layers.N`` (never the vision tower's own q/k/v)."""
+    decoder whose layers live under ``<decoder>.layers.N`` (never the vision tower's own q/k/v).
+    ``attention``: the attention blocks of a layer (Mllama's cross-attention layers: ``cross_attn``)."""
     return (
         rf"(.*\.)?{decoder}\.layers\.\d+\."
-        r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+        rf"(({'|'.join(attention)})\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
     )
 
 
@@ -92,8 +94,16 @@ class VLMFamily:
     slot_fill: tuple[tuple[str, int | str], ...] = ()
     #: See :data:`FEATURE_ROUTES`.
     feature_route: str | None = "embedding"
-    #: Whether the image prefix can run once into a KV cache shared by all passes.
+    #: Whether the image prefix can run once into a KV cache shared by all passes (not when the
+    #: image attends to the text after it: PaliGemma's bidirectional prefix).
     prefix_fusion: bool = True
+    #: Tokenise text that comes without images (the completion half of trl's collator) with the
+    #: tokenizer: the processor refuses it (PaliGemma) or adds a bos to it (Mllama).
+    tokenize_text_alone: bool = False
+    #: Value each per-token key takes on completion tokens (PaliGemma: token_type_ids 1 = suffix).
+    completion_fill: tuple[tuple[str, int], ...] = ()
+    #: Chat template for checkpoints whose processor has none (PaliGemma: image, prompt, newline).
+    default_chat_template: str | None = None
 
     # -- tokens ----------------------------------------------------------------------------------
     def image_token_id(self, tokenizer: Any) -> int:
@@ -136,6 +146,12 @@ class VLMFamily:
     def slot_value(self, key: str) -> int | str:
         """What an exemplar slot holds in per-token key ``key``."""
         return dict(self.slot_fill).get(key, 0)
+
+    def rebuild_token_tensors(self, batch: dict, image_token_id: int) -> dict:
+        """Recompute the per-token tensors that depend on where each image sits, for a batch whose
+        tokens were joined or spliced: trl's collator (which builds them for the prompt only) and
+        CRT negatives (row j's image under row i's text). Default: none do; ``batch`` as is."""
+        return batch
 
     # -- positions -------------------------------------------------------------------------------
     def positions(self, model, inputs: dict) -> torch.Tensor:
@@ -250,6 +266,27 @@ class MRopeFamily(VLMFamily):
         kwargs = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in inputs}
         positions, _ = base.model.get_rope_index(inputs["input_ids"], **kwargs)
         return positions
+
+
+@dataclass(frozen=True)
+class CrossAttentionFamily(VLMFamily):
+    """Llama-3.2-Vision (Mllama): one ``<|image|>`` token per image; the tokens from it onward read
+    the image's tiles through cross-attention layers, as ``cross_attention_mask`` (B, L, images,
+    tiles) says. ``pixel_values`` (B, images, max tiles, C, H, W) hold one entry per row."""
+
+    def rebuild_token_tensors(self, batch: dict, image_token_id: int) -> dict:
+        from transformers.models.mllama.processing_mllama import (
+            convert_sparse_cross_attention_mask_to_dense,
+            get_cross_attention_token_mask,
+        )
+
+        ids, tiles = batch["input_ids"], batch["aspect_ratio_mask"]
+        spans = [get_cross_attention_token_mask(row.tolist(), image_token_id) for row in ids]
+        if not all(spans):
+            raise ValueError(f"{self.name}: rows {[i for i, s in enumerate(spans) if not s]} have no image token")
+        num_tiles = tiles.sum(-1).tolist()  # (B, images): valid tiles of each image
+        dense = convert_sparse_cross_attention_mask_to_dense(spans, num_tiles, tiles.shape[-1], ids.shape[1])
+        return {**batch, "cross_attention_mask": torch.from_numpy(dense).to(ids.device)}
 
 
 FAMILIES: dict[str, VLMFamily] = {}
@@ -378,6 +415,59 @@ register_family(
 )
 
 
+# PaliGemma: `<image>` x N + `<bos>` + prompt + "\n" is a bidirectional prefix (token_type_ids 0), the
+# answer a causal suffix (token_type_ids 1). The image attends to the prompt after it, so no image
+# prefix can be shared; the processor takes no text without images.
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ text + eos_token }}{% endgeneration %}"
+    "{%- else -%}{{ '<image>' * n_images + text }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+register_family(
+    VLMFamily(
+        name="paligemma",
+        model_types=("paligemma",),
+        image_token="<image>",
+        image_end_token="<bos>",
+        lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
+        vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
+        per_token_keys=("token_type_ids",),
+        prefix_fusion=False,
+        tokenize_text_alone=True,
+        completion_fill=(("token_type_ids", 1),),
+        default_chat_template=PALIGEMMA_CHAT_TEMPLATE,
+    )
+)
+
+
+# Llama-3.2-Vision: the vision tower's tile features enter the decoder only through cross-attention
+# layers, so there is no embedding route for stacked passes; the prefix runs once (its cache holds
+# the cross-attention states) and the exemplar slot keeps reading the image ("previous").
+register_family(
+    CrossAttentionFamily(
+        name="mllama",
+        model_types=("mllama",),
+        image_token="<|image|>",
+        image_end_token=None,
+        lora_target_modules=lora_regex("language_model", attention=("self_attn", "cross_attn")),
+        vision_modules=("model.vision_model", "model.multi_modal_projector", "lm_head"),
+        per_token_keys=("cross_attention_mask",),
+        image_keys=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"),
+        slot_fill=(("cross_attention_mask", "previous"),),
+        feature_route=None,
+        tokenize_text_alone=True,
+    )
+)
+
+
 def support_matrix() -> list[dict[str, str]]:
     """One row per registered family: model types, fused-pass modes, what gradient checkpointing
     runs, the modules kept out of 4-bit quantisation (``hf-vitask info`` prints it)."""
@@ -400,6 +490,21 @@ def _model_type(obj: Any) -> str | None:
     if hasattr(obj, "get_base_model"):  # peft PeftModel: look through the adapter wrapper
         obj = obj.get_base_model()
     return getattr(getattr(obj, "config", None), "model_type", None)
+
+
+def family_of_processor(processor: Any) -> VLMFamily | None:
+    """The registered family whose model types use ``processor``'s class (or a base class of it) in
+    transformers' processor mapping; None when none or several do."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    classes = {cls.__name__ for cls in type(processor).__mro__}
+    found = {
+        family.name
+        for family in FAMILIES.values()
+        for model_type in family.model_types
+        if PROCESSOR_MAPPING_NAMES.get(model_type) in classes
+    }
+    return FAMILIES[found.pop()] if len(found) == 1 else None
 
 
 def get_family(obj: Any) -> VLMFamily:

@@ -217,6 +217,10 @@ def load_vlm(
     )
     processor_kwargs = {k: v for k, v in kwargs.items() if k in _LOCATION_KWARGS}
     processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **processor_kwargs)
+    family = get_family(model)
+    if getattr(processor, "chat_template", None) is None and family.default_chat_template is not None:
+        # e.g. PaliGemma checkpoints ship no chat template; prompts and answers still need one
+        processor.chat_template = family.default_chat_template
     return model, processor
 
 

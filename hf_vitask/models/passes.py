@@ -150,7 +150,7 @@ def negative_rows(model, inputs: dict, negative_index: torch.Tensor, neg_rows: t
         k: torch.stack([_pad_seq(part[k][None], length, pad.get(k, 0))[0] for part in spliced]) for k in tokens
     }
     out.update(fam.select_images(inputs, sources, model.image_token_id))
-    return out
+    return fam.rebuild_token_tensors(out, model.image_token_id)
 
 
 def _token_tensors(inputs: dict, fam) -> dict:
@@ -438,6 +438,10 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
     cache = _cache_of(out)
     cache.reorder_cache(torch.arange(n, device=scores.device).repeat_interleave(c))
     suffix = {k: v[:, qc:].repeat(n, *([1] * (v.dim() - 1))) for k, v in options.items()}
+    for key in suffix:  # keys that continue the prompt (a cross-attention mask reading image i)
+        if fam.slot_value(key) == "previous":
+            last = tokens[key][:, q - 1 : q].repeat_interleave(c, dim=0)
+            suffix[key] = last.expand(-1, suffix[key].shape[1], *last.shape[2:]).clone()
     labels = suffix.pop("labels")
     length = labels.shape[1]
     start = positions[..., q : q + 1].repeat_interleave(c, dim=-2)  # row (i, c) continues prompt i

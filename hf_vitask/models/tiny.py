@@ -23,6 +23,7 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
+    GemmaConfig,
     GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -46,10 +47,20 @@ from transformers import (
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
     LlavaProcessor,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessor,
+    MllamaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2Config,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -59,6 +70,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    SiglipImageProcessor,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -67,9 +79,11 @@ from transformers import (
     SmolVLMVideoProcessor,
 )
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+from transformers.models.mllama.image_processing_mllama import get_all_supported_aspect_ratios
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-from hf_vitask.models.families import get_family
+from hf_vitask.models.families import PALIGEMMA_CHAT_TEMPLATE, get_family
 
 __all__ = [
     "DEFAULT_CORPUS",
@@ -82,7 +96,7 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl", "smolvlm")
+TINY_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl", "smolvlm", "paligemma", "mllama")
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -220,6 +234,31 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
+# Llama 3's header turns; an image is one `<|image|>` token (read through cross-attention).
+MLLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['content'] is string -%}"
+    "{%- set body = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(body='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.body = ns.body + '<|image|>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.body = ns.body + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set body = ns.body -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ body + eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ body + '<|eot_id|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+
 # Per-family tokenizer layout. Qwen2-VL needs the video pad token too: its processor
 # looks both placeholders up at construction time.
 _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
@@ -303,6 +342,27 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
         "add_bos": True,
         "chat_template": GEMMA3_CHAT_TEMPLATE,
     },
+    "paligemma": {
+        "special_tokens": ["<pad>", "<eos>", "<bos>", "<image>"],
+        "pad": "<pad>",
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "extra": {"image_token": "<image>"},
+        "add_bos": False,  # the processor writes <bos> after the image tokens
+        "chat_template": PALIGEMMA_CHAT_TEMPLATE,
+    },
+    "mllama": {
+        "special_tokens": [
+            "<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>",
+        ],
+        "pad": "<|finetune_right_pad_id|>",
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "extra": {"image_token": "<|image|>"},
+        "add_bos": False,  # the template writes it
+        "chat_template": MLLAMA_CHAT_TEMPLATE,
+    },
     "internvl": {
         "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
         "pad": "<|endoftext|>",
@@ -320,7 +380,8 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-_TOKENIZER_SPECS["qwen3_vl"] = _TOKENIZER_SPECS["qwen2_vl"]  # same ChatML and vision tokens
+# same ChatML and vision tokens
+_TOKENIZER_SPECS["qwen2_5_vl"] = _TOKENIZER_SPECS["qwen3_vl"] = _TOKENIZER_SPECS["qwen2_vl"]
 _TOKENIZER_SPECS["smolvlm"] = dict(  # Idefics3's turns and image tags, plus a video placeholder
     _TOKENIZER_SPECS["idefics3"],
     special_tokens=[*_TOKENIZER_SPECS["idefics3"]["special_tokens"], "<video>"],
@@ -429,6 +490,23 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
             image_seq_length=grid * grid,
             chat_template=chat_template,
         )
+    if family == "paligemma":
+        # One square image_size image, a grid x grid patch map, one token per patch.
+        image_processor = SiglipImageProcessor(
+            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        )
+        image_processor.image_seq_length = grid * grid  # what the checkpoint's preprocessor_config says
+        # adds PaliGemma's 1024 <locNNNN> and 128 <segNNN> tokens to the tokenizer
+        return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    if family == "mllama":
+        # Tiles of image_size px, at most two per image: a square image is one tile, a 2:1 one two.
+        return MllamaProcessor(
+            image_processor=MllamaImageProcessor(
+                size={"height": image_size, "width": image_size}, max_image_tiles=_MLLAMA_MAX_TILES,
+            ),
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+        )
     if family == "internvl":
         # Tiles of image_size/2 px: a square image is cut into 2x2 tiles plus a thumbnail (5 tiles),
         # a 2:1 one into 2x1 plus a thumbnail (3); each tile gives tokens_per_tile image tokens.
@@ -461,12 +539,15 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
             chat_template=chat_template,
         )
     video_processor = Qwen2VLVideoProcessor(**common)
-    return Qwen2VLProcessor(
+    return (Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=chat_template,
     )
+
+
+_MLLAMA_MAX_TILES = 2
 
 
 def _pinpoints(family: str, image_size: int) -> list[list[int]]:
@@ -636,6 +717,44 @@ def _build_model(
         model = Gemma3ForConditionalGeneration(config)
         with torch.no_grad():  # initialised to zeros: the image would not reach the language model
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    elif family == "paligemma":
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=image_size // grid, vision_use_head=False,
+        )
+        config = PaliGemmaConfig(
+            vision_config=vision,
+            text_config=GemmaConfig(**text_common, head_dim=hidden_size // num_heads),
+            image_token_index=image_id,
+            projection_dim=hidden_size,
+            hidden_size=hidden_size,
+            vocab_size=vocab,
+            pad_token_id=pad_id,
+            tie_word_embeddings=False,
+        )
+        model = PaliGemmaForConditionalGeneration(config)
+    elif family == "mllama":
+        vision = MllamaVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+            image_size=image_size, patch_size=image_size // grid, max_num_tiles=_MLLAMA_MAX_TILES,
+            # the image processor's tile arrangements, in its order (aspect_ratio_ids index them)
+            supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(_MLLAMA_MAX_TILES)],
+            intermediate_layers_indices=[0],
+            vision_output_dim=2 * 32,  # last layer + one intermediate layer, concatenated
+        )
+        # num_layers self-attention layers with one cross-attention layer after the first (as in
+        # Llama-3.2-Vision, layer 0 is self-attention: the KV cache counts its tokens)
+        text = MllamaTextConfig(
+            **{k: v for k, v in text_common.items() if k != "num_hidden_layers"},
+            num_hidden_layers=num_layers + 1, cross_attention_layers=[1],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+        model = MllamaForConditionalGeneration(config)
+        with torch.no_grad():  # tanh gates start at 0: the text would ignore the image
+            for name, param in model.named_parameters():
+                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                    param.fill_(1.0)
     elif family == "internvl":
         # pixel shuffle (downsample 0.5) merges 2x2 patches: a tile of (2g)^2 patches gives g^2 tokens
         g = math.isqrt(_internvl_tokens_per_tile(grid))
@@ -697,6 +816,20 @@ def _build_model(
                 pad_token_id=pad_id,
             )
             model = Qwen3VLForConditionalGeneration(config)
+        elif family == "qwen2_5_vl":
+            config = Qwen2_5_VLConfig(
+                text_config=text,
+                vision_config={
+                    "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                    "patch_size": vision["patch_size"], "spatial_merge_size": 2, "temporal_patch_size": 2,
+                    "out_hidden_size": hidden_size,
+                    # windows of 2x2 merged patches in block 0, full attention in block 1 (as 3 of 4 blocks in the real model)
+                    "window_size": 2 * 2 * vision["patch_size"], "fullatt_block_indexes": [1],
+                },
+                **tokens,
+                pad_token_id=pad_id,
+            )
+            model = Qwen2_5_VLForConditionalGeneration(config)
         else:
             config = Qwen2VLConfig(
                 text_config=text, vision_config=vision, **tokens, pad_token_id=pad_id, bos_token_id=bos_id,
@@ -720,10 +853,12 @@ def build_tiny_vlm(
     output_init_std: float = 0.15,
     image_tokens: int = 16,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Build a tiny random ``(model, processor)`` pair for ``family`` ("llava" or "qwen2_vl").
+    """Build a tiny random ``(model, processor)`` pair for ``family``, a ``model_type`` in
+    :data:`TINY_FAMILIES`, with the family's real processor and image handling.
 
-    Same seed, same weights. Every square image becomes ``image_tokens`` image tokens (a square
-    number; 16 by default) in both families. The model is float32 and in train mode.
+    Same seed, same weights. ``image_tokens`` (a square number; 16 by default) sets the patch grid
+    of one image or tile (tiling families give a 32x32 image several tiles; see docs/families.md).
+    The model is float32 and in train mode.
 
     ``output_init_std``: the output layer (``lm_head``) is drawn with this std instead of the
     usual 0.02. LoRA never trains ``lm_head``, and with a 0.02 head the logits of a 64-wide

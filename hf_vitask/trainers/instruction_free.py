@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
-from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from hf_vitask.config import PROXY_FEEDS, PROXY_INIT_RESIZES, InstructionFreeConfig
 from hf_vitask.data.collator import assistant_message, load_image, user_message
@@ -38,6 +37,7 @@ from hf_vitask.data.instruction_free import (
     mc_prompt,
     parse_letter,
 )
+from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.losses import IGNORE_INDEX, reduce_tokens, response_logits, response_row_ids, token_ce
 from hf_vitask.models.exemplar import ExemplarInjector
 from hf_vitask.models.modeling import VITaskModel
@@ -380,7 +380,7 @@ def _drop_common_suffix(labels: torch.Tensor, n_options: Sequence[int]) -> torch
 
 @torch.no_grad()
 def _mc_likelihood(model, processor, items, batch_size: int, device) -> list[int]:
-    collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
+    collator = VLMCollator(processor, completion_only_loss=True)
     predictions: list[int] = []
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
