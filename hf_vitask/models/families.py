@@ -55,11 +55,14 @@ def lora_regex(decoder: str = "language_model", attention: tuple[str, ...] = ("s
 # `language_model.model.*` keys are renamed on load); Idefics3/SmolVLM call it `text_model`.
 LANGUAGE_MODEL_LORA_REGEX = lora_regex("language_model")
 
-#: How image features reach the language model. ``"embedding"``: they replace the image-token
-#: positions of the input embedding (masked_scatter), so stacked passes can write precomputed
-#: features there; ``None``: another route (cross-attention, features added inside the decoder),
-#: where stacked passes are not available and the step runs its passes separately.
-FEATURE_ROUTES = ("embedding", None)
+#: How image features reach the language model, which decides how stacked passes ("batch") reuse
+#: one run of the vision tower. ``"embedding"``: the features replace the image-token positions of
+#: the input embedding (masked_scatter), so the stacked forward gets them written there;
+#: ``"encoder_outputs"``: the model also uses other outputs of its vision tower (Qwen3-VL's deepstack
+#: features, added inside the decoder) and takes them precomputed as ``mm_encoder_outputs``, which
+#: the stacked forward gets rearranged to its rows; ``None``: neither (cross-attention), so the
+#: step runs its passes separately.
+FEATURE_ROUTES = ("embedding", "encoder_outputs", None)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ class VLMFamily:
         modes = []
         if self.prefix_fusion:
             modes.append("prefix")
-        if self.feature_route == "embedding":
+        if self.feature_route is not None:
             modes.append("batch")
         return (*modes, "none")
 
@@ -334,7 +337,7 @@ register_family(
 
 # Qwen3-VL: Qwen2-VL's images and M-RoPE (interleaved), plus "deepstack": features of several vision
 # layers are added to the hidden states of the first decoder layers at the image positions, so
-# writing the final features into the input embedding alone is not the model's forward.
+# stacked passes hand the model all its vision outputs (`mm_encoder_outputs`).
 register_family(
     MRopeFamily(
         name="qwen3_vl",
@@ -346,7 +349,7 @@ register_family(
         per_token_keys=("mm_token_type_ids",),
         image_keys=("pixel_values", "image_grid_thw"),
         tiled_keys=("pixel_values",),
-        feature_route=None,
+        feature_route="encoder_outputs",
     )
 )
 

@@ -95,7 +95,7 @@ def run_passes(
         instead = "stacking the passes instead" if mode == "batch" else "running the passes separately"
         _warn_once(f"pass_fusion='prefix' is not possible here ({why}); {instead} ('{mode}')")
     if mode == "batch":
-        if model.family.feature_route == "embedding":
+        if model.family.feature_route is not None:
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
         _warn_once(f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
                    "do not enter through the input embedding); running the passes separately ('none')")
@@ -290,12 +290,16 @@ def _run_stacked(model, parts, slot_parts, exemplar_rows, dense_features, counts
 
 
 # -- "batch": vision tower once, passes stacked ------------------------------------------------------
-def _image_features(model, inputs: dict) -> list[torch.Tensor]:
-    """Each row's image features, ``(T_i, D)`` in the order of its image tokens."""
+def _vision_outputs(model, inputs: dict):
     base = _base(model.vlm)
     accepted = _image_feature_parameters(type(base))
     images = {k: v for k, v in model.family.image_inputs(inputs).items() if k in accepted}
-    pooled = base.get_image_features(**images, return_dict=True).pooler_output
+    return base.get_image_features(**images, return_dict=True)
+
+
+def _image_features(model, inputs: dict) -> list[torch.Tensor]:
+    """Each row's image features, ``(T_i, D)`` in the order of its image tokens."""
+    pooled = _vision_outputs(model, inputs).pooler_output
     if isinstance(pooled, torch.Tensor):
         flat = pooled.reshape(-1, pooled.shape[-1])
     else:
@@ -313,10 +317,38 @@ def _image_feature_parameters(model_class) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.get_image_features).parameters)
 
 
+def _encoder_outputs_for(outputs, rows: list[int], n_images: int):
+    """The vision tower's outputs for stacked ``rows`` (row r shows image ``rows[r]``): every field
+    that holds one tensor per image (or a list of such, one per layer) is re-indexed; fields over
+    all images at once are dropped (the model reads the per-image ones)."""
+
+    def per_image(value) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == n_images and all(
+            isinstance(v, torch.Tensor) for v in value
+        )
+
+    fields = {}
+    for key, value in outputs.items():
+        if per_image(value):
+            fields[key] = tuple(value[i] for i in rows)
+        elif isinstance(value, (list, tuple)) and value and all(per_image(v) for v in value):
+            fields[key] = [tuple(v[i] for i in rows) for v in value]
+    if "pooler_output" not in fields:
+        raise ValueError(f"get_image_features returned no per-image pooler_output (fields: {list(outputs)})")
+    return type(outputs)(**fields)
+
+
 def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
-    features = _image_features(model, inputs)
     parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows)
     source = torch.cat(sources).tolist()
+    rows = _rows_with_response(inputs["labels"])
+    exemplar_rows = None if exemplar is None else exemplar[rows]
+    if model.family.feature_route == "encoder_outputs":
+        outputs = _vision_outputs(model, inputs)
+        encoder = {"image": _encoder_outputs_for(outputs, source, len(outputs.pooler_output))}
+        return _run_stacked(model, parts, slot_parts, exemplar_rows, None, counts, "batch", exemplar, neg_rows,
+                            mm_encoder_outputs=encoder)
+    features = _image_features(model, inputs)
 
     def dense(image_mask: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([features[i] for i in source])
@@ -326,9 +358,7 @@ def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
         out[image_mask] = flat
         return out
 
-    rows = _rows_with_response(inputs["labels"])
-    return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], dense, counts,
-                        "batch", exemplar, neg_rows)
+    return _run_stacked(model, parts, slot_parts, exemplar_rows, dense, counts, "batch", exemplar, neg_rows)
 
 
 # -- "prefix": image prefix once into a KV cache, continuations batched on it ----------------------------
