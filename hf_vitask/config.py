@@ -265,7 +265,8 @@ class ModelArguments:
         default="tiny-llava",
         metadata={
             "help": "Hub id or local path of the VLM (e.g. llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-2B-Instruct). "
-            "'tiny-llava' / 'tiny-qwen2_vl' build a tiny random model offline (demos, tests)."
+            "'tiny-<model_type>' (tiny-llava, tiny-internvl, tiny-mllama, ...) builds a tiny random model offline "
+            "(demos, tests)."
         },
     )
     torch_dtype: str | None = field(

@@ -167,7 +167,8 @@ def load_vlm(
 
     Args:
         model_name_or_path: hub id or local directory (``AutoModelForImageTextToText`` /
-            ``AutoProcessor``); ``tiny-llava`` / ``tiny-qwen2_vl`` build a tiny random VLM offline.
+            ``AutoProcessor``); ``tiny-<model_type>`` (``tiny-llava``, ``tiny-mllama``, any of
+            :data:`~hf_vitask.models.tiny.TINY_FAMILIES`) builds a tiny random VLM offline.
         torch_dtype: ``'auto'``, ``'bfloat16'``, ``'float16'``, ``'float32'`` (or a ``torch.dtype``).
             With ``load_in_4bit`` it is also the 4-bit compute dtype (default: bfloat16 on CUDA,
             float32 on CPU).
