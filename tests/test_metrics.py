@@ -39,14 +39,39 @@ def test_accuracy_and_macro_f1_by_hand():
     out = classification_metrics(preds, refs)
     assert out == pytest.approx({"accuracy": 3 / 5, "macro_f1": float(sum(f1) / 3)})  # 11/18
     assert out["macro_f1"] == pytest.approx(f1_score(refs, preds, average="macro"))
-    # A fourth class nobody predicted and nobody has still counts in the average (F1 = 0 by the 0/0 rule).
-    assert classification_metrics(preds, refs, num_classes=4)["macro_f1"] == pytest.approx(float(sum(f1) / 4))
+    # A fourth class nobody predicted and nobody has does not enter the average (sklearn's convention).
+    assert classification_metrics(preds, refs, num_classes=4)["macro_f1"] == pytest.approx(float(sum(f1) / 3))
     # A class present in the references but never predicted scores 0 rather than dropping out.
     assert classification_metrics([0, 0, 0], [0, 1, 0])["macro_f1"] == pytest.approx((0.8 + 0) / 2)
-    # zero_division=1.0 counts a class with no references and no predictions as perfect.
-    perfect = load_metric("macro_f1").compute(predictions=[0, 1], references=[0, 1], num_classes=3, zero_division=1.0)
+    # An explicit label set brings an absent class back, scored zero_division.
+    assert load_metric("macro_f1").compute(predictions=[0, 1], references=[0, 1], labels=[0, 1, 2])[
+        "macro_f1"] == pytest.approx(2 / 3)
+    perfect = load_metric("macro_f1").compute(predictions=[0, 1], references=[0, 1], labels=[0, 1, 2], zero_division=1.0)
     assert perfect["macro_f1"] == pytest.approx(1.0)
     assert "parse_failure_rate" not in out and "auc" not in out
+
+
+def test_a_perfect_answer_on_a_split_missing_classes_is_perfect_by_every_metric():
+    out = classification_metrics([0, 0, 1], [0, 0, 1], scores=[[0.9, 0.1, 0], [0.8, 0.2, 0], [0.1, 0.9, 0]])
+    assert out == pytest.approx({"accuracy": 1.0, "macro_f1": 1.0, "auc": 1.0})
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_macro_f1_equals_sklearn_on_random_cases(seed):
+    """sklearn's f1_score(average="macro", zero_division=0) over the classes present; a None answer
+    is wrong for its reference and a false positive for no class."""
+    rng = np.random.default_rng(seed)
+    num_classes = int(rng.integers(2, 7))
+    n = int(rng.integers(1, 12))  # small splits miss classes
+    refs = rng.integers(0, num_classes, n).tolist()
+    preds = [None if rng.random() < 0.15 else int(p) for p in rng.integers(0, num_classes, n)]
+    present = sorted(set(refs) | {p for p in preds if p is not None})
+    expected = f1_score(refs, [-1 if p is None else p for p in preds], labels=present, average="macro",
+                        zero_division=0)
+    assert classification_metrics(preds, refs, num_classes=num_classes)["macro_f1"] == pytest.approx(expected)
+    if None not in preds:
+        assert classification_metrics(preds, refs)["macro_f1"] == pytest.approx(
+            f1_score(refs, preds, average="macro", zero_division=0))
 
 
 def test_none_predictions_are_wrong_and_reported():

@@ -67,8 +67,13 @@ def classification_metrics(
         scores: optional ``(N, num_classes)`` per-class probabilities (or a flat list of
             positive-class scores for a binary task) for ``"auc"``. See ``roc_auc.py`` for the rule on
             classes absent from the references (skipped; ``nan`` when fewer than two classes occur).
-        num_classes: size of the label set for macro-F1; default: the number of score columns, else
-            1 + the largest class id seen. Classes never predicted still count in the F1 average.
+        num_classes: the classes are ``0 .. num_classes - 1`` (ids outside raise); default: the
+            number of score columns, else 1 + the largest class id seen.
+
+    Macro-F1 is ``sklearn.metrics.f1_score(average="macro", zero_division=0)`` over the classes
+    present in the references or the predictions; AUC averages the classes present in the
+    references (a class without positives has no AUC). A class absent from a small test split
+    thus moves neither number.
     """
     predictions = list(predictions)
     references = [int(r) for r in references]
@@ -89,9 +94,7 @@ def classification_metrics(
 
     result = {
         "accuracy": load_metric("accuracy").compute(predictions=ids, references=references)["accuracy"],
-        "macro_f1": load_metric("macro_f1").compute(
-            predictions=ids, references=references, num_classes=num_classes
-        )["macro_f1"],
+        "macro_f1": load_metric("macro_f1").compute(predictions=ids, references=references)["macro_f1"],
     }
     if scores is not None:
         scores = np.asarray(scores, dtype=np.float64)
