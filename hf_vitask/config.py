@@ -13,6 +13,15 @@ PROXY_INIT_RESIZES = ("linear", "repeat")
 DEFAULT_INSTRUCTION = "Describe the findings in this image."
 CRT_NEGATIVES = ("batch", "batch+dataset")
 PASS_MODES = ("prefix", "batch", "none")
+#: How a class's answer is scored from its token log-probabilities: their sum (the answer's
+#: log-likelihood) or their mean (per token: no preference for short class names).
+OPTION_SCORES = ("sum", "mean")
+DEFAULT_OPTION_SCORE = "sum"
+
+
+def _check_option_score(value: str, name: str) -> None:
+    if value not in OPTION_SCORES:
+        raise ValueError(f"{name} must be one of {OPTION_SCORES}, got {value!r}")
 
 
 @dataclass
@@ -121,9 +130,15 @@ class VITaskConfig(VLMTuningArguments):
         default=False,
         metadata={"help": "With compute_metrics, score the evaluation options with the TSM exemplar (EP path) instead of without."},
     )
+    metric_option_score: str = field(
+        default=DEFAULT_OPTION_SCORE,
+        metadata={"help": "With compute_metrics, score each class's answer by the 'sum' or the 'mean' of its token log-probs."},
+    )
+
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        _check_option_score(self.metric_option_score, "metric_option_score")
         # what the user set, so that for_stage() can re-derive the stage defaults
         self._given = {"crt_weight": self.crt_weight, "freeze_connector": self.freeze_connector}
         if self.crt_weight is None:
@@ -346,6 +361,11 @@ class EvalArguments:
         default_factory=lambda: ["likelihood", "generate"],
         metadata={"help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse)."},
     )
+    option_score: str = field(
+        default=DEFAULT_OPTION_SCORE,
+        metadata={"help": "Likelihood scoring of a class's answer: 'sum' of its token log-probs (its log-likelihood) "
+                          "or 'mean' per token (no preference for short class names)."},
+    )
     eval_use_tsm: str = field(default="both", metadata={"help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'."})
     eval_instructions: str = field(
         default="both", metadata={"help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'."}
@@ -364,6 +384,7 @@ class EvalArguments:
         for m in self.eval_methods:
             if m not in ("likelihood", "generate"):
                 raise ValueError(f"eval_methods entries must be 'likelihood' or 'generate', got {m!r}")
+        _check_option_score(self.option_score, "option_score")
         if self.eval_use_tsm not in ("yes", "no", "both"):
             raise ValueError(f"eval_use_tsm must be 'yes', 'no' or 'both', got {self.eval_use_tsm!r}")
         if self.eval_instructions not in ("complete", "incomplete", "both"):

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hf_vitask.config import DEFAULT_OPTION_SCORE, OPTION_SCORES
 from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
-from hf_vitask.losses import response_row_ids, token_ce
+from hf_vitask.losses import IGNORE_INDEX, response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import candidate_logprobs
@@ -53,14 +54,20 @@ def score_options(
     complete_instruction: bool = True,
     batch_size: int = 8,
     shared_prompt: bool = True,
+    option_score: str = DEFAULT_OPTION_SCORE,
 ) -> torch.Tensor:
     """Log-likelihood of each class's response for each image: a ``(N, num_classes)`` tensor.
 
+    ``option_score``: ``"sum"`` of the response's token log-probs (its log-likelihood) or their
+    ``"mean"`` (per token). A sum falls with every token, so an untrained or weakly trained model
+    prefers short class names; the mean does not (see docs/cli.md, "Evaluate").
     ``shared_prompt``: run each image's prompt once into a KV cache and score all class responses
     on it (:func:`~hf_vitask.models.passes.candidate_logprobs`); False scores every class as
     a full sequence (the reference; same numbers up to float rounding, tested).
     """
     _check_tsm(model, use_tsm)
+    if option_score not in OPTION_SCORES:
+        raise ValueError(f"option_score must be one of {OPTION_SCORES}, got {option_score!r}")
     collator = VITaskCollator(
         processor, task, tsm=model.tsm if use_tsm else None, complete_instruction=complete_instruction
     )
@@ -90,7 +97,17 @@ def score_options(
             scores.append(per_image.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(scores)
+    scores = torch.cat(scores)
+    if option_score == "mean":
+        lengths = _response_lengths(collator, task, images[0])
+        scores = scores / lengths.to(scores.dtype)
+    return scores
+
+
+def _response_lengths(collator, task: TaskSpec, image) -> torch.Tensor:
+    """Tokens in each class's response (the same after any image)."""
+    labels = collator([{"image": image, "label": c} for c in range(task.num_classes)])["labels"]
+    return (labels != IGNORE_INDEX).sum(1)
 
 
 @torch.no_grad()
@@ -138,12 +155,13 @@ def predict_classes(
     method: str = "likelihood",
     complete_instruction: bool = True,
     batch_size: int = 8,
+    option_score: str = DEFAULT_OPTION_SCORE,
 ) -> list[int | None]:
     """Class id per image (``None`` when a generated answer names no class)."""
     if method == "likelihood":
         scores = score_options(
             model, processor, task, images, use_tsm=use_tsm, complete_instruction=complete_instruction,
-            batch_size=batch_size,
+            batch_size=batch_size, option_score=option_score,
         )
         return scores.argmax(-1).tolist()
     if method == "generate":
@@ -216,11 +234,12 @@ def evaluate_vlm(
     label_column: str = "label",
     max_samples: int | None = None,
     max_new_tokens: int = 16,
+    option_score: str = DEFAULT_OPTION_SCORE,
 ) -> dict:
     """Accuracy / macro-F1 (/ AUC) of the VLM on a labelled dataset, for each prediction method.
 
-    ``"likelihood"``: every class's response is scored (:func:`score_options`), the argmax is the
-    prediction and the softmax of the per-class summed log-likelihoods gives the probabilities
+    ``"likelihood"``: every class's response is scored (:func:`score_options`, by ``option_score``),
+    the argmax is the prediction and the softmax of the per-class scores gives the probabilities
     for the one-vs-rest macro AUC. ``"generate"``: greedy answers parsed back to classes
     (:meth:`TaskSpec.parse`); an answer naming no class counts as wrong, and their share is
     ``parse_failure_rate``.
@@ -243,13 +262,16 @@ def evaluate_vlm(
     chunk = max(batch_size, 1) * 16
     starts = range(0, n, chunk)
     kwargs = dict(use_tsm=use_tsm, complete_instruction=complete_instruction, batch_size=batch_size)
+    if option_score not in OPTION_SCORES:
+        raise ValueError(f"option_score must be one of {OPTION_SCORES}, got {option_score!r}")
 
     result: dict = {"num_samples": n}
     with plugged_tsm(model, tsm if use_tsm else None):
         _check_tsm(model, use_tsm)
         if "likelihood" in methods:
             log_likelihoods = torch.cat(
-                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, n), image_column), **kwargs)
+                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, n), image_column),
+                               option_score=option_score, **kwargs)
                  for s in starts]
             )
             result["likelihood"] = classification_metrics(

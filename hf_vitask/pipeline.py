@@ -245,7 +245,8 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
     tasks = task_list(load_tasks(path) or configured)
     dataset = _split(data, eval_args.eval_split, None if len(tasks) > 1 else eval_args.eval_max_samples)
     plugin = TaskSpecificModel.from_pretrained(eval_args.plugin_tsm) if eval_args.plugin_tsm else None
-    results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset)}
+    results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset),
+                     "option_score": eval_args.option_score}
     if len(tasks) == 1:
         results.update(_evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin))
     else:
@@ -284,6 +285,7 @@ def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_inde
             results[key] = evaluate_vlm(
                 model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
                 methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
+                option_score=eval_args.option_score,
             )
     return results
 
@@ -363,7 +365,8 @@ def run_predict(
         writer = csv.writer(fh)
         if method == "likelihood":
             probs = torch.softmax(
-                score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size), -1
+                score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size,
+                              option_score=eval_args.option_score), -1
             )
             writer.writerow(["path", "prediction", *task.class_names])
             for f, row in zip(files, probs.tolist()):

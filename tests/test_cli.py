@@ -106,6 +106,12 @@ def test_pipeline_round_trip(config, tmp_path, digits):
                  "--eval_instructions", "complete", "--eval_methods", "likelihood"]) == 0
     plugged = json.loads((run / "eval" / "results.json").read_text())
     assert set(plugged) >= {"with_tsm/complete", "tsm"} and "without_tsm/complete" not in plugged
+    assert results["option_score"] == "sum"
+    assert main(["evaluate", str(config), "--eval_use_tsm", "no", "--eval_instructions", "complete",
+                 "--eval_methods", "likelihood", "--option_score", "mean"]) == 0
+    mean = json.loads((run / "eval" / "results.json").read_text())
+    assert mean["option_score"] == "mean" and set(mean["without_tsm/complete"]["likelihood"]) == {"accuracy", "macro_f1", "auc"}
+    assert mean["without_tsm/complete"]["likelihood"]["auc"] != results["without_tsm/complete"]["likelihood"]["auc"]
 
     images = tmp_path / "images"
     images.mkdir()

@@ -139,3 +139,32 @@ def test_shared_prompt_scoring_equals_full_sequences(tiny, task, digits, tsm, us
     handle.remove()
     assert shared.shape == (3, task.num_classes) and shared.std() > 0.1
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+
+
+def test_summed_option_scores_prefer_short_class_names_and_the_mean_does_not(tiny, digits):
+    """Class names of 1 to 20 tokens on an untrained model: a sum of log-probs falls with every
+    token, so 'sum' picks the shortest name; 'mean' (per token) does not, and is sum / length."""
+    from hf_vitask.task import TaskSpec
+
+    vlm, processor = tiny
+    model = VITaskModel.from_vlm(vlm, processor, with_connector=False)
+    words = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+    names = [" ".join(words[(k + j) % 10] for j in range(k)) for k in (1, 3, 6, 10, 14, 20)]
+    task = TaskSpec(class_names=names, response_template="{label}")
+    images = digits["test"]["image"][:12]
+    summed = score_options(model, processor, task, images, option_score="sum")
+    mean = score_options(model, processor, task, images, option_score="mean")
+    from hf_vitask.data.collator import VITaskCollator
+
+    labels = VITaskCollator(processor, task)([{"image": images[0], "label": c} for c in range(6)])["labels"]
+    lengths = (labels != -100).sum(1)  # the response tokens (name, eos, and what the template adds)
+    assert lengths.tolist() == sorted(lengths.tolist()) and lengths[-1] >= 4 * lengths[0]
+    torch.testing.assert_close(mean, summed / lengths)
+    # sum: every image ranks the classes exactly by length (shortest first) ...
+    assert (summed.diff(dim=-1) < 0).all() and (summed.argmax(-1) == 0).all()
+    # ... mean: the per-token scores of an untrained model are about ln(1/V) whatever the length
+    assert (mean.diff(dim=-1) < 0).all(-1).float().mean() <= 0.25
+    assert (summed.max(-1).values - summed.min(-1).values).min() > 10 * (mean.max(-1).values - mean.min(-1).values).max()
+    assert predict_classes(model, processor, task, images, option_score="mean") == mean.argmax(-1).tolist()
+    with pytest.raises(ValueError, match="option_score"):
+        score_options(model, processor, task, images, option_score="max")

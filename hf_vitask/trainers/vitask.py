@@ -322,7 +322,7 @@ class VITaskTrainer(VLMTrainer):
         scores = score_options(
             self.accelerator.unwrap_model(model), self.processing_class, self.task, images,
             use_tsm=self.args.metric_use_tsm, complete_instruction=self.args.instruction == "complete",
-            batch_size=len(images),
+            batch_size=len(images), option_score=self.args.metric_option_score,
         )
         return loss.detach(), scores.to(loss.device), class_ids[: len(images)]
 
