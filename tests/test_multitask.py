@@ -113,3 +113,45 @@ def test_cli_multitask_round_trip(tmp_path, digits):
     per = [results["per_task"][t]["without_tsm/complete"]["likelihood"]["accuracy"] for t in ("lowdigits", "highdigits")]
     assert results["without_tsm/complete"]["likelihood"]["accuracy"] == pytest.approx(sum(per) / 2)
     assert 0 <= results["tsm"]["accuracy"] <= 1 and results["per_task"]["lowdigits"]["tsm"]["num_samples"] == 4
+
+
+def test_crt_averages_over_rows_with_a_negative_and_logs_coverage(tmp_path, digits, caplog):
+    """A task with one class in the batch has no in-batch negative: its rows leave L_CRT, which is the
+    mean over the covered rows' tokens (not diluted by the others), crt_coverage says how many, and
+    the run warns once."""
+    import logging
+
+    from hf_vitask import VITaskConfig, VITaskTrainer
+    from hf_vitask.losses import IGNORE_INDEX, crt_loss, response_row_ids
+    from hf_vitask.models.passes import run_passes
+
+    rows = _two_task_rows(digits)
+    low = [r for r in rows if r["task"] == 0][:4]
+    high = [r for r in rows if r["task"] == 1 and r["label"] == 2][:2]  # task 1: one class only
+    vlm, processor = build_tiny_vlm("llava")
+    args = VITaskConfig(
+        output_dir=str(tmp_path), stage=2, van_weight=0.0, ep_weight=0.0, rda_weight=0.0, crt_weight=1.0,
+        crt_negatives="batch", lora_r=4, lora_alpha=8, lora_dropout=0.0, report_to="none",
+    )
+    trainer = VITaskTrainer(model=vlm, args=args, processing_class=processor, train_dataset=rows, task=[LOW, HIGH])
+    batch = trainer.data_collator(low + high)
+    assert batch["crt_negative_index"][4:].tolist() == [-1, -1] and (batch["crt_negative_index"][:4] >= 0).all()
+    batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    with caplog.at_level(logging.WARNING):
+        loss = trainer.compute_loss(trainer.model, batch)
+        trainer.compute_loss(trainer.model, batch)
+    warnings = [r for r in caplog.records if "no CRT negative" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 6 rows" in warnings[0].getMessage()
+    assert trainer._metrics["train"]["crt_coverage"] == [4 / 6, 4 / 6]
+
+    inputs = {k: v for k, v in batch.items() if k not in ("class_ids", "task_ids", "crt_negative_index")}
+    out = run_passes(trainer.model, inputs, negative_index=batch["crt_negative_index"], mode="none")
+    keep = (batch["crt_negative_index"] >= 0)[response_row_ids(batch["labels"])]
+    expected = crt_loss(out.plain.response_logits[keep], out.negative.response_logits,
+                        out.plain.response_targets[keep]).mean()
+    assert keep.sum() < (batch["labels"] != IGNORE_INDEX).sum()  # some tokens are not covered
+    torch.testing.assert_close(loss, expected)
+    # normalised by the batch's response tokens, as Trainer does: still the mean over the covered tokens
+    total = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch, num_items_in_batch=total), expected)

@@ -246,6 +246,20 @@ class VITaskTrainer(VLMTrainer):
         return logprobs, index
 
     # -- loss ----------------------------------------------------------------------------------------
+    def _log_crt_coverage(self, model, labels: torch.Tensor, negative_index: torch.Tensor) -> None:
+        """Log ``crt_coverage`` (share of the rows that have a negative); warn once when rows lack one."""
+        rows = (labels != IGNORE_INDEX).any(1)
+        covered = (negative_index >= 0) & rows
+        coverage = float(covered.sum()) / max(int(rows.sum()), 1)
+        self.record(model, "crt_coverage", coverage)
+        if coverage < 1 and not getattr(self, "_warned_crt_coverage", False):
+            self._warned_crt_coverage = True
+            logger.warning(
+                f"{int(rows.sum() - covered.sum())} of {int(rows.sum())} rows of a batch have no CRT negative (no other "
+                "class of their task in the batch): L_CRT averages over the rows that have one (crt_coverage in the "
+                "logs). crt_negatives='batch+dataset' draws a negative from the training set for such rows."
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: VITaskConfig = self.args
         unwrapped: VITaskModel = self.accelerator.unwrap_model(model)
@@ -284,12 +298,19 @@ class VITaskTrainer(VLMTrainer):
                 terms["rda"] = rda_kl(student.response_logits, passes.ep.response_logits.detach(), args.rda_temperature)
             else:
                 terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
+        scale = {}
         if args.crt_weight > 0:
             keep = (negative_index >= 0)[response_row_ids(inputs["labels"])]
             terms["crt"] = crt_loss(student.response_logits[keep], passes.negative.response_logits, targets[keep])
+            self._log_crt_coverage(model, inputs["labels"], negative_index)
+            if num_items_in_batch is not None and keep.any():  # sum / all tokens -> mean over the covered ones
+                scale["crt"] = keep.numel() / keep.sum().item()
 
         weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
-        loss = sum(weights[k] * reduce_tokens(v, num_items_in_batch) for k, v in terms.items() if weights[k] > 0)
+        loss = sum(
+            weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
+            for k, v in terms.items() if weights[k] > 0
+        )
         for k, v in terms.items():
             if v.numel():
                 self.record(model, f"loss_{k}", v)
