@@ -76,6 +76,14 @@ class VITaskConfig(VLMTuningArguments):
             "(a saved stage-1 model passed to the trainer as `teacher`, kept frozen)."
         },
     )
+    rda_teacher_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "With rda_teacher='self': whether the teacher is the training EP pass itself, LoRA dropout "
+            "included (no extra forward), or a separate no-grad EP pass without dropout (one more forward per step; "
+            "no effect when lora_dropout is 0)."
+        },
+    )
     rda_teacher_cache: bool = field(
         default=True,
         metadata={

@@ -299,3 +299,35 @@ def test_a_large_full_teacher_cache_is_announced(tmp_path, digits, task, tsm, ca
         caplog.clear()
         trainer._check_teacher_cache_size()  # 67 digits x a few tokens x 512: far below 4 GiB
         assert caplog.text == ""
+
+
+@pytest.mark.parametrize("teacher_dropout", [True, False])
+def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monkeypatch):
+    """rda_teacher_dropout=False: the self-teacher is an EP pass without LoRA dropout (the same on every
+    call); True: the training EP pass, dropout included."""
+    from hf_vitask.trainers import vitask as vitask_module
+
+    trainer = _trainer(tmp_path, digits, task, tsm, lora_dropout=0.5, rda_teacher_dropout=teacher_dropout)
+    teachers = []
+    real = vitask_module.rda_kl
+    monkeypatch.setattr(vitask_module, "rda_kl", lambda s, t, temp: teachers.append(t) or real(s, t, temp))
+    batch = trainer.data_collator([digits["train"][i] for i in range(4)])
+    model = trainer.model.train()
+    with torch.no_grad():  # LoRA B starts at 0, where dropout on the adapter's input changes nothing
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        trainer.compute_loss(model, batch)
+    assert not teachers[0].requires_grad
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k not in ("class_ids", "tsm_pixel_values", "crt_negative_index")}
+        eval_teacher = model(**inputs, tsm_pixel_values=batch["tsm_pixel_values"]).response_logits
+    model.train()
+    if teacher_dropout:
+        assert not torch.allclose(teachers[0], teachers[1])
+    else:
+        torch.testing.assert_close(teachers[0], teachers[1])
+        torch.testing.assert_close(teachers[0], eval_teacher)

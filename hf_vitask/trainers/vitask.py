@@ -209,6 +209,21 @@ class VITaskTrainer(VLMTrainer):
         finally:
             model.train(was_training)
 
+    def _has_dropout(self, model) -> bool:
+        if getattr(self, "_dropout_present", None) is None:
+            self._dropout_present = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        return self._dropout_present
+
+    @torch.no_grad()
+    def _self_teacher_without_dropout(self, model, inputs: dict, exemplar: torch.Tensor) -> torch.Tensor:
+        """The EP pass as a teacher in eval mode (no LoRA dropout), without gradients."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped.eval()
+        try:
+            return unwrapped(**inputs, exemplar_embeds=exemplar.detach()).response_logits
+        finally:
+            unwrapped.train()
+
     def _frozen_rda(self, model: VITaskModel, inputs: dict, tsm_pixel_values, student_logits, sample_keys):
         """L_RDA against the frozen teacher: from the per-sample cache when the batch names its samples."""
         temperature = self.args.rda_temperature
@@ -295,7 +310,10 @@ class VITaskTrainer(VLMTrainer):
             terms["ep"] = token_ce(passes.ep.response_logits, targets)
         if args.rda_weight > 0:
             if args.rda_teacher == "self":
-                terms["rda"] = rda_kl(student.response_logits, passes.ep.response_logits.detach(), args.rda_temperature)
+                teacher = passes.ep.response_logits
+                if not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
+                    teacher = self._self_teacher_without_dropout(model, inputs, exemplar)
+                terms["rda"] = rda_kl(student.response_logits, teacher.detach(), args.rda_temperature)
             else:
                 terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
         scale = {}
