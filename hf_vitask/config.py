@@ -76,6 +76,13 @@ class VITaskConfig(VLMTuningArguments):
             "(a saved stage-1 model passed to the trainer as `teacher`, kept frozen)."
         },
     )
+    rda_detach: bool = field(
+        default=True,
+        metadata={
+            "help": "With rda_teacher='self': stop the RDA gradient at the teacher (the EP pass), as in the paper. "
+            "False lets it flow into the EP path too: a control for ablations, not a recommended setting."
+        },
+    )
     rda_teacher_dropout: bool = field(
         default=True,
         metadata={
@@ -316,7 +323,7 @@ class DataArguments:
 
     dataset: str = field(
         default="digits",
-        metadata={"help": "Data source: 'digits' (bundled), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format) or 'hf' (hub id / save_to_disk dir)."},
+        metadata={"help": "Data source: 'digits' (bundled), 'textures' (generated offline), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format) or 'hf' (hub id / save_to_disk dir)."},
     )
     dataset_path: str | None = field(default=None, metadata={"help": "Path or hub id of the data (not needed for 'digits')."})
     dataset_paths: list[str] | None = field(
@@ -327,7 +334,7 @@ class DataArguments:
         },
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (fast runs)."})
-    image_size: int = field(default=32, metadata={"help": "Side of the digits demo images in pixels."})
+    image_size: int = field(default=32, metadata={"help": "Side of the digits / textures images in pixels."})
     data_seed_split: int = field(default=0, metadata={"help": "Seed of the train/validation/test split when one is made."})
     train_split: str = field(default="train", metadata={"help": "Split used for training."})
     validation_split: str = field(default="validation", metadata={"help": "Split used to pick the best TSM epoch."})

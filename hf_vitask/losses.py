@@ -44,12 +44,14 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def rda_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def rda_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, detach: bool = True
+) -> torch.Tensor:
     """Response distribution alignment, ``KL(p_student || p_teacher)`` per token over the vocabulary.
 
     Student first, as in VITask: the distribution without the exemplar is pulled toward the
-    exemplar-prompted one. The teacher is detached here (stop-gradient), whatever the caller
-    passes: without the detach the paper reports no gain. With a temperature ``T`` both
+    exemplar-prompted one. The teacher is detached (stop-gradient) unless ``detach=False``, an
+    ablation control: without the detach the paper reports no gain. With a temperature ``T`` both
     distributions are softened and the result is scaled by ``T**2`` so gradients keep their size.
     """
     if student_logits.shape != teacher_logits.shape:
@@ -57,7 +59,8 @@ def rda_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ in shape"
         )
     log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    teacher_logits = teacher_logits.detach() if detach else teacher_logits
+    log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
 
 

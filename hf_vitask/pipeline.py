@@ -60,6 +60,10 @@ def load_data_and_tasks(data_args: DataArguments):
     else:
         if data_args.dataset == "digits":
             data = load_digits_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
+        elif data_args.dataset == "textures":
+            from hf_vitask.data.synthetic import load_textures_dataset
+
+            data = load_textures_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
         elif not data_args.dataset_path:
             raise ValueError(f"dataset={data_args.dataset!r} needs dataset_path (or dataset_paths for several tasks)")
         else:

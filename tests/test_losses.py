@@ -66,6 +66,17 @@ def test_rda_kl_zero_for_identical():
     assert torch.allclose(rda_kl(x, x.clone()), torch.zeros(5), atol=1e-6)
 
 
+def test_rda_kl_stops_the_gradient_at_the_teacher_unless_asked_not_to():
+    student = torch.randn(3, 7, requires_grad=True)
+    teacher = torch.randn(3, 7, requires_grad=True)
+    rda_kl(student, teacher).sum().backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    control = rda_kl(student, teacher, detach=False)
+    torch.testing.assert_close(control, rda_kl(student, teacher))  # same value ...
+    control.sum().backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0  # ... but the teacher is trained too
+
+
 def test_crt_by_hand():
     pos = torch.tensor([[1.0, 0.0, 0.0]], requires_grad=True)
     neg = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)

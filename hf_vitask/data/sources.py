@@ -42,7 +42,7 @@ DIGIT_NAMES: tuple[str, ...] = (
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("digits", "imagefolder", "npz", "medmnist", "hf")
+SOURCES: tuple[str, ...] = ("digits", "textures", "imagefolder", "npz", "medmnist", "hf")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -199,7 +199,7 @@ def class_names_of(dataset, label_column: str = "label") -> list[str] | None:
 def load_source(source: str, path: str | os.PathLike | None = None, **kwargs) -> DatasetDict:
     """Load a dataset by source name, the one entry point configs and the CLI need.
 
-    `source` is one of `SOURCES`: "digits" (bundled, no path), "imagefolder", "npz" (alias
+    `source` is one of `SOURCES`: "digits" (bundled, no path), "textures" (generated, no path), "imagefolder", "npz" (alias
     "medmnist") or "hf" (a Hub name or a `save_to_disk` directory). `kwargs` go to the loader.
     """
     key = source.lower()
@@ -209,6 +209,12 @@ def load_source(source: str, path: str | os.PathLike | None = None, **kwargs) ->
                 f"the 'digits' source is bundled with scikit-learn and takes no path, got {path!r}"
             )
         return load_digits_dataset(**kwargs)
+    if key == "textures":
+        from hf_vitask.data.synthetic import load_textures_dataset
+
+        if path is not None:
+            raise ValueError(f"the 'textures' source is generated offline and takes no path, got {path!r}")
+        return load_textures_dataset(**kwargs)
     loaders = {
         "imagefolder": load_image_folder,
         "npz": load_medmnist_npz,

@@ -313,7 +313,7 @@ class VITaskTrainer(VLMTrainer):
                 teacher = passes.ep.response_logits
                 if not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
                     teacher = self._self_teacher_without_dropout(model, inputs, exemplar)
-                terms["rda"] = rda_kl(student.response_logits, teacher.detach(), args.rda_temperature)
+                terms["rda"] = rda_kl(student.response_logits, teacher, args.rda_temperature, detach=args.rda_detach)
             else:
                 terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
         scale = {}
