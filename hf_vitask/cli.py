@@ -6,7 +6,8 @@
     hf-vitask evaluate   config.yaml             # accuracy / macro-F1 / AUC, with and without the TSM
     hf-vitask predict    config.yaml --predict_inputs img.png folder/ [--use_tsm true]
     hf-vitask push       config.yaml --hub_model_id you/vitask-model   # bundle + model card to the Hub
-    hf-vitask quickstart [--fast]                # the whole pipeline on the bundled digits, on CPU
+    hf-vitask quickstart [--fast] [--ablation]   # the whole pipeline on the bundled digits, on CPU
+    hf-vitask ablate     config.yaml --seeds 0 1 2   # each VITask component's contribution, with controls
 
 The options of every command are the fields of the config dataclasses (``hf-vitask train --help``
 lists them all); a YAML key that is not one of them is an error, so typos never pass silently.
@@ -26,6 +27,7 @@ COMMANDS = {
     "predict": "Predict classes for image files / folders and write a CSV.",
     "push": "Upload a trained bundle with its model card to the Hub (hub_model_id).",
     "quickstart": "TSM, vanilla and VITask on the bundled digits, compared in one table (CPU, minutes).",
+    "ablate": "Vanilla vs RDA / CRT / both (without the TSM), controls and the full model, over seeds; optional alpha x beta sweep.",
     "info": "Print the version, the device and the supported VLM families.",
 }
 
@@ -44,7 +46,14 @@ class RunArguments:
     use_tsm: bool = field(default=False, metadata={"help": "predict: use the TSM exemplar (EP path)."})
     predict_method: str = field(default="likelihood", metadata={"help": "predict: 'likelihood' or 'generate'."})
     fast: bool = field(default=False, metadata={"help": "quickstart: a reduced run (seconds), for smoke tests."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "quickstart: seeds to run and average."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "quickstart / ablate: seeds to run and average."})
+    ablation: bool = field(default=False, metadata={"help": "quickstart: run the ablation (hf-vitask ablate) on the digits instead."})
+    sweep_rda_weights: list[float] = field(
+        default_factory=list, metadata={"help": "ablate: RDA weights (alpha) of the alpha x beta sweep (empty: no sweep)."}
+    )
+    sweep_crt_weights: list[float] = field(
+        default_factory=list, metadata={"help": "ablate: CRT weights (beta) of the alpha x beta sweep (empty: no sweep)."}
+    )
 
 
 def _dataclasses(method: str = "vitask"):
@@ -176,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predictions written to {path}")
     elif command == "push":
         print(f"pushed: {pipeline.run_push(eval_args, model_args, train_args, out)}")
+    elif command == "ablate":
+        from hf_vitask.ablation import run_ablation
+
+        run_ablation((model_args, data_args, tsm_args, train_args, eval_args), out, seeds=run_args.seeds,
+                     alphas=run_args.sweep_rda_weights, betas=run_args.sweep_crt_weights)
+    elif command == "quickstart" and run_args.ablation:
+        from hf_vitask.quickstart import run_quickstart_ablation
+
+        run_quickstart_ablation(out if "output_dir" in explicit else "vitask-ablation", fast=run_args.fast,
+                                seeds=run_args.seeds, alphas=run_args.sweep_rda_weights,
+                                betas=run_args.sweep_crt_weights)
     elif command == "quickstart":
         from hf_vitask.quickstart import run_quickstart
 

@@ -99,13 +99,13 @@ def score_options(
         model.train(was_training)
     scores = torch.cat(scores)
     if option_score == "mean":
-        lengths = _response_lengths(collator, task, images[0])
+        lengths = response_lengths(collator, task, images[0])
         scores = scores / lengths.to(scores.dtype)
     return scores
 
 
-def _response_lengths(collator, task: TaskSpec, image) -> torch.Tensor:
-    """Tokens in each class's response (the same after any image)."""
+def response_lengths(collator, task: TaskSpec, image) -> torch.Tensor:
+    """Tokens in each class's response (the same after any image): what ``option_score="mean"`` divides by."""
     labels = collator([{"image": image, "label": c} for c in range(task.num_classes)])["labels"]
     return (labels != IGNORE_INDEX).sum(1)
 

@@ -9,6 +9,7 @@ instructions. Written to the output directory: ``results.json``, ``results.md``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -32,11 +33,13 @@ class QuickstartBudget:
 
 FULL = QuickstartBudget()
 FAST = QuickstartBudget(train_samples=48, eval_samples=12, tsm_epochs=1, steps_per_stage=2, batch_size=8)
+#: The ablation trains about eleven stages per seed: half the quickstart's steps per stage, all else equal.
+ABLATION = dataclasses.replace(FULL, steps_per_stage=FULL.steps_per_stage // 2)
 ROWS = ("TSM", "vanilla", "VITask w/o EP", "VITask w/ EP")
 
 
-def _configs(out: Path, budget: QuickstartBudget, seed: int):
-    data = DataArguments(dataset="digits", max_samples=budget.train_samples, data_seed_split=0)
+def _configs(out: Path, budget: QuickstartBudget, seed: int, dataset: str = "digits"):
+    data = DataArguments(dataset=dataset, max_samples=budget.train_samples, data_seed_split=0)
     tsm = TSMArguments(
         tsm_model="test_resnet", tsm_pretrained=False, tsm_img_size=32, tsm_epochs=budget.tsm_epochs,
         tsm_batch_size=16, tsm_learning_rate=3e-3,
@@ -185,3 +188,16 @@ def run_quickstart(output_dir: str = "vitask-quickstart", *, fast: bool = False,
     plot(summary, out / "results.png")
     print("\n" + table + f"\n\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
     return results
+
+
+def run_quickstart_ablation(
+    output_dir: str = "vitask-ablation", *, fast: bool = False, seeds=(0,), alphas=(), betas=(), dataset: str = "digits"
+) -> dict:
+    """:func:`hf_vitask.ablation.run_ablation` with the quickstart's data, model and settings
+    (:data:`ABLATION` budget: half the quickstart's steps per stage)."""
+    from hf_vitask.ablation import run_ablation
+
+    budget = FAST if fast else ABLATION
+    configs = _configs(Path(output_dir), budget, seed=0, dataset=dataset)
+    return run_ablation(configs, output_dir, seeds=seeds, alphas=alphas, betas=betas,
+                        title=f"hf-vitask ablation: {dataset}, tiny LLaVA")

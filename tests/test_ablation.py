@@ -1,0 +1,80 @@
+"""hf-vitask ablate: arms trained with the intended settings, shared runs trained once, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_vitask.ablation import ARMS, crt_separation
+from hf_vitask.cli import main
+
+
+def test_crt_separation_by_hand():
+    # image 0 (class 0) vs image 1 (class 1): 0's answer 2 nats likelier after 0 than after 1; 1's by 4
+    scores = torch.tensor([[-1.0, -5.0], [-3.0, -1.0], [-2.0, -6.0]])
+    refs = [0, 1, 0]
+    # pairs (i, j) of different classes: (0,1): -1 - -3 = 2, (1,0): -1 - -5 = 4, (1,2): -1 - -6 = 5, (2,1): -2 - -3 = 1
+    assert crt_separation(scores, refs) == pytest.approx((2 + 4 + 5 + 1) / 4)
+    assert math.isnan(crt_separation(scores[:1], [0]))
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    assert main(["quickstart", "--ablation", "--fast", "--output_dir", str(out), "--seeds", "3",
+                 "--sweep_rda_weights", "0.3", "1", "--sweep_crt_weights", "1"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _training(path: str, stage: int = 2) -> dict:
+    return json.loads((Path(path) / "training_config.json").read_text())
+
+
+def test_every_arm_trains_what_it_names_and_shared_runs_train_once(ablation):
+    _, results = ablation
+    bundles = results["per_seed"][0]["bundles"]
+    assert set(bundles) == {arm.name for arm in ARMS} | {"alpha=0.3, beta=1", "alpha=1, beta=1"}
+    vanilla = _training(bundles["vanilla"])
+    assert (vanilla["ep_weight"], vanilla["rda_weight"], vanilla["crt_weight"]) == (0.0, 0.0, 0.0)
+    assert vanilla["max_steps"] == 2 * results["steps_per_stage"]
+    expected = {  # arm: (stage-2 rda_weight, crt_weight, rda_detach, rda_teacher_dropout)
+        "RDA": (1.0, 0.0, True, True),
+        "CRT": (0.0, 1.0, True, True),
+        "RDA+CRT": (1.0, 1.0, True, True),
+        "RDA+CRT, RDA not detached": (1.0, 1.0, False, True),
+        "RDA+CRT, teacher w/o dropout": (1.0, 1.0, True, False),
+        "alpha=0.3, beta=1": (0.3, 1.0, True, True),
+    }
+    for arm, values in expected.items():
+        cfg = _training(bundles[arm])
+        assert (cfg["rda_weight"], cfg["crt_weight"], cfg["rda_detach"], cfg["rda_teacher_dropout"]) == values, arm
+        assert cfg["stage"] == 2 and cfg["max_steps"] == results["steps_per_stage"] and cfg["ep_weight"] > 0
+        stage1 = json.loads((Path(bundles[arm]).parent / "stage1" / "training_config.json").read_text())
+        assert stage1["rda_weight"] == values[0] and stage1["crt_weight"] == 0.0
+    # the full model with the TSM and the sweep's default point reuse the RDA+CRT run
+    assert bundles["RDA+CRT, with TSM"] == bundles["RDA+CRT"] == bundles["alpha=1, beta=1"]
+    # RDA and RDA+CRT share their stage 1
+    assert (Path(bundles["RDA"]).parent / "stage1").resolve() == (Path(bundles["RDA+CRT"]).parent / "stage1").resolve()
+
+
+def test_report_has_every_arm_instruction_and_metric(ablation):
+    out, results = ablation
+    arms = results["per_seed"][0]["arms"]
+    assert list(arms) == ["TSM", *(arm.name for arm in ARMS)]
+    for arm in ARMS:
+        for instruction in ("complete", "incomplete"):
+            metrics = arms[arm.name][instruction]
+            assert set(metrics) >= {"sum_accuracy", "mean_accuracy", "sum_macro_f1", "sum_auc", "gen_accuracy",
+                                    "gen_parse_failure_rate", "separation"}
+            assert all(0 <= metrics[k] <= 1 for k in ("sum_accuracy", "mean_accuracy", "gen_accuracy"))
+            assert math.isfinite(metrics["separation"])
+    assert set(results["per_seed"][0]["sweep"]) == {"alpha=0.3, beta=1", "alpha=1, beta=1"}
+    summary = results["summary"]["RDA"]["complete"]["sum_accuracy"]
+    assert summary == {"mean": arms["RDA"]["complete"]["sum_accuracy"], "std": 0.0}
+    table = (out / "results.md").read_text()
+    assert table.count("| RDA+CRT, RDA not detached |") == 2 and "| alpha=0.3, beta=1 |" in table
+    assert "CRT separation" in table and (out / "results.png").stat().st_size > 0
