@@ -78,3 +78,17 @@ def test_report_has_every_arm_instruction_and_metric(ablation):
     table = (out / "results.md").read_text()
     assert table.count("| RDA+CRT, RDA not detached |") == 2 and "| alpha=0.3, beta=1 |" in table
     assert "CRT separation" in table and (out / "results.png").stat().st_size > 0
+
+
+def test_the_ablate_command_passes_the_config_seeds_and_sweep(tmp_path, monkeypatch):
+    from hf_vitask import ablation
+
+    seen = {}
+    monkeypatch.setattr(ablation, "run_ablation", lambda configs, out, **kw: seen.update(configs=configs, out=out, **kw))
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "ablation_textures.yaml"
+    assert main(["ablate", str(config), "--seeds", "0", "1", "--sweep_rda_weights", "0.1", "1",
+                 "--sweep_crt_weights", "0.3", "--output_dir", str(tmp_path)]) == 0
+    model_args, data_args, _, train_args, eval_args = seen["configs"]
+    assert (data_args.dataset, model_args.model_name_or_path, train_args.max_steps) == ("textures", "tiny-llava", 120)
+    assert seen["out"] == str(tmp_path) and seen["seeds"] == [0, 1]
+    assert seen["alphas"] == [0.1, 1.0] and seen["betas"] == [0.3]

@@ -197,3 +197,16 @@ def test_train_tsm_rejects_empty_and_missing_columns(digits):
         train_tsm(make_vit(), digits["train"].select([]), progress=False)
     with pytest.raises(ValueError, match="no column"):
         train_tsm(make_vit(), digits["train"], label_column="target", progress=False)
+
+
+def test_batches_cover_every_row_once_and_never_leave_a_single_row():
+    """Every split size and batch size (a trailing single row joins the previous batch: BatchNorm)."""
+    from hf_vitask.models.tsm import _batches
+
+    for n in range(0, 70):
+        for batch_size in (1, 2, 3, 7, 8, 32):
+            batches = _batches(list(range(n)), batch_size)
+            assert [i for b in batches for i in b] == list(range(n)), (n, batch_size)
+            if batch_size > 1 and len(batches) > 1:
+                assert all(len(b) > 1 for b in batches), (n, batch_size)
+            assert all(len(b) <= batch_size + 1 for b in batches)

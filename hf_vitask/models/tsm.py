@@ -351,7 +351,8 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
     because BatchNorm cannot train on one sample."""
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] += batches.pop()
+        last = batches.pop()  # (not `batches[-2] += batches.pop()`: the pop would move index -2)
+        batches[-1] += last
     return batches
 
 
