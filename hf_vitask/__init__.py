@@ -23,6 +23,7 @@ from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.tsm import TaskSpecificModel, train_tsm, tsm_predict
 from hf_vitask.task import TaskSpec, digits_task
+from hf_vitask.trainers.base import NonFiniteLossError
 from hf_vitask.trainers.instruction_free import InstructionFreeTrainer, ProxyInstruction, mc_evaluate
 from hf_vitask.trainers.vitask import VITaskTrainer
 
@@ -32,6 +33,7 @@ __all__ = [
     "InstructionFreeCollator",
     "InstructionFreeConfig",
     "InstructionFreeTrainer",
+    "NonFiniteLossError",
     "ProxyInstruction",
     "add_digit_descriptions",
     "digit_descriptions",

@@ -330,3 +330,31 @@ def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monke
     else:
         torch.testing.assert_close(teachers[0], teachers[1])
         torch.testing.assert_close(teachers[0], eval_teacher)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, digits, task, tsm):
+    from hf_vitask import NonFiniteLossError, VITaskModel
+
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=6, learning_rate=1e30, max_grad_norm=0.0,
+                       save_strategy="steps", save_steps=1, logging_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"step (\d+): the (loss term 'loss_\w+' is (nan|inf)|trainable weight)") as err:
+        trainer.train()
+    step = int(err.value.args[0].split(":")[0].split()[1])
+    assert step >= 2 and "checkpoint-" in str(err.value)
+    out = tmp_path / "out"
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert checkpoints and max(checkpoints) == step - 1  # nothing written at or after the failing step
+    assert not (out / "vitask_config.json").exists()  # no final bundle
+    # a bundle whose weights hold NaN is refused on load, naming the file and the tensor
+    bundle = tmp_path / "bundle"
+    good = _trainer(tmp_path / "ok", digits, task, tsm, max_steps=1)
+    good.train()
+    good.save_model(str(bundle))
+    from safetensors.torch import load_file, save_file
+
+    connector = load_file(str(bundle / "exemplar_connector.safetensors"))
+    name = next(iter(connector))
+    connector[name] = torch.full_like(connector[name], float("nan"))
+    save_file(connector, str(bundle / "exemplar_connector.safetensors"))
+    with pytest.raises(ValueError, match=rf"exemplar_connector.safetensors: tensor '{name}' holds NaN"):
+        VITaskModel.from_pretrained(bundle)

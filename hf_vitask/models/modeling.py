@@ -352,6 +352,7 @@ class VITaskModel(nn.Module):
         if not cfg_file.is_file():
             raise FileNotFoundError(f"No {VITASK_CONFIG_FILE} in {path}: not a directory written by hf_vitask")
         cfg = json.loads(cfg_file.read_text())
+        check_finite_weights(path)
         if (path / ADAPTER_CONFIG_FILE).is_file():
             from peft import PeftModel
 
@@ -383,6 +384,21 @@ class VITaskModel(nn.Module):
             image_end_token_id=cfg.get("image_end_token_id"),
             slot_token_id=cfg.get("slot_token_id", 0),
         )
+
+
+def check_finite_weights(path: Path) -> None:
+    """Refuse a bundle whose trained weights (adapter, connector, TSM) hold NaN or inf: the run that
+    wrote them diverged, and a model loaded from them would predict garbage without complaint."""
+    for name in ("adapter_model.safetensors", CONNECTOR_FILE, f"{TSM_DIR}/model.safetensors"):
+        file = path / name
+        if not file.is_file():
+            continue
+        for key, tensor in load_file(str(file)).items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise ValueError(
+                    f"{file}: tensor {key!r} holds NaN or inf values; the run that saved it diverged. "
+                    "Retrain (lower learning_rate, max_grad_norm > 0) or load an earlier checkpoint."
+                )
 
 
 def _load_base(adapter_config: dict, **model_kwargs):

@@ -3,11 +3,13 @@ saving / resuming the trainable state (adapter + package extras) as safetensors.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.models.modeling import VITaskModel, _is_peft
@@ -71,6 +73,31 @@ def check_trainer_inputs(args, config_class, default_output_dir: str, processing
     return args
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss term or weight; it stopped before anything was saved."""
+
+
+def _stopped(args, step: int, what: str) -> NonFiniteLossError:
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint had been written"
+    return NonFiniteLossError(
+        f"step {step}: {what}. Training stopped and nothing was saved ({kept}). Lower learning_rate, set "
+        "max_grad_norm > 0, train in float32 or bfloat16 instead of float16, or check the data."
+    )
+
+
+class FiniteWeightsCallback(TrainerCallback):
+    """After every optimizer step, stop when a trainable weight is no longer finite, before a
+    checkpoint of it can be written."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
+        if params and not bool(torch.stack([p.detach().isfinite().all() for _, p in params]).all()):
+            name = next(n for n, p in params if not bool(p.detach().isfinite().all()))
+            raise _stopped(args, state.global_step, f"the trainable weight {name!r} is no longer finite")
+        return control
+
+
 class VLMTrainer(Trainer):
     """Base of :class:`VITaskTrainer` and :class:`InstructionFreeTrainer` (a ``transformers.Trainer``).
 
@@ -82,10 +109,16 @@ class VLMTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(FiniteWeightsCallback())
 
     def record(self, model, name: str, value: torch.Tensor | float) -> None:
+        """Keep ``value`` for the next log; a non-finite training loss term stops training
+        (:class:`NonFiniteLossError` naming the step and the term) instead of being logged."""
         mode = "train" if model.training else "eval"
-        self._metrics[mode][name].append(float(value.detach().float().mean()) if torch.is_tensor(value) else value)
+        value = float(value.detach().float().mean()) if torch.is_tensor(value) else value
+        if mode == "train" and name.startswith("loss") and not math.isfinite(value):
+            raise _stopped(self.args, self.state.global_step + 1, f"the loss term {name!r} is {value}")
+        self._metrics[mode][name].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
