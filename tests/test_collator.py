@@ -459,3 +459,29 @@ def test_vlm_collator_is_trls_for_families_without_quirks_and_fixes_the_others(d
     assert answer.any(1).all()
     assert torch.equal(batch["token_type_ids"].bool() & batch["attention_mask"].bool(), answer)
     assert family_of_processor(llava.tokenizer) is None  # no family claims a bare tokenizer
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_by_their_range_not_clipped(tmp_path, mode):
+    """A 16-bit scan through convert("RGB") is nearly all white; scaled, its gradient keeps its order."""
+    import numpy as np
+
+    from hf_vitask.data.collator import load_image
+    from hf_vitask.models.tsm import _to_rgb
+
+    ramp = np.linspace(1000, 60000, 64 * 32).reshape(32, 64)  # all above 255: clipping would flatten it
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(ramp.astype(dtype))
+    assert image.mode == mode
+    assert len(set(np.asarray(image.convert("RGB"))[..., 0].ravel().tolist())) <= 2  # what PIL alone does
+    sources = [image]
+    if mode == "I;16":
+        image.save(tmp_path / "scan.png")
+        sources.append(str(tmp_path / "scan.png"))
+    for source in sources:
+        for rgb in (load_image(source, ""), _to_rgb(image, 0)):
+            pixels = np.asarray(rgb)[..., 0].astype(int).ravel()
+            assert rgb.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255
+            assert (np.diff(pixels) >= 0).all() and len(set(pixels.tolist())) > 200
+    flat = Image.fromarray(np.full((4, 4), 5000, np.uint16))
+    assert np.asarray(load_image(flat, "")).max() == 0  # a constant image is black, as documented

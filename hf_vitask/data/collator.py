@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hf_vitask.data.images import to_rgb
 from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.losses import IGNORE_INDEX
 from hf_vitask.task import TaskSpec
 
 
 def load_image(value: Any, where: str) -> Image.Image:
-    """Accept a PIL image, a path, or a datasets ``{"path", "bytes"}`` dict; fail naming the row."""
+    """Accept a PIL image, a path, or a datasets ``{"path", "bytes"}`` dict; fail naming the row.
+    Returns 8-bit RGB (16-bit and float images scaled by their value range: :func:`to_rgb`)."""
     if isinstance(value, dict) and value.get("bytes") is None:
         value = value.get("path")
     if value is None:
@@ -35,13 +37,13 @@ def load_image(value: Any, where: str) -> Image.Image:
     shown = f"<{len(value['bytes'])} bytes>" if isinstance(value, dict) else repr(value)
     try:
         if isinstance(value, Image.Image):  # may be lazily loaded: decoding can fail here too
-            return value.convert("RGB")
+            return to_rgb(value)
         if isinstance(value, dict):
             import io
 
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(value["bytes"])))
         with Image.open(value) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise ValueError(f"Image file not found{where}: {shown}") from None
     except (OSError, ValueError, TypeError, AttributeError) as e:

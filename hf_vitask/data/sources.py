@@ -27,6 +27,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 from sklearn.model_selection import train_test_split
 
+from hf_vitask.data.images import to_rgb
+
 DIGIT_NAMES: tuple[str, ...] = (
     "zero",
     "one",
@@ -737,7 +739,7 @@ def _medmnist_flag(path: Path) -> str:
 
 
 def _npz_to_image(pixels: np.ndarray, image_size: int | None) -> PILImage.Image:
-    image = PILImage.fromarray(pixels).convert("RGB")
+    image = to_rgb(PILImage.fromarray(pixels))
     if image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), PILImage.Resampling.BICUBIC)
     return image

@@ -21,6 +21,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_vitask.data.images import to_rgb
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "tsm_config.json"
 FEATURE_KINDS = ("pooled", "patch")
@@ -386,7 +388,7 @@ def _to_rgb(image, index: int) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ValueError(f"item {index} is a {type(image).__name__}, not a PIL image")
     try:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)
     except (OSError, ValueError) as err:
         raise ValueError(f"item {index} (mode {image.mode!r}) cannot be converted to RGB: {err}") from err
 

@@ -1,0 +1,32 @@
+"""Any PIL image to the 8-bit RGB every processor and timm transform expects.
+
+PIL's ``convert("RGB")`` clips 16-bit, 32-bit integer and float images to 0..255: a 16-bit scan
+(common in medical imaging: DICOM exports, microscopy) becomes almost uniformly white. Such
+images are scaled to 8 bits by their own value range instead (minimum -> 0, maximum -> 255),
+which keeps the order of every pixel value; a constant image becomes black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["to_rgb"]
+
+
+def _high_depth(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; high-bit-depth images are min-max scaled, never clipped."""
+    if image.mode == "RGB":
+        return image
+    if _high_depth(image.mode):
+        pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError(f"the {image.mode!r} image holds NaN or inf pixel values")
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) / (high - low) * 255.0 if high > low else np.zeros_like(pixels)
+        image = Image.fromarray(np.round(scaled).astype(np.uint8))  # mode "L"
+    return image.convert("RGB")
