@@ -362,26 +362,66 @@ def run_predict(
             raise ValueError(f"{path} holds several tasks {sorted(by_name)}: choose one with task_name")
         task = by_name[task_name]
     files = collect_images(eval_args.predict_inputs)
-    images = [str(f) for f in files]
+    images, unreadable = _readable(files)
     out = Path(eval_args.predictions_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        if method == "likelihood":
+    rows: list[list[str]] = []
+    if method == "likelihood":
+        header = ["path", "prediction", *task.class_names, "error"]
+        if images:
             probs = torch.softmax(
-                score_options(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size,
-                              option_score=eval_args.option_score), -1
+                score_options(model, processor, task, list(images.values()), use_tsm=use_tsm,
+                              batch_size=eval_args.eval_batch_size, option_score=eval_args.option_score), -1
             )
-            writer.writerow(["path", "prediction", *task.class_names])
-            for f, row in zip(files, probs.tolist()):
-                writer.writerow([str(f), task.class_names[max(range(len(row)), key=row.__getitem__)], *(f"{p:.6f}" for p in row)])
-        else:
-            answers = generate_answers(model, processor, task, images, use_tsm=use_tsm, batch_size=eval_args.eval_batch_size)
-            writer.writerow(["path", "prediction", "answer"])
-            for f, answer in zip(files, answers):
+            for f, row in zip(images, probs.tolist()):
+                best = task.class_names[max(range(len(row)), key=row.__getitem__)]
+                rows.append([str(f), best, *(f"{p:.6f}" for p in row), ""])
+    else:
+        header = ["path", "prediction", "answer", "error"]
+        if images:
+            answers = generate_answers(model, processor, task, list(images.values()), use_tsm=use_tsm,
+                                       batch_size=eval_args.eval_batch_size)
+            for f, answer in zip(images, answers):
                 cls = task.parse(answer)
-                writer.writerow([str(f), "" if cls is None else task.class_names[cls], answer])
+                rows.append([str(f), "" if cls is None else task.class_names[cls], answer, ""])
+    rows += [[str(f), *[""] * (len(header) - 2), error] for f, error in unreadable.items()]
+    order = {str(f): i for i, f in enumerate(files)}
+    rows.sort(key=lambda r: order[r[0]])
+    _write_atomically(out, header, rows)
+    if unreadable:
+        logger.warning(f"{len(unreadable)} of {len(files)} inputs could not be read (listed in {out}, column "
+                       f"'error'): " + "; ".join(f"{f}: {e}" for f, e in unreadable.items()))
     return out
+
+
+def _readable(files: list[Path]):
+    """``({path: RGB image}, {path: why it cannot be read})``: one bad file does not stop the others."""
+    from hf_vitask.data.collator import load_image
+
+    images, unreadable = {}, {}
+    for f in files:
+        try:
+            images[f] = load_image(str(f), "")
+        except ValueError as err:
+            unreadable[f] = str(err)
+    return images, unreadable
+
+
+def _write_atomically(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Write the CSV next to ``path`` and rename it into place: an earlier file survives any failure."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- instruction-free tuning ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -120,12 +121,26 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     csv_path = tmp_path / "preds.csv"
     assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
     rows = list(csv.reader(csv_path.open()))
-    assert rows[0][:2] == ["path", "prediction"] and len(rows[0]) == 12 and len(rows) == 4
-    assert all(r[1] in rows[0][2:] for r in rows[1:])
-    assert abs(sum(float(p) for p in rows[1][2:]) - 1) < 1e-4
+    assert rows[0][:2] == ["path", "prediction"] and rows[0][-1] == "error" and len(rows[0]) == 13 and len(rows) == 4
+    assert all(r[1] in rows[0][2:12] and r[-1] == "" for r in rows[1:])
+    assert abs(sum(float(p) for p in rows[1][2:12]) - 1) < 1e-4
+    good = csv_path.read_text()
+
+    # an unreadable input is listed (CSV + log) and the others are still predicted
+    (images / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
+    rows = list(csv.reader(csv_path.open()))
+    assert [Path(r[0]).name for r in rows[1:]] == ["broken.png", "digit0.png", "digit1.png", "digit2.png"]
+    assert rows[1][1] == "" and "Cannot read image" in rows[1][-1] and all(r[1] for r in rows[2:])
+    # a failure while predicting leaves the earlier predictions file as it was
+    csv_path.write_text(good)
+    with pytest.raises(FileNotFoundError):
+        main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path),
+              "--model_path", str(tmp_path / "no-such-bundle")])
+    assert csv_path.read_text() == good and not list(csv_path.parent.glob(".preds.csv.*"))
     assert main(["predict", str(config), "--predict_inputs", str(images / "digit0.png"), "--use_tsm", "true",
                  "--predict_method", "generate", "--predictions_file", str(csv_path)]) == 0
-    assert list(csv.reader(csv_path.open()))[0] == ["path", "prediction", "answer"]
+    assert list(csv.reader(csv_path.open()))[0] == ["path", "prediction", "answer", "error"]
 
 
 def test_train_without_tsm_says_what_to_do(config):

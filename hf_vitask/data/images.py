@@ -19,9 +19,10 @@ def _high_depth(mode: str) -> bool:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; high-bit-depth images are min-max scaled, never clipped."""
+    """``image`` as a new 8-bit RGB image (decoded now: the source file may be closed after);
+    high-bit-depth images are min-max scaled, never clipped."""
     if image.mode == "RGB":
-        return image
+        return image.copy()
     if _high_depth(image.mode):
         pixels = np.asarray(image, dtype=np.float64)
         if not np.isfinite(pixels).all():

@@ -388,7 +388,7 @@ def _to_rgb(image, index: int) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ValueError(f"item {index} is a {type(image).__name__}, not a PIL image")
     try:
-        return to_rgb(image)
+        return image if image.mode == "RGB" else to_rgb(image)
     except (OSError, ValueError) as err:
         raise ValueError(f"item {index} (mode {image.mode!r}) cannot be converted to RGB: {err}") from err
 
