@@ -190,9 +190,10 @@ def run_train(
     eval_ds = data[data_args.validation_split] if train_args.eval_strategy != "no" else None
     if method == "vanilla":
         stages = (1,)
+    resume = resume_target(train_args.resume_from_checkpoint)
     model = processor = None
     out = root
-    for stage in stages:
+    for i, stage in enumerate(stages):
         if method == "vanilla":
             out = root / "vanilla"
             args = train_args.for_stage(1, output_dir=str(out), ep_weight=0.0, rda_weight=0.0, crt_weight=0.0)
@@ -200,6 +201,9 @@ def run_train(
         else:
             out = root / f"stage{stage}"
             args = train_args.for_stage(stage, output_dir=str(out))
+            if resume and i + 1 < len(stages) and _finished(out, resume):
+                logger.info(f"Resuming: stage {stage} is finished ({out}); continuing with the next stage")
+                continue
             tsm = load_trained_tsm(tsm_args, str(root)) if model is None else None
         if model is None and stage == 2:
             previous = root / "stage1"
@@ -216,10 +220,43 @@ def run_train(
             model=model, args=args, processing_class=processor, train_dataset=train_ds, eval_dataset=eval_ds,
             task=task, tsm=tsm,
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=_checkpoint_in(out, resume))
         trainer.save_model(str(out))
         model = trainer.model
     return out
+
+
+def resume_target(value) -> bool | Path | None:
+    """``resume_from_checkpoint`` of a CLI run: None (fresh), True (the newest complete checkpoint of
+    the stage being trained) or the path of one checkpoint."""
+    if value in (None, "", False) or (isinstance(value, str) and value.lower() in ("false", "no", "0")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "1")):
+        return True
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a checkpoint directory")
+    return path
+
+
+def _finished(stage_dir: Path, resume) -> bool:
+    """Whether a stage needs no training on resume: its bundle is written and the checkpoint asked for
+    (if a path) is not inside it."""
+    if isinstance(resume, Path) and stage_dir.resolve() in resume.resolve().parents:
+        return False
+    return (stage_dir / "vitask_config.json").is_file()
+
+
+def _checkpoint_in(stage_dir: Path, resume):
+    """What ``Trainer.train(resume_from_checkpoint=...)`` gets for this stage."""
+    from hf_vitask.trainers.checkpoints import last_complete_checkpoint
+
+    if resume is True:
+        found = last_complete_checkpoint(stage_dir)
+        return str(found) if found is not None else None  # nothing saved yet: the stage starts afresh
+    if isinstance(resume, Path) and stage_dir.resolve() in resume.resolve().parents:
+        return str(resume)
+    return None
 
 
 # -- evaluation and prediction -----------------------------------------------------------------------
@@ -447,7 +484,7 @@ def run_train_instruction_free(model_args: ModelArguments, data_args: DataArgume
     model, processor = load_vlm(model_args.model_name_or_path, **_model_kwargs(model_args))
     trainer = InstructionFreeTrainer(model=model, args=args, processing_class=processor,
                                      train_dataset=data[data_args.train_split])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_checkpoint_in(out, resume_target(train_args.resume_from_checkpoint)))
     trainer.save_model(str(out))
     return out
 

@@ -112,7 +112,6 @@ class VITaskCollator:
     label_column: str = "label"
     task_column: str = "task"
     seed: int = 0
-    _rng: random.Random = field(init=False, repr=False)
     _by_class: dict | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
@@ -124,7 +123,6 @@ class VITaskCollator:
             raise ValueError("The collator needs at least one TaskSpec")
         self.image_token_id = image_token_id_of(self.processor)
         self._trl = VLMCollator(self.processor, completion_only_loss=True)
-        self._rng = random.Random(self.seed)
 
     @property
     def multi_task(self) -> bool:
@@ -151,7 +149,17 @@ class VITaskCollator:
             "completion": assistant_message(task.response(label)),
         }
 
-    def _dataset_negative(self, label: int, task_id: int) -> tuple[Image.Image, int, int]:
+    def _batch_rng(self, items) -> random.Random:
+        """The random stream of one batch, a function of the seed and the batch's content: the same
+        rows get the same negatives whenever (and in whichever process) they are collated, so a
+        resumed run picks what an uninterrupted one picked."""
+        digest = hashlib.blake2b(str(self.seed).encode(), digest_size=16)
+        for image, label, task_id in items:
+            digest.update(f"{label}:{task_id}:{image.size}".encode())
+            digest.update(image.tobytes())
+        return random.Random(digest.hexdigest())
+
+    def _dataset_negative(self, label: int, task_id: int, rng: random.Random) -> tuple[Image.Image, int, int]:
         if self._by_class is None:
             by_class = defaultdict(list)
             ds = self.negatives_dataset
@@ -164,7 +172,7 @@ class VITaskCollator:
             raise ValueError(
                 f"CRT needs at least two classes per task in the training data; task {self.tasks[task_id].name!r} has one"
             )
-        idx = self._rng.choice(self._by_class[self._rng.choice(classes)])
+        idx = rng.choice(self._by_class[rng.choice(classes)])
         return self._row(self.negatives_dataset[idx], idx, " of the negatives dataset")
 
     # -- call ------------------------------------------------------------------------------------
@@ -175,11 +183,12 @@ class VITaskCollator:
         n_real = len(items)
         negatives = None
         if self.negatives_dataset is not None or self.with_negatives:
-            negatives = pick_negatives([c for _, c, _ in items], self._rng, [t for _, _, t in items])
+            rng = self._batch_rng(items)
+            negatives = pick_negatives([c for _, c, _ in items], rng, [t for _, _, t in items])
             if self.negatives_dataset is not None:
                 for i in range(n_real):
                     if negatives[i] == -1:
-                        items.append(self._dataset_negative(items[i][1], items[i][2]))
+                        items.append(self._dataset_negative(items[i][1], items[i][2], rng))
                         negatives[i] = len(items) - 1
                 negatives += [-1] * (len(items) - n_real)
         examples = [self._example(*item) for item in items]

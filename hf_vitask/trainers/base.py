@@ -9,10 +9,16 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.models.modeling import VITaskModel, _is_peft
+from hf_vitask.trainers.checkpoints import (
+    MANIFEST_FILE,
+    SealCheckpointCallback,
+    checkpoint_problem,
+    last_complete_checkpoint,
+)
 
 TRAINING_CONFIG_FILE = "training_config.json"
 
@@ -110,6 +116,21 @@ class VLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(FiniteWeightsCallback())
+        self.add_callback(SealCheckpointCallback())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete*
+        checkpoint (an unfinished or damaged newer one is skipped with a warning)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}")
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None and Path(resume_from_checkpoint, MANIFEST_FILE).exists():
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def record(self, model, name: str, value: torch.Tensor | float) -> None:
         """Keep ``value`` for the next log; a non-finite training loss term stops training
@@ -189,7 +210,11 @@ class VLMTrainer(Trainer):
         """Adapter (or full model) + package extras (safetensors), processor, training config."""
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, VITaskModel):  # the TSM is frozen: in the final bundle, not in every checkpoint
+            model.save_pretrained(output_dir, save_tsm=not output_dir.name.startswith(PREFIX_CHECKPOINT_DIR))
+        else:
+            model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(output_dir))
         self.save_extras(output_dir)

@@ -296,7 +296,7 @@ class VITaskTrainer(VLMTrainer):
                 raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
             groups = None if task_ids is None else task_ids.tolist()
             negative_index = torch.tensor(
-                pick_negatives(class_ids.tolist(), self._negative_rng(), groups), device=inputs["labels"].device
+                pick_negatives(class_ids.tolist(), self._negative_rng(class_ids), groups), device=inputs["labels"].device
             )
         # one call for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes);
         # a model wrapped for distributed training is called pass by pass through its wrapper
@@ -337,10 +337,9 @@ class VITaskTrainer(VLMTrainer):
             return loss, VITaskOutput(loss=loss, response_logits=student.response_logits, response_targets=targets)
         return loss
 
-    def _negative_rng(self):
-        if not hasattr(self, "_rng"):
-            self._rng = random.Random(self.args.seed)
-        return self._rng
+    def _negative_rng(self, class_ids) -> random.Random:
+        """A function of the seed, the step and the batch (exact on resume, like the collator's)."""
+        return random.Random(f"{self.args.seed}:{self.state.global_step}:{class_ids.tolist()}")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss with the same terms as training (logged as ``eval_loss_*``).
