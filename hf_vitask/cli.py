@@ -80,6 +80,10 @@ def _method(argv: list[str], values: dict) -> str:
     return values.get("method", "vitask")
 
 
+class UsageError(ValueError):
+    """A wrong command line or config file (exit code 2)."""
+
+
 def parse(argv: list[str]):
     """``[config.yaml] [--field value ...]`` -> the config dataclasses, plus the keys set explicitly."""
     import yaml
@@ -91,22 +95,28 @@ def parse(argv: list[str]):
     if argv and not argv[0].startswith("-"):
         path = Path(argv[0])
         if not path.is_file():
-            raise SystemExit(f"hf-vitask: config file {path} not found")
+            raise UsageError(f"config file {path} not found")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            raise SystemExit(f"hf-vitask: {path} must hold a mapping of field: value")
+            raise UsageError(f"{path} must hold a mapping of field: value")
     classes = _dataclasses(_method(argv, values))
     parser = HfArgumentParser(classes)
     if path is not None:
         known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"hf-vitask: unknown keys in {path}: {unknown}. See `hf-vitask train --help` for the fields.")
+            raise UsageError(f"unknown keys in {path}: {unknown}. See `hf-vitask train --help` for the fields.")
+        # `eval_methods: likelihood` means a one-item list, not the list of its letters
+        lists = {f.name for cls in classes for f in dataclasses.fields(cls) if "list[" in str(f.type)}
+        values = {k: [v] if k in lists and isinstance(v, str) else v for k, v in values.items()}
         parser.set_defaults(**values)
         explicit |= set(values)
         argv = argv[1:]
     explicit |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    return parser.parse_args_into_dataclasses(args=argv), explicit
+    try:
+        return parser.parse_args_into_dataclasses(args=argv), explicit
+    except (ValueError, TypeError) as err:  # a field's own validation (__post_init__)
+        raise UsageError(str(err)) from err
 
 
 def _info() -> int:
@@ -144,7 +154,32 @@ def _print_results(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; errors print one line ``hf-vitask: error: ...`` and return 2 (usage) or 1
+    (runtime). ``--debug`` anywhere on the command line shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("hf-vitask: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last resort: one readable line, not a traceback
+        if debug:
+            raise
+        print(f"hf-vitask: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return text if isinstance(err, (UsageError, ValueError)) else f"{type(err).__name__}: {text}"
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

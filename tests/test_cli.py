@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_vitask.cli import main, parse
+from hf_vitask.cli import UsageError, main, parse
 
 TINY = {
     "dataset": "digits",
@@ -65,12 +65,19 @@ def test_yaml_and_flags_fill_the_dataclasses(config):
     assert {"stage", "learning_rate", "max_samples"} <= explicit
 
 
+def test_a_string_for_a_list_field_is_a_one_item_list(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "eval_methods": "likelihood", "predict_inputs": "scans/"}))
+    (_, _, _, _, evaluation, _), _ = parse([str(path)])
+    assert evaluation.eval_methods == ["likelihood"] and evaluation.predict_inputs == ["scans/"]
+
+
 def test_unknown_yaml_key_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"learning_rat": 0.1}))
-    with pytest.raises(SystemExit, match="unknown keys.*learning_rat"):
+    with pytest.raises(UsageError, match="unknown keys.*learning_rat"):
         parse([str(path)])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         parse([str(tmp_path / "missing.yaml")])
 
 
@@ -134,18 +141,30 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     assert rows[1][1] == "" and "Cannot read image" in rows[1][-1] and all(r[1] for r in rows[2:])
     # a failure while predicting leaves the earlier predictions file as it was
     csv_path.write_text(good)
-    with pytest.raises(FileNotFoundError):
-        main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path),
-              "--model_path", str(tmp_path / "no-such-bundle")])
+    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path),
+                 "--model_path", str(tmp_path / "no-such-bundle")]) == 1
     assert csv_path.read_text() == good and not list(csv_path.parent.glob(".preds.csv.*"))
     assert main(["predict", str(config), "--predict_inputs", str(images / "digit0.png"), "--use_tsm", "true",
                  "--predict_method", "generate", "--predictions_file", str(csv_path)]) == 0
     assert list(csv.reader(csv_path.open()))[0] == ["path", "prediction", "answer", "error"]
 
 
-def test_train_without_tsm_says_what_to_do(config):
-    with pytest.raises(FileNotFoundError, match="train-tsm"):
-        main(["train", str(config)])
+def test_train_without_tsm_says_what_to_do(config, capsys):
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-vitask: error: FileNotFoundError:") and "train-tsm" in err and "\n" not in err
+    with pytest.raises(FileNotFoundError, match="train-tsm"):  # --debug: the traceback instead
+        main(["train", str(config), "--debug"])
+
+
+def test_cli_errors_are_one_line_with_usage_exit_code_2(tmp_path, config, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"learning_rat": 0.1}))
+    assert main(["train", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().startswith("hf-vitask: error: unknown keys")
+    assert main(["evaluate", str(config), "--eval_use_tsm", "sometimes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-vitask: error: eval_use_tsm must be") and len(err.splitlines()) == 1
 
 
 def test_quickstart_fast(tmp_path):

@@ -70,7 +70,7 @@ def test_vitask_run_resumes_in_stage_2_past_a_damaged_checkpoint(tmp_path, monke
     with monkeypatch.context() as patch:
         _kill_at(patch, VITaskTrainer, 5, stage=2)
         with pytest.raises(Killed):
-            main(["train", str(broken)])
+            main(["train", str(broken), "--debug"])
     run = tmp_path / "broken" / "run"
     assert (run / "stage1" / "vitask_config.json").is_file() and not (run / "stage2" / "vitask_config.json").exists()
     assert last_complete_checkpoint(run / "stage2").name == "checkpoint-4"
@@ -95,6 +95,6 @@ def test_instruction_free_run_resumes(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         _kill_at(patch, InstructionFreeTrainer, 3)
         with pytest.raises(Killed):
-            main(["train", str(broken), "--method", "instruction-free"])
+            main(["train", str(broken), "--method", "instruction-free", "--debug"])
     assert main(["train", str(broken), "--method", "instruction-free", "--resume_from_checkpoint", "true"]) == 0
     _assert_same_run(tmp_path / "straight" / "run" / "instruction_free", tmp_path / "broken" / "run" / "instruction_free")
