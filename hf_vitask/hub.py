@@ -60,6 +60,7 @@ IGNORE_PATTERNS = (
     "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy", "*.npz",
     "optimizer*", "scheduler*", "rng_state*", "trainer_state.json", "training_args*",
     "checkpoint-*", "runs/*", ".*", "*/.*",
+    "hf_vitask_bundle.json", "hf_vitask_checkpoint.json",  # local bookkeeping of saves
 )  # fmt: skip
 
 

@@ -344,7 +344,7 @@ def test_cli_push(bundle, fake_hub, tmp_path):
     assert fake_hub["create_repo"][0]["repo_id"] == "me/from-cli"
     assert "README.md" in sent_files(fake_hub["upload_folder"][0])
     with pytest.raises(ValueError, match="hub_model_id"):
-        main(["push", "--model_path", str(bundle), "--output_dir", str(tmp_path)])
+        main(["push", "--model_path", str(bundle), "--output_dir", str(tmp_path), "--debug"])
 
 
 def test_export_merged_is_a_plain_model(trained_bundle, tmp_path):

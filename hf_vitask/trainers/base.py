@@ -3,7 +3,9 @@ saving / resuming the trainable state (adapter + package extras) as safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.models.modeling import VITaskModel, _is_peft
+from hf_vitask.trainers.bundles import OutputDirLock, publish_bundle, staging_dir
 from hf_vitask.trainers.checkpoints import (
     MANIFEST_FILE,
     SealCheckpointCallback,
@@ -130,7 +133,9 @@ class VLMTrainer(Trainer):
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None and Path(resume_from_checkpoint, MANIFEST_FILE).exists():
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        lock = OutputDirLock(self.args.output_dir) if self.args.process_index == 0 else contextlib.nullcontext()
+        with lock:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def record(self, model, name: str, value: torch.Tensor | float) -> None:
         """Keep ``value`` for the next log; a non-finite training loss term stops training
@@ -207,18 +212,31 @@ class VLMTrainer(Trainer):
         """Restore what :meth:`save_extras` wrote (exact resume)."""
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Adapter (or full model) + package extras (safetensors), processor, training config."""
+        """Adapter (or full model) + package extras (safetensors), processor, training config.
+
+        A checkpoint is written in place (sealed afterwards, see :mod:`.checkpoints`); a bundle is
+        written next to its directory and published into it (:func:`.bundles.publish_bundle`), so
+        an interrupted save never leaves a mixture of two runs."""
         output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        if isinstance(model, VITaskModel):  # the TSM is frozen: in the final bundle, not in every checkpoint
-            model.save_pretrained(output_dir, save_tsm=not output_dir.name.startswith(PREFIX_CHECKPOINT_DIR))
-        else:
-            model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(str(output_dir))
-        self.save_extras(output_dir)
-        (output_dir / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+        checkpoint = output_dir.name.startswith(PREFIX_CHECKPOINT_DIR)
+        target = output_dir if checkpoint else staging_dir(output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            model = self.accelerator.unwrap_model(self.model)
+            if isinstance(model, VITaskModel):  # the TSM is frozen: in the final bundle, not in every checkpoint
+                model.save_pretrained(target, save_tsm=not checkpoint)
+            else:
+                model.save_pretrained(target)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(target))
+            self.save_extras(target)
+            (target / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+        except BaseException:
+            if not checkpoint:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        if not checkpoint:
+            publish_bundle(target, output_dir)
 
     def _load_trainable(self, path, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)

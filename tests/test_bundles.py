@@ -1,0 +1,77 @@
+"""Bundles are published whole or not at all, never mixed with an earlier run; one live run per directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_vitask import VITaskModel
+from hf_vitask.trainers.bundles import BUNDLE_LIST_FILE, OutputDirLock
+
+from .test_trainer import _trainer
+
+
+def _files(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_new_bundle_leaves_nothing_of_the_old_one(tmp_path, digits, task, tsm):
+    out = tmp_path / "bundle"
+    lora = _trainer(tmp_path / "a", digits, task, tsm, max_steps=1)
+    lora.train()
+    lora.save_model(str(out))
+    assert (out / "adapter_config.json").is_file() and (out / BUNDLE_LIST_FILE).is_file()
+    full = _trainer(tmp_path / "b", digits, task, tsm, max_steps=1, use_lora=False)
+    full.train()
+    full.save_model(str(out))
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    model = VITaskModel.from_pretrained(out)
+    assert not model.is_peft
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.saving-")]
+
+
+def test_a_failed_save_keeps_the_previous_bundle_and_a_failed_publish_leaves_none(tmp_path, digits, task, tsm,
+                                                                                  monkeypatch):
+    from hf_vitask.trainers import bundles
+
+    out = tmp_path / "bundle"
+    trainer = _trainer(tmp_path / "a", digits, task, tsm, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(out))
+    before = _files(out)
+
+    def broken(self, output_dir):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(trainer), "save_extras", broken)
+        with pytest.raises(OSError, match="disk full"):
+            trainer.save_model(str(out))
+    assert _files(out) == before  # the previous bundle, untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.saving-")]
+
+    moves = []
+    real = bundles.os.replace
+
+    def replace(src, dst):
+        moves.append(dst)
+        if len(moves) == 3:
+            raise OSError("killed while moving")
+        return real(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bundles.os, "replace", replace)
+        with pytest.raises(OSError, match="killed"):
+            trainer.save_model(str(out))
+    assert not (out / "vitask_config.json").exists()  # no marker: nothing loads a half-moved bundle
+    with pytest.raises(FileNotFoundError, match="vitask_config.json"):
+        VITaskModel.from_pretrained(out)
+    trainer.save_model(str(out))  # a later save repairs it
+    assert VITaskModel.from_pretrained(out).connector is not None
+
+
+def test_a_second_live_run_into_the_same_output_dir_fails_at_once(tmp_path, digits, task, tsm):
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=1)
+    with OutputDirLock(trainer.args.output_dir):
+        with pytest.raises(RuntimeError, match=r"in use by a training run that is still alive \(pid \d+\)"):
+            trainer.train()
+    trainer.train()  # free again
