@@ -71,7 +71,7 @@ def test_a_failed_save_keeps_the_previous_bundle_and_a_failed_publish_leaves_non
 
 def test_a_second_live_run_into_the_same_output_dir_fails_at_once(tmp_path, digits, task, tsm):
     trainer = _trainer(tmp_path, digits, task, tsm, max_steps=1)
-    with OutputDirLock(trainer.args.output_dir):
-        with pytest.raises(RuntimeError, match=r"in use by a training run that is still alive \(pid \d+\)"):
-            trainer.train()
+    held = pytest.raises(RuntimeError, match=r"in use by a training run that is still alive \(pid \d+\)")
+    with OutputDirLock(trainer.args.output_dir), held:
+        trainer.train()
     trainer.train()  # free again
