@@ -34,7 +34,9 @@ from hf_vitask import (
 )
 from hf_vitask.evaluation import build_prompts, generate_answers, score_options
 from hf_vitask.losses import rda_kl, rda_kl_cached
+from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.tiny import build_tiny_vlm
+from hf_vitask.trainers.base import wrap_lora
 
 SFT = "plain SFT step (HF loss)"
 VARIANTS = {  # name: VITaskConfig overrides (None: the plain SFT step)
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                             lora_dropout=0.0, use_cpu=device.type == "cpu", learning_rate=2e-3,
                             per_device_train_batch_size=cli.batch, disable_tqdm=True, logging_steps=1000,
                             **overrides)
+        if args.stage == 2:  # timing only: the random connector stands in for a stage-1 one
+            model = VITaskModel.from_vlm(wrap_lora(model, args), processor, tsm=tsm)
+            model.connector.trained = True
         trainer = VITaskTrainer(model=model.to(device), args=args, processing_class=processor,
                                 train_dataset=data["train"], task=task, tsm=tsm, teacher=teacher)
         trainer.model.to(device)

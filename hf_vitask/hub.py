@@ -109,7 +109,13 @@ def load_vitask(
     if token is not None and base_model is None:
         model_kwargs.setdefault("token", token)  # a gated base model needs it too
     model = VITaskModel.from_pretrained(bundle, base_model, load_tsm=load_tsm, **model_kwargs)
-    processor = AutoProcessor.from_pretrained(str(bundle))
+    try:
+        processor = AutoProcessor.from_pretrained(str(bundle))
+    except (OSError, ValueError, TypeError) as err:
+        raise FileNotFoundError(
+            f"Cannot load the processor saved in {bundle} (tokenizer / processor files missing or damaged: "
+            f"{' '.join(str(err).split())[:300]})"
+        ) from err
     task = TaskSpec.from_pretrained(bundle) if (bundle / TASK_FILE).is_file() else None
     return LoadedVITask(model, processor, task)
 

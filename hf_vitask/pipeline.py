@@ -286,6 +286,17 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
     tasks = task_list(load_tasks(path) or configured)
     dataset = _split(data, eval_args.eval_split, None if len(tasks) > 1 else eval_args.eval_max_samples)
     plugin = TaskSpecificModel.from_pretrained(eval_args.plugin_tsm) if eval_args.plugin_tsm else None
+    from hf_vitask.trainers.vitask import check_tsm_matches_tasks
+
+    for which, tsm in (("the bundle's TSM", model.tsm), ("plugin_tsm", plugin)):
+        try:
+            check_tsm_matches_tasks(tsm, tasks)
+        except ValueError as err:
+            raise ValueError(f"{which}: {err}") from None
+    if eval_args.eval_use_tsm == "yes" and (model.connector is None or (model.tsm is None and plugin is None)):
+        missing = "no exemplar connector (trained without EP)" if model.connector is None else f"no {path / 'tsm'}"
+        raise ValueError(f"eval_use_tsm=yes, but the bundle {path} has {missing}: evaluate with eval_use_tsm=no, "
+                         "or give a TSM with plugin_tsm")
     results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset),
                      "option_score": eval_args.option_score}
     if len(tasks) == 1:

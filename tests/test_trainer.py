@@ -175,7 +175,7 @@ def test_configuration_errors(tmp_path, digits, task, tsm):
 def test_custom_collator_without_negative_index_uses_in_batch_negatives(tmp_path, digits, task, tsm):
     model, processor = build_tiny_vlm("llava")
     trainer = VITaskTrainer(
-        model=model, args=_args(tmp_path, stage=2, max_steps=2), processing_class=processor,
+        model=model, args=_args(tmp_path, stage=2, max_steps=2, freeze_connector=False), processing_class=processor,
         train_dataset=digits["train"], task=task, tsm=tsm,
         data_collator=VITaskCollator(processor, task, tsm=tsm),
     )
@@ -250,7 +250,7 @@ def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, ta
     rows = [digits["train"][i] for i in range(6)]
     results = {}
     for mode in ("none", fusion):
-        trainer = _trainer(tmp_path / mode, digits, task, tsm, stage=2, pass_fusion=mode)
+        trainer = _trainer(tmp_path / mode, digits, task, tsm, stage=2, pass_fusion=mode, freeze_connector=False)
         batch = trainer.data_collator(rows)
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, batch)
@@ -265,7 +265,7 @@ def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, ta
 
 def test_a_wrapped_model_runs_the_passes_through_its_wrapper(tmp_path, digits, task, tsm):
     """Under a distributed wrapper (DDP) every pass must go through the wrapper's forward."""
-    trainer = _trainer(tmp_path, digits, task, tsm, stage=2)
+    trainer = _trainer(tmp_path, digits, task, tsm, stage=2, freeze_connector=False)
     inner = trainer.model
     calls = []
 

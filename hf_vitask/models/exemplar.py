@@ -55,6 +55,9 @@ class ExemplarConnector(nn.Module):
 
     def __init__(self, config: ConnectorConfig):
         super().__init__()
+        #: Whether the weights were trained (set when loaded from a bundle or after an EP stage): stage 2
+        #: freezes the connector, which only makes sense for a trained one.
+        self.trained = False
         self.config = config
         hidden = config.hidden_dim or config.llm_dim
         out = config.llm_dim * (config.num_tokens if config.feature == "pooled" else 1)

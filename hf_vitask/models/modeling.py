@@ -328,6 +328,7 @@ class VITaskModel(nn.Module):
             load_sharded_checkpoint(self.vlm, str(path), strict=False)
         if self.connector is not None:
             self.connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
+            self.connector.trained = True
 
     @classmethod
     def from_pretrained(
@@ -352,7 +353,17 @@ class VITaskModel(nn.Module):
         if not cfg_file.is_file():
             raise FileNotFoundError(f"No {VITASK_CONFIG_FILE} in {path}: not a directory written by hf_vitask")
         cfg = json.loads(cfg_file.read_text())
+        _check_bundle_files(path, cfg)
         check_finite_weights(path)
+        if base_model is not None and cfg.get("family"):
+            from hf_vitask.models.families import get_family
+
+            family = get_family(base_model).name
+            if family != cfg["family"]:
+                raise ValueError(
+                    f"{path} was trained on a {cfg['family']} model ({cfg.get('base_model_name_or_path')}) but the "
+                    f"base_model given is a {family} model: load it on its own base (base_model=None)."
+                )
         if (path / ADAPTER_CONFIG_FILE).is_file():
             from peft import PeftModel
 
@@ -371,6 +382,7 @@ class VITaskModel(nn.Module):
         if cfg.get("connector") is not None:
             connector = ExemplarConnector(ConnectorConfig(**cfg["connector"]))
             connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
+            connector.trained = True
             connector.to(vlm.get_input_embeddings().weight.device)
             connector.requires_grad_(is_trainable)
         tsm = None
@@ -384,6 +396,22 @@ class VITaskModel(nn.Module):
             image_end_token_id=cfg.get("image_end_token_id"),
             slot_token_id=cfg.get("slot_token_id", 0),
         )
+
+
+def _check_bundle_files(path: Path, cfg: dict) -> None:
+    """Name a missing bundle file here, before peft or transformers go looking for it on the Hub."""
+    missing = []
+    if (path / ADAPTER_CONFIG_FILE).is_file() and not (path / ADAPTER_WEIGHTS_FILE).is_file():
+        missing.append(ADAPTER_WEIGHTS_FILE)
+    if not (path / ADAPTER_CONFIG_FILE).is_file() and not (path / ADAPTER_WEIGHTS_FILE).is_file() \
+            and not (path / "config.json").is_file():
+        missing.append(f"{ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE} (or config.json + weights of a full model)")
+    elif (path / ADAPTER_WEIGHTS_FILE).is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
+        missing.append(ADAPTER_CONFIG_FILE)
+    if cfg.get("connector") is not None and not (path / CONNECTOR_FILE).is_file():
+        missing.append(CONNECTOR_FILE)
+    if missing:
+        raise FileNotFoundError(f"The bundle {path} is incomplete: missing {', '.join(missing)}")
 
 
 def check_finite_weights(path: Path) -> None:

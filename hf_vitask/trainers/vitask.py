@@ -59,8 +59,28 @@ def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None
     if model.tsm is not None:
         model.tsm.requires_grad_(False)
     if model.connector is not None:
+        if args.freeze_connector and args.uses_exemplar and not model.connector.trained:
+            raise ValueError(
+                "This configuration freezes the exemplar connector (stage 2), but the model's connector was never "
+                "trained: stage 2 starts from a stage-1 model (the stage-1 trainer's model, or a saved stage-1 "
+                "bundle). Train stage 1 first, or set freeze_connector=False to train the connector here."
+            )
         model.connector.requires_grad_(not args.freeze_connector)
     return model
+
+
+def check_tsm_matches_tasks(tsm, task) -> None:
+    """A TSM must predict exactly the task's classes (all tasks' classes, for a shared multi-task head)."""
+    if tsm is None or task is None:
+        return
+    tasks = task if isinstance(task, (list, tuple)) else [task]
+    expected = sum(t.num_classes for t in tasks)
+    if tsm.num_classes != expected:
+        names = ", ".join(f"{t.name!r} ({t.num_classes})" for t in tasks)
+        raise ValueError(
+            f"The TSM has {tsm.num_classes} output classes but the task(s) {names} have {expected}: it was trained "
+            "for other data. Train the TSM on this task (hf-vitask train-tsm) or pass the matching one."
+        )
 
 
 class VITaskTrainer(VLMTrainer):
@@ -111,6 +131,7 @@ class VITaskTrainer(VLMTrainer):
                 "This configuration runs the exemplar (EP) pass or an EP teacher, which needs a trained TSM: pass tsm=... "
                 "(or set ep_weight=0 and rda_weight=0 for plain instruction tuning)"
             )
+        check_tsm_matches_tasks(tsm if tsm is not None else getattr(model, "tsm", None), task)
         model = build_model(model, args, processing_class, tsm=tsm, peft_config=peft_config)
         if args.uses_exemplar and model.connector is None:
             raise ValueError("This model has no exemplar connector (it was built without a TSM); EP cannot run")
@@ -150,6 +171,13 @@ class VITaskTrainer(VLMTrainer):
         if frozen_teacher:
             self._setup_frozen_teacher(teacher)
             self._check_teacher_cache_size()
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        connector = self.accelerator.unwrap_model(self.model).connector
+        if connector is not None and any(p.requires_grad for p in connector.parameters()):
+            connector.trained = True
+        return output
 
     # -- frozen RDA teacher --------------------------------------------------------------------------
     def _setup_frozen_teacher(self, teacher) -> None:
