@@ -49,6 +49,12 @@ class VLMTuningArguments(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fp16 and self.device.type == "cpu":  # transformers would train in float32 without a word
+            raise ValueError("fp16=True needs a GPU: there is none here (or use_cpu is set). Train without fp16 on CPU, "
+                             "or with bf16/fp16 on a GPU.")
+
 
 @dataclass
 class VITaskConfig(VLMTuningArguments):

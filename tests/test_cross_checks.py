@@ -69,3 +69,12 @@ def test_evaluating_with_the_tsm_needs_one(tmp_path, digits, task):
     args = EvalArguments(model_path=str(tmp_path / "vanilla"), eval_use_tsm="yes", eval_max_samples=4)
     with pytest.raises(ValueError, match="eval_use_tsm=yes, but the bundle .* has no exemplar connector"):
         pipeline.run_evaluate(args, DataArguments(max_samples=48), str(tmp_path))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")
+def test_fp16_on_cpu_is_an_error_like_bf16(tmp_path):
+    from hf_vitask import InstructionFreeConfig, VITaskConfig
+
+    for config in (VITaskConfig, InstructionFreeConfig):
+        with pytest.raises(ValueError, match="fp16=True needs a GPU"):
+            config(output_dir=str(tmp_path), fp16=True, report_to="none")
