@@ -379,10 +379,10 @@ def test_load_source_dispatches(tmp_path, flat_folder, saved_classlabel):
 
 def test_load_source_errors(flat_folder):
     with pytest.raises(
-        ValueError, match=r"unknown data source 'csv'; choose one of \['digits', 'imagefolder', 'npz'"
+        ValueError, match=r"unknown data source 'csv'; choose one of \['digits', 'textures', 'imagefolder', 'npz'"
     ):
         load_source("csv", "data.csv")
-    assert set(SOURCES) == {"digits", "imagefolder", "npz", "medmnist", "hf"}
+    assert set(SOURCES) == {"digits", "textures", "imagefolder", "npz", "medmnist", "hf"}
     with pytest.raises(ValueError, match="needs a path"):
         load_source("imagefolder")
     with pytest.raises(ValueError, match="takes no path"):
@@ -446,3 +446,34 @@ def test_hf_split_names_are_canonical(tmp_path, caplog):
     DatasetDict({"train": part(10), "val": part(2), "validation": part(2)}).save_to_disk(str(tmp_path / "b"))
     with pytest.raises(ValueError, match="splits 'val' and 'validation' are both 'validation'"):
         load_hf_dataset(tmp_path / "b")
+
+
+def test_a_stray_test_label_is_named_not_a_new_class(tmp_path):
+    """The classes of an unknown .npz come from its train split: one label 9 in the test split is an
+    error naming the split and row (it used to grow the task to 10 classes)."""
+    test_labels = (np.arange(8) % 4).astype(np.uint8)[:, None]
+    test_labels[5] = 9
+    path, _ = _write_npz(tmp_path / "lesions.npz", num_classes=4, test_labels=test_labels)
+    with pytest.raises(ValueError, match=r"lesions.npz\[test\]: row 5 has label 9, outside \[0, 4\).*class_names"):
+        load_medmnist_npz(path)
+    # a class absent from the train split is fine when class_names lists it
+    train_labels = (np.arange(20) % 3).astype(np.uint8)[:, None]  # no class 3 in train
+    path, _ = _write_npz(tmp_path / "rare.npz", num_classes=4, train_labels=train_labels)
+    with pytest.raises(ValueError, match=r"rare.npz\[validation\]: row 3 has label 3"):
+        load_medmnist_npz(path)
+    ds = load_medmnist_npz(path, class_names=["a", "b", "c", "d"])
+    assert class_names_of(ds) == ["a", "b", "c", "d"] and 3 in ds["test"]["label"] and 3 not in ds["train"]["label"]
+
+
+def test_textures_are_generated_offline_the_same_for_a_seed():
+    from hf_vitask.data.synthetic import TEXTURE_NAMES, load_textures_dataset
+
+    a = load_textures_dataset(samples_per_class=10, seed=1)
+    b = load_source("textures", samples_per_class=10, seed=1)
+    assert class_names_of(a) == list(TEXTURE_NAMES) and {k: len(v) for k, v in a.items()} == {
+        "train": 28, "validation": 4, "test": 8}
+    assert a["test"]["label"] == b["test"]["label"] and np.array_equal(np.asarray(a["test"][0]["image"]),
+                                                                       np.asarray(b["test"][0]["image"]))
+    assert sorted(set(a["train"]["label"])) == [0, 1, 2, 3] and a["train"][0]["image"].size == (32, 32)
+    with pytest.raises(ValueError, match="takes no path"):
+        load_source("textures", "somewhere")

@@ -351,11 +351,17 @@ def load_medmnist_npz(
         names = list(class_names)
     elif flag in MEDMNIST_CLASS_NAMES:
         names = list(MEDMNIST_CLASS_NAMES[flag])
-    else:
-        top = max(int(labels.max(initial=0)) for _, labels in arrays.values())
-        names = [f"class_{i}" for i in range(top + 1)]
+    else:  # the training labels define the classes: a stray label elsewhere must not add one
+        train = arrays.get("train", next(iter(arrays.values())))[1]
+        names = [f"class_{i}" for i in range(int(train.max(initial=0)) + 1)]
     for split, (_, labels) in arrays.items():
-        _check_label_range(labels, len(names), f"{path.name}[{_SPLIT_ALIASES[split]}]")
+        try:
+            _check_label_range(labels, len(names), f"{path.name}[{_SPLIT_ALIASES[split]}]")
+        except ValueError as err:
+            if class_names is None and flag not in MEDMNIST_CLASS_NAMES:
+                raise ValueError(f"{err} (the classes are those of the train split, {len(names)}; if that split lacks "
+                                 "some, list every class in class_names)") from None
+            raise
 
     features = _features(names)
     return DatasetDict(
