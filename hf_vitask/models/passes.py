@@ -98,7 +98,8 @@ def run_passes(
         if model.family.feature_route is not None:
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
         _warn_once(f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
-                   "do not enter through the input embedding); running the passes separately ('none')")
+                   "reach the language model neither through the input embedding nor as precomputed encoder "
+                   "outputs); running the passes separately ('none')")
     return _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward or model)
 
 
