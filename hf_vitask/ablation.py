@@ -115,7 +115,7 @@ def evaluate_arm(path: Path, dataset, *, use_tsm: bool, eval_args: EvalArguments
     for instruction in INSTRUCTIONS:
         complete = instruction == "complete"
         scores = score_options(model, processor, task, images, use_tsm=use_tsm, complete_instruction=complete,
-                               batch_size=eval_args.eval_batch_size)
+                               batch_size=eval_args.eval_batch_size, option_score="sum")  # log-likelihoods
         lengths = response_lengths(VITaskCollator(processor, task), task, images[0])
         metrics = {
             **_likelihood_metrics(scores, references, task.num_classes, "sum"),

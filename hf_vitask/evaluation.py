@@ -1,8 +1,8 @@
 """Turning a trained VLM into class predictions: option log-likelihood scoring and generate-then-parse.
 
-Scoring teacher-forces every class's response after the prompt and sums its token
-log-probabilities: one number per class, so there is always an answer and there are
-per-class scores for AUC. Generation answers freely and the text is mapped back to a class
+Scoring teacher-forces every class's response after the prompt and averages (``option_score=
+"mean"``, the default) or sums its token log-probabilities: one number per class, so there is
+always an answer and there are per-class scores for AUC. Generation answers freely and the text is mapped back to a class
 with :meth:`TaskSpec.parse`; answers naming no class count as parse failures.
 
 :func:`evaluate_vlm` and :func:`evaluate_tsm` turn either into accuracy / macro-F1 / AUC on a

@@ -11,6 +11,8 @@ import torch
 
 from hf_vitask.ablation import ARMS, crt_separation
 from hf_vitask.cli import main
+from hf_vitask.config import DEFAULT_CRT_WEIGHT as B
+from hf_vitask.config import DEFAULT_RDA_WEIGHT as A
 
 
 def test_crt_separation_by_hand():
@@ -26,7 +28,7 @@ def test_crt_separation_by_hand():
 def ablation(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     assert main(["quickstart", "--ablation", "--fast", "--output_dir", str(out), "--seeds", "3",
-                 "--sweep_rda_weights", "0.3", "1", "--sweep_crt_weights", "1"]) == 0
+                 "--sweep_rda_weights", str(A), "1", "--sweep_crt_weights", str(B)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -37,17 +39,17 @@ def _training(path: str, stage: int = 2) -> dict:
 def test_every_arm_trains_what_it_names_and_shared_runs_train_once(ablation):
     _, results = ablation
     bundles = results["per_seed"][0]["bundles"]
-    assert set(bundles) == {arm.name for arm in ARMS} | {"alpha=0.3, beta=1", "alpha=1, beta=1"}
+    assert set(bundles) == {arm.name for arm in ARMS} | {f"alpha={A:g}, beta={B:g}", f"alpha=1, beta={B:g}"}
     vanilla = _training(bundles["vanilla"])
     assert (vanilla["ep_weight"], vanilla["rda_weight"], vanilla["crt_weight"]) == (0.0, 0.0, 0.0)
     assert vanilla["max_steps"] == 2 * results["steps_per_stage"]
     expected = {  # arm: (stage-2 rda_weight, crt_weight, rda_detach, rda_teacher_dropout)
-        "RDA": (1.0, 0.0, True, True),
-        "CRT": (0.0, 1.0, True, True),
-        "RDA+CRT": (1.0, 1.0, True, True),
-        "RDA+CRT, RDA not detached": (1.0, 1.0, False, True),
-        "RDA+CRT, teacher w/o dropout": (1.0, 1.0, True, False),
-        "alpha=0.3, beta=1": (0.3, 1.0, True, True),
+        "RDA": (A, 0.0, True, True),
+        "CRT": (0.0, B, True, True),
+        "RDA+CRT": (A, B, True, True),
+        "RDA+CRT, RDA not detached": (A, B, False, True),
+        "RDA+CRT, teacher w/o dropout": (A, B, True, False),
+        f"alpha=1, beta={B:g}": (1.0, B, True, True),
     }
     for arm, values in expected.items():
         cfg = _training(bundles[arm])
@@ -56,7 +58,7 @@ def test_every_arm_trains_what_it_names_and_shared_runs_train_once(ablation):
         stage1 = json.loads((Path(bundles[arm]).parent / "stage1" / "training_config.json").read_text())
         assert stage1["rda_weight"] == values[0] and stage1["crt_weight"] == 0.0
     # the full model with the TSM and the sweep's default point reuse the RDA+CRT run
-    assert bundles["RDA+CRT, with TSM"] == bundles["RDA+CRT"] == bundles["alpha=1, beta=1"]
+    assert bundles["RDA+CRT, with TSM"] == bundles["RDA+CRT"] == bundles[f"alpha={A:g}, beta={B:g}"]
     # RDA and RDA+CRT share their stage 1
     assert (Path(bundles["RDA"]).parent / "stage1").resolve() == (Path(bundles["RDA+CRT"]).parent / "stage1").resolve()
 
@@ -72,11 +74,11 @@ def test_report_has_every_arm_instruction_and_metric(ablation):
                                     "gen_parse_failure_rate", "separation"}
             assert all(0 <= metrics[k] <= 1 for k in ("sum_accuracy", "mean_accuracy", "gen_accuracy"))
             assert math.isfinite(metrics["separation"])
-    assert set(results["per_seed"][0]["sweep"]) == {"alpha=0.3, beta=1", "alpha=1, beta=1"}
+    assert set(results["per_seed"][0]["sweep"]) == {f"alpha={A:g}, beta={B:g}", f"alpha=1, beta={B:g}"}
     summary = results["summary"]["RDA"]["complete"]["sum_accuracy"]
     assert summary == {"mean": arms["RDA"]["complete"]["sum_accuracy"], "std": 0.0}
     table = (out / "results.md").read_text()
-    assert table.count("| RDA+CRT, RDA not detached |") == 2 and "| alpha=0.3, beta=1 |" in table
+    assert table.count("| RDA+CRT, RDA not detached |") == 2 and f"| alpha=1, beta={B:g} |" in table
     assert "CRT separation" in table and (out / "results.png").stat().st_size > 0
 
 
@@ -92,3 +94,23 @@ def test_the_ablate_command_passes_the_config_seeds_and_sweep(tmp_path, monkeypa
     assert (data_args.dataset, model_args.model_name_or_path, train_args.max_steps) == ("textures", "tiny-llava", 120)
     assert seen["out"] == str(tmp_path) and seen["seeds"] == [0, 1]
     assert seen["alphas"] == [0.1, 1.0] and seen["betas"] == [0.3]
+
+
+def test_reported_scores_are_log_likelihoods_whatever_the_default(ablation):
+    """The sum columns and the separation come from summed log-probs, the mean columns from per-token ones."""
+    from hf_vitask import load_vitask
+    from hf_vitask.data.collator import VITaskCollator
+    from hf_vitask.evaluation import response_lengths, score_options
+    from hf_vitask.pipeline import load_data
+    from hf_vitask.quickstart import FAST, _configs
+
+    _, results = ablation
+    model, processor, task = load_vitask(results["per_seed"][0]["bundles"]["vanilla"])
+    _, data_args, _, _, eval_args = _configs(Path("unused"), FAST, 0)
+    test = load_data(data_args)["test"].select(range(FAST.eval_samples))
+    summed = score_options(model, processor, task, list(test["image"]), option_score="sum")
+    reported = results["per_seed"][0]["arms"]["vanilla"]["complete"]
+    assert reported["separation"] == pytest.approx(crt_separation(summed, test["label"]), rel=1e-4)
+    lengths = response_lengths(VITaskCollator(processor, task), task, test[0]["image"])
+    mean_acc = float((summed / lengths).argmax(-1).eq(torch.tensor(test["label"])).float().mean())
+    assert reported["mean_accuracy"] == pytest.approx(mean_acc)

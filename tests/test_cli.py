@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from hf_vitask.cli import UsageError, main, parse
+from hf_vitask.config import DEFAULT_CRT_WEIGHT
 
 TINY = {
     "dataset": "digits",
@@ -60,7 +61,7 @@ def test_info_and_usage(capsys):
 def test_yaml_and_flags_fill_the_dataclasses(config):
     (model, data, tsm, train, evaluation, run), explicit = parse([str(config), "--learning_rate", "0.01", "--stage", "2"])
     assert model.model_name_or_path == "tiny-llava" and data.max_samples == 48 and tsm.tsm_epochs == 2
-    assert train.learning_rate == 0.01 and train.stage == 2 and train.crt_weight == 1.0  # flag beats the file
+    assert train.learning_rate == 0.01 and train.stage == 2 and train.crt_weight == DEFAULT_CRT_WEIGHT  # flag beats the file
     assert evaluation.eval_max_samples == 6 and run.method == "vitask"
     assert {"stage", "learning_rate", "max_samples"} <= explicit
 
@@ -114,12 +115,12 @@ def test_pipeline_round_trip(config, tmp_path, digits):
                  "--eval_instructions", "complete", "--eval_methods", "likelihood"]) == 0
     plugged = json.loads((run / "eval" / "results.json").read_text())
     assert set(plugged) >= {"with_tsm/complete", "tsm"} and "without_tsm/complete" not in plugged
-    assert results["option_score"] == "sum"
+    assert results["option_score"] == "mean"  # the default
     assert main(["evaluate", str(config), "--eval_use_tsm", "no", "--eval_instructions", "complete",
-                 "--eval_methods", "likelihood", "--option_score", "mean"]) == 0
-    mean = json.loads((run / "eval" / "results.json").read_text())
-    assert mean["option_score"] == "mean" and set(mean["without_tsm/complete"]["likelihood"]) == {"accuracy", "macro_f1", "auc"}
-    assert mean["without_tsm/complete"]["likelihood"]["auc"] != results["without_tsm/complete"]["likelihood"]["auc"]
+                 "--eval_methods", "likelihood", "--option_score", "sum"]) == 0
+    summed = json.loads((run / "eval" / "results.json").read_text())
+    assert summed["option_score"] == "sum" and set(summed["without_tsm/complete"]["likelihood"]) == {"accuracy", "macro_f1", "auc"}
+    assert summed["without_tsm/complete"]["likelihood"]["auc"] != results["without_tsm/complete"]["likelihood"]["auc"]
 
     images = tmp_path / "images"
     images.mkdir()
