@@ -12,6 +12,7 @@ import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
+from hf_vitask.config import DEFAULT_RDA_WEIGHT
 from hf_vitask.hub import (
     IGNORE_PATTERNS,
     bundle_files,
@@ -205,7 +206,7 @@ def test_pushed_card_metadata_and_loading_snippet(bundle, fake_hub):
     assert f'load_vitask("{REPO}")' in code and "predict_classes(" in code
     compile(code, "card", "exec")
     # what was trained, the VITask config, the layout
-    for text in ("`digits`", "`zero`", "stage 1 (EP + RDA)", "test_resnet", "llava family", "rda_weight: 1.0",
+    for text in ("`digits`", "`zero`", "stage 1 (EP + RDA)", "test_resnet", "llava family", f"rda_weight: {DEFAULT_RDA_WEIGHT}",
                  "ep_weight: 1.0", "lora_r: 16", "`tsm/model.safetensors`", "`exemplar_connector.safetensors`"):
         assert text in card, text
     assert "per_device_eval_batch_size" not in card  # only the VITask fields (+ a short optimisation line)
