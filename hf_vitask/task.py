@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import string
 import unicodedata
 from dataclasses import dataclass, field
 from os import PathLike
@@ -27,6 +28,11 @@ def normalize_answer(text: str) -> str:
     text = re.sub(r"[^\w\s]", " ", text)
     return " ".join(text.split())
 
+
+#: Limits on what a task.json may hold (a hand-edited or hostile file fails clearly).
+MAX_CLASSES = 10_000
+MAX_TEXT = 500
+TEMPLATE_FIELDS = frozenset({"modality", "options", "question", "label"})
 
 @dataclass
 class TaskSpec:
@@ -57,6 +63,7 @@ class TaskSpec:
     """Free-form metadata kept with the spec (e.g. the data source)."""
 
     def __post_init__(self):
+        self._check_types()
         self.class_names = [str(c) for c in self.class_names]
         if len(self.class_names) < 2:
             raise ValueError(f"TaskSpec {self.name!r} needs at least two class names, got {self.class_names}")
@@ -78,6 +85,37 @@ class TaskSpec:
             self._format(tmpl, label="")  # fail now on an unknown template field
         if "{label}" not in self.response_template:
             raise ValueError(f"response_template must contain '{{label}}', got {self.response_template!r}")
+
+    def _check_types(self) -> None:
+        """A TaskSpec may come from a task.json somebody edited: fail on wrong types and sizes
+        instead of, say, turning ``class_names: "catdog"`` into six one-letter classes."""
+        where = f"TaskSpec {self.name!r}" if isinstance(self.name, str) else "TaskSpec"
+        if not isinstance(self.class_names, (list, tuple)):
+            raise ValueError(f"{where}: class_names must be a list of class names, got {type(self.class_names).__name__} "
+                             f"{str(self.class_names)[:80]!r}")
+        if len(self.class_names) > MAX_CLASSES:
+            raise ValueError(f"{where}: {len(self.class_names)} class names, more than {MAX_CLASSES}")
+        for i, c in enumerate(self.class_names):
+            if not isinstance(c, (str, int)) or isinstance(c, bool) or not str(c).strip() or len(str(c)) > MAX_TEXT:
+                raise ValueError(f"{where}: class name {i} must be a non-empty string of at most {MAX_TEXT} "
+                                 f"characters, got {str(c)[:80]!r}")
+        texts = ("name", "modality", "instruction_template", "incomplete_instruction_template", "response_template",
+                 "option_separator")
+        for field_name in texts + ("question",):
+            value = getattr(self, field_name)
+            if value is None and field_name == "question":
+                continue
+            if not isinstance(value, str) or len(value) > MAX_TEXT * 10:
+                raise ValueError(f"{where}: {field_name} must be a string of at most {MAX_TEXT * 10} characters, "
+                                 f"got {type(value).__name__}")
+        for field_name in ("instruction_template", "incomplete_instruction_template", "response_template"):
+            for _, key, spec, conversion in string.Formatter().parse(getattr(self, field_name)):
+                if key is not None and (key not in TEMPLATE_FIELDS or spec or conversion):
+                    shown = f"{{{key}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                    raise ValueError(f"{where}: {field_name} uses unknown field {shown}; available: "
+                                     f"{sorted(TEMPLATE_FIELDS)}, each as a plain {{name}}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"{where}: extra must be a mapping, got {type(self.extra).__name__}")
 
     @property
     def num_classes(self) -> int:

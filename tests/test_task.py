@@ -82,3 +82,28 @@ def test_digits_task():
     spec = digits_task()
     assert spec.num_classes == 10
     assert spec.instruction().endswith("zero, one, two, three, four, five, six, seven, eight, nine.")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"class_names": "catdog"}, "class_names must be a list of class names, got str 'catdog'"),
+        ({"class_names": ["cat", ""]}, "class name 1 must be a non-empty string"),
+        ({"class_names": ["cat", {"a": 1}]}, "class name 1 must be a non-empty string"),
+        ({"class_names": ["x" * 501, "dog"]}, "class name 0 must be a non-empty string of at most 500"),
+        ({"class_names": [f"c{i}" for i in range(10_001)]}, "10001 class names, more than 10000"),
+        ({"name": 3}, "name must be a string"),
+        ({"instruction_template": "{modality.__class__}"}, r"uses unknown field \{modality.__class__\}"),
+        ({"response_template": "{label!r}"}, r"uses unknown field \{label!r\}"),
+        ({"extra": []}, "extra must be a mapping"),
+    ],
+)
+def test_a_hand_edited_task_json_is_type_checked(tmp_path, changes, message):
+    import json
+
+    from hf_vitask.task import TaskSpec
+
+    data = {**TaskSpec(class_names=["cat", "dog"]).to_dict(), **changes}
+    (tmp_path / "task.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        TaskSpec.from_pretrained(tmp_path)
