@@ -24,12 +24,12 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+from hf_vitask.quickstart import _mean_std
 
 __all__ = ["ARMS", "Arm", "crt_separation", "run_ablation"]
 
@@ -212,10 +212,6 @@ def run_seed(out: Path, seed: int, configs, *, arms=ARMS, sweep=(), generate: bo
 
 
 # -- report ----------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(per_seed: list[dict], part: str) -> dict:
     """``{arm: {instruction: {metric: (mean, std)}}}`` over seeds."""
     summary: dict = {}

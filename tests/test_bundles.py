@@ -75,3 +75,12 @@ def test_a_second_live_run_into_the_same_output_dir_fails_at_once(tmp_path, digi
     with OutputDirLock(trainer.args.output_dir), held:
         trainer.train()
     trainer.train()  # free again
+
+
+def test_only_the_trainers_checkpoint_folders_are_checkpoints(tmp_path):
+    from hf_vitask.trainers.checkpoints import is_checkpoint_dir
+
+    out = tmp_path / "run"
+    assert is_checkpoint_dir(out / "checkpoint-20", out)
+    assert not is_checkpoint_dir(out / "checkpoint-best", out)  # a bundle name: written whole, with its TSM
+    assert not is_checkpoint_dir(tmp_path / "elsewhere" / "checkpoint-20", out)

@@ -548,6 +548,8 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
 
 
 _MLLAMA_MAX_TILES = 2
+#: The vision towers of the tiny models: two 32-wide layers.
+_SMALL_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def _pinpoints(family: str, image_size: int) -> list[list[int]]:
@@ -591,7 +593,7 @@ def _anyres_processor(family, tokenizer, image_size: int, grid: int, chat_templa
 
 def _anyres_model(family, tokenizer, image_size: int, grid: int, text_common: dict, image_id: int) -> PreTrainedModel:
     patch = image_size // grid
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    small = _SMALL_VISION
     if family == "llava_next":
         config = LlavaNextConfig(
             vision_config=CLIPVisionConfig(**small, image_size=image_size, patch_size=patch, projection_dim=32),
@@ -683,7 +685,7 @@ def _build_model(
             "smolvlm": (SmolVLMVisionConfig, SmolVLMConfig, SmolVLMForConditionalGeneration),
         }[family]
         vision = vision_config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            **_SMALL_VISION,
             image_size=image_size, patch_size=image_size // (2 * g),
         )
         config = config_class(
@@ -697,7 +699,7 @@ def _build_model(
         model = model_class(config)
     elif family == "gemma3":
         vision = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            **_SMALL_VISION,
             image_size=image_size, patch_size=image_size // (2 * grid), vision_use_head=False,
         )
         text = Gemma3TextConfig(
@@ -719,7 +721,7 @@ def _build_model(
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     elif family == "paligemma":
         vision = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            **_SMALL_VISION,
             image_size=image_size, patch_size=image_size // grid, vision_use_head=False,
         )
         config = PaliGemmaConfig(

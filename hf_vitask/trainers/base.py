@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.models.modeling import VITaskModel, _is_peft
@@ -20,6 +20,7 @@ from hf_vitask.trainers.checkpoints import (
     MANIFEST_FILE,
     SealCheckpointCallback,
     checkpoint_problem,
+    is_checkpoint_dir,
     last_complete_checkpoint,
 )
 
@@ -218,7 +219,7 @@ class VLMTrainer(Trainer):
         written next to its directory and published into it (:func:`.bundles.publish_bundle`), so
         an interrupted save never leaves a mixture of two runs."""
         output_dir = Path(output_dir or self.args.output_dir)
-        checkpoint = output_dir.name.startswith(PREFIX_CHECKPOINT_DIR)
+        checkpoint = is_checkpoint_dir(output_dir, self.args.output_dir)
         target = output_dir if checkpoint else staging_dir(output_dir)
         target.mkdir(parents=True, exist_ok=True)
         try:

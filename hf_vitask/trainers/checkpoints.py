@@ -22,7 +22,14 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "hf_vitask_checkpoint.json"
 
-__all__ = ["MANIFEST_FILE", "SealCheckpointCallback", "checkpoint_problem", "last_complete_checkpoint", "seal"]
+__all__ = [
+    "MANIFEST_FILE",
+    "SealCheckpointCallback",
+    "checkpoint_problem",
+    "is_checkpoint_dir",
+    "last_complete_checkpoint",
+    "seal",
+]
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -61,6 +68,13 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 def _step(path: Path) -> int:
     match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
     return int(match.group(1)) if match else -1
+
+
+def is_checkpoint_dir(path: str | Path, output_dir: str | Path) -> bool:
+    """Whether ``path`` is one of the Trainer's ``checkpoint-<step>`` folders of ``output_dir`` (a bundle
+    saved elsewhere under a name like ``checkpoint-best`` is not)."""
+    path = Path(path)
+    return _step(path) >= 0 and path.resolve().parent == Path(output_dir).resolve()
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
