@@ -106,9 +106,18 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     assert results["model_path"].endswith("stage2") and results["num_samples"] == 6
     for key in ("with_tsm/complete", "with_tsm/incomplete", "without_tsm/complete", "without_tsm/incomplete"):
         lik, gen = results[key]["likelihood"], results[key]["generate"]
-        assert 0 <= lik["accuracy"] <= 1 and 0 <= gen["parse_failure_rate"] <= 1
-        assert math.isfinite(lik["macro_f1"])
-    assert 0 <= results["tsm"]["accuracy"] <= 1
+        assert set(lik) == {"accuracy", "macro_f1", "auc"} and set(gen) == {"accuracy", "macro_f1", "parse_failure_rate"}
+        for value in (lik["accuracy"], gen["accuracy"], gen["parse_failure_rate"]):  # counts out of the 6 images
+            assert value * 6 == pytest.approx(round(value * 6))
+    # the TSM row is the saved TSM on the same six test images
+    from hf_vitask.config import DataArguments
+    from hf_vitask.evaluation import evaluate_tsm
+    from hf_vitask.models.tsm import TaskSpecificModel
+    from hf_vitask.pipeline import load_data
+
+    test = load_data(DataArguments(max_samples=48))["test"]
+    expected = evaluate_tsm(TaskSpecificModel.from_pretrained(run / "tsm"), test, max_samples=6)
+    assert results["tsm"] == pytest.approx(expected)
 
     # plug-in TSM: evaluation with a TSM other than the one trained with
     assert main(["evaluate", str(config), "--plugin_tsm", str(run / "tsm"), "--eval_use_tsm", "yes",
