@@ -78,3 +78,15 @@ def test_fp16_on_cpu_is_an_error_like_bf16(tmp_path):
     for config in (VITaskConfig, InstructionFreeConfig):
         with pytest.raises(ValueError, match="fp16=True needs a GPU"):
             config(output_dir=str(tmp_path), fp16=True, report_to="none")
+
+
+def test_a_bundle_with_broken_processor_files_is_named(bundle, tmp_path):
+    import shutil
+
+    from hf_vitask import load_vitask
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(FileNotFoundError, match=r"Cannot load the processor saved in .*copy"):
+        load_vitask(copy)
