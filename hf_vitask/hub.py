@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from hf_vitask import __version__
+from hf_vitask.jsonfile import read_json
 from hf_vitask.models.modeling import (
     ADAPTER_CONFIG_FILE,
     CONNECTOR_FILE,
@@ -139,8 +140,8 @@ def bundle_files(bundle_dir: str | PathLike) -> list[str]:
 
 
 # -- model card ----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_json(path: Path, kind: type = dict) -> Any:
+    return read_json(path, kind) if path.is_file() else None
 
 
 def is_hub_model_id(name: str | None) -> bool:
@@ -252,7 +253,7 @@ def render_model_card(
         metrics = _read_json(bundle / EVAL_RESULTS_FILE)
     flat = flatten_metrics(metrics)
     task = TaskSpec.from_pretrained(bundle) if (bundle / TASK_FILE).is_file() else None
-    tasks = [task] if task is not None else [TaskSpec.from_dict(d) for d in _read_json(bundle / TASKS_FILE) or []]
+    tasks = [task] if task is not None else [TaskSpec.from_dict(d) for d in _read_json(bundle / TASKS_FILE, list) or []]
     tsm_cfg = _read_json(bundle / TSM_DIR / "tsm_config.json")
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
 

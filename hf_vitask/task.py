@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
+from hf_vitask.jsonfile import read_json
+
 TASK_FILE = "task.json"
 TASKS_FILE = "tasks.json"
 
@@ -186,6 +188,8 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"A TaskSpec must be an object of fields, got {type(data).__name__} {str(data)[:80]!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -207,7 +211,7 @@ class TaskSpec:
         file = path / TASK_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"No {TASK_FILE} in {path}: was this directory written by hf_vitask?")
-        return cls.from_dict(json.loads(file.read_text()))
+        return cls.from_dict(read_json(file))
 
 
 def save_tasks(tasks, save_directory: str | PathLike) -> None:
@@ -225,7 +229,7 @@ def load_tasks(path: str | PathLike) -> TaskSpec | list[TaskSpec] | None:
     """What :func:`save_tasks` wrote: a TaskSpec, a list of them, or None when the directory has neither."""
     path = Path(path)
     if (path / TASKS_FILE).is_file():
-        return [TaskSpec.from_dict(d) for d in json.loads((path / TASKS_FILE).read_text())]
+        return [TaskSpec.from_dict(d) for d in read_json(path / TASKS_FILE, kind=list)]
     if (path / TASK_FILE).is_file():
         return TaskSpec.from_pretrained(path)
     return None

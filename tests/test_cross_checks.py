@@ -90,3 +90,75 @@ def test_a_bundle_with_broken_processor_files_is_named(bundle, tmp_path):
     (copy / "tokenizer.json").write_text("{ not json")
     with pytest.raises(FileNotFoundError, match=r"Cannot load the processor saved in .*copy"):
         load_vitask(copy)
+
+
+def _edited_copy(bundle, tmp_path, file, edit):
+    """A copy of ``bundle`` whose JSON ``file`` went through ``edit`` (a dict -> dict function, or raw text)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    target = copy / file
+    target.write_text(edit if isinstance(edit, str) else json.dumps(edit(json.loads(target.read_text()))))
+    return copy
+
+
+def _set(path, value):
+    def edit(data):
+        *parents, last = path
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        return data
+    return edit
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("vitask_config.json", "{ damaged", r"vitask_config.json is not valid JSON \(.* line 1"),
+    ("vitask_config.json", "[1, 2]", r"vitask_config.json must hold an object at the top level, got a list"),
+    ("vitask_config.json", _set(["image_token_id"], "32000"), r"'image_token_id' must be an integer .* got a string"),
+    ("vitask_config.json", _set(["image_token_id"], -1), r"'image_token_id' must be an integer from 0"),
+    ("vitask_config.json", _set(["connector", "llm_dim"], 0), r"connector: 'llm_dim' must be an integer from 1"),
+    ("vitask_config.json", _set(["connector", "width"], 8), r"connector: unknown fields \['width'\]"),
+    ("vitask_config.json", _set(["connector", "feature"], "cls"), r"connector: feature must be 'pooled' or 'patch'"),
+    ("vitask_config.json", _set(["connector", "hidden_dim"], 7),
+     r"exemplar_connector.safetensors does not fit the connector that vitask_config.json describes"),
+    ("vitask_config.json", _set(["connector"], [16, 64]), r"'connector' must be an object or null, got a list"),
+    ("tsm/tsm_config.json", _set(["num_classes"], 2.5), r"tsm_config.json: 'num_classes' must be an integer from 1"),
+    ("tsm/tsm_config.json", _set(["model_name"], None), r"tsm_config.json: 'model_name' must be a string, got null"),
+    ("tsm/tsm_config.json", _set(["img_size"], "32"), r"'img_size' must be an integer or a list of integers"),
+    ("tsm/tsm_config.json", _set(["timm_kwargs"], []), r"'timm_kwargs' must be an object, got a list"),
+])
+def test_a_damaged_bundle_json_file_is_named_with_its_field(bundle, tmp_path, file, edit, message):
+    copy = _edited_copy(bundle, tmp_path, file, edit)
+    with pytest.raises(ValueError, match=message) as err:
+        VITaskModel.from_pretrained(copy)
+    assert str(copy) in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"name": "x"', r"task.json is not valid JSON"),
+    ('["a", "b"]', r"task.json must hold an object at the top level, got a list"),
+])
+def test_a_damaged_task_file_is_named(bundle, tmp_path, text, message):
+    from hf_vitask.task import TaskSpec, load_tasks
+
+    copy = _edited_copy(bundle, tmp_path, "task.json", text)
+    for load in (TaskSpec.from_pretrained, load_tasks):
+        with pytest.raises(ValueError, match=message):
+            load(copy)
+
+
+def test_a_damaged_tasks_list_is_named(tmp_path, task):
+    from hf_vitask.task import load_tasks, save_tasks
+
+    save_tasks([task, task], tmp_path)
+    assert [t.class_names for t in load_tasks(tmp_path)] == [task.class_names] * 2
+    (tmp_path / "tasks.json").write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match=r"tasks.json must hold a list at the top level, got an object"):
+        load_tasks(tmp_path)
+    (tmp_path / "tasks.json").write_text('["digits"]')
+    with pytest.raises(ValueError, match=r"A TaskSpec must be an object of fields, got str 'digits'"):
+        load_tasks(tmp_path)

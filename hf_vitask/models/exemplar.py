@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_vitask.jsonfile import check_fields
 from hf_vitask.losses import IGNORE_INDEX
 
 
@@ -44,6 +45,19 @@ class ConnectorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "connector config") -> ConnectorConfig:
+        """The config as read from a bundle's ``vitask_config.json``, type-checked field by field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be an object, got {type(data).__name__}")
+        check_fields(data, {"tsm_dim": "positive", "llm_dim": "positive", "num_tokens": "positive",
+                            "feature": "str", "hidden_dim": "positive?"},
+                     where, required=("tsm_dim", "llm_dim"), allow_unknown=False)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 class ExemplarConnector(nn.Module):

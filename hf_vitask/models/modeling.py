@@ -20,6 +20,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from hf_vitask import __version__
+from hf_vitask.jsonfile import check_fields, read_json
 from hf_vitask.losses import response_logits, token_ce
 from hf_vitask.models.exemplar import (
     ConnectorConfig,
@@ -349,10 +350,7 @@ class VITaskModel(nn.Module):
         as ``base_model`` with a new ``adapter_name``.
         """
         path = Path(path)
-        cfg_file = path / VITASK_CONFIG_FILE
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"No {VITASK_CONFIG_FILE} in {path}: not a directory written by hf_vitask")
-        cfg = json.loads(cfg_file.read_text())
+        cfg = read_vitask_config(path)
         _check_bundle_files(path, cfg)
         check_finite_weights(path)
         if base_model is not None and cfg.get("family"):
@@ -372,7 +370,7 @@ class VITaskModel(nn.Module):
                 vlm = base_model
             else:
                 if base_model is None:
-                    base_model = _load_base(json.loads((path / ADAPTER_CONFIG_FILE).read_text()), **model_kwargs)
+                    base_model = _load_base(read_json(path / ADAPTER_CONFIG_FILE), **model_kwargs)
                 vlm = PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
         else:
             from transformers import AutoModelForImageTextToText
@@ -380,9 +378,7 @@ class VITaskModel(nn.Module):
             vlm = AutoModelForImageTextToText.from_pretrained(str(path), **model_kwargs)
         connector = None
         if cfg.get("connector") is not None:
-            connector = ExemplarConnector(ConnectorConfig(**cfg["connector"]))
-            connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
-            connector.trained = True
+            connector = load_connector(path, cfg)
             connector.to(vlm.get_input_embeddings().weight.device)
             connector.requires_grad_(is_trainable)
         tsm = None
@@ -396,6 +392,33 @@ class VITaskModel(nn.Module):
             image_end_token_id=cfg.get("image_end_token_id"),
             slot_token_id=cfg.get("slot_token_id", 0),
         )
+
+
+def read_vitask_config(path: str | PathLike) -> dict:
+    """The bundle's ``vitask_config.json``, type-checked (token ids, family, connector shape)."""
+    file = Path(path) / VITASK_CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"No {VITASK_CONFIG_FILE} in {path}: not a directory written by hf_vitask")
+    cfg = read_json(file)
+    check_fields(cfg, {"hf_vitask_version": "str?", "family": "str?", "base_model_name_or_path": "str?",
+                       "image_token_id": "size", "image_end_token_id": "size?", "slot_token_id": "size",
+                       "connector": "object?"}, str(file), required=("image_token_id",))
+    if cfg.get("connector") is not None:
+        cfg["connector"] = ConnectorConfig.from_dict(cfg["connector"], where=f"{file}: connector").to_dict()
+    return cfg
+
+
+def load_connector(path: Path, cfg: dict) -> ExemplarConnector:
+    """The trained exemplar connector of a bundle, its weights checked against its config's shape."""
+    connector = ExemplarConnector(ConnectorConfig.from_dict(cfg["connector"]))
+    try:
+        connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{path / CONNECTOR_FILE} does not fit the connector that {VITASK_CONFIG_FILE} describes "
+                         f"({detail}); the two files come from different runs: copy the whole bundle") from None
+    connector.trained = True
+    return connector
 
 
 def _check_bundle_files(path: Path, cfg: dict) -> None:

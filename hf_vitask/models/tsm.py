@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_vitask.data.images import to_rgb
+from hf_vitask.jsonfile import check_fields, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "tsm_config.json"
@@ -155,8 +156,9 @@ class TaskSpecificModel(nn.Module):
                 raise FileNotFoundError(
                     f"no {os.path.basename(required)} in {os.fspath(path)!r} (looked for {required})"
                 )
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json(config_path)
+        check_fields(config, {"model_name": "str", "num_classes": "positive", "img_size": "sizes?",
+                              "timm_kwargs": "object"}, config_path, required=("model_name", "num_classes"))
         tsm = cls(
             config["model_name"],
             config["num_classes"],

@@ -15,7 +15,6 @@ pairs alone, with a momentum proxy instruction and response shuffling.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from hf_vitask.data.instruction_free import (
     parse_letter,
 )
 from hf_vitask.data.vlm_collator import VLMCollator
+from hf_vitask.jsonfile import read_json
 from hf_vitask.losses import IGNORE_INDEX, reduce_tokens, response_logits, response_row_ids, token_ce
 from hf_vitask.models.exemplar import ExemplarInjector
 from hf_vitask.models.modeling import VITaskModel
@@ -485,7 +485,7 @@ def mc_evaluate(
 
 def load_training_config(path: str | Path) -> dict:
     """The ``InstructionFreeConfig`` a run was trained with, as saved next to its adapter."""
-    return json.loads((Path(path) / TRAINING_CONFIG_FILE).read_text())
+    return read_json(Path(path) / TRAINING_CONFIG_FILE)
 
 
 __all__ = [

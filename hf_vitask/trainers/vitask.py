@@ -12,13 +12,11 @@ The losses themselves are the pure functions of :mod:`hf_vitask.losses`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from hf_vitask.config import VITaskConfig
 from hf_vitask.data.collator import VITaskCollator, pick_negatives
@@ -31,8 +29,14 @@ from hf_vitask.losses import (
     response_row_ids,
     token_ce,
 )
-from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
-from hf_vitask.models.modeling import CONNECTOR_FILE, VITASK_CONFIG_FILE, VITaskModel, VITaskOutput
+from hf_vitask.models.exemplar import ExemplarConnector
+from hf_vitask.models.modeling import (
+    VITASK_CONFIG_FILE,
+    VITaskModel,
+    VITaskOutput,
+    load_connector,
+    read_vitask_config,
+)
 from hf_vitask.models.passes import run_passes
 from hf_vitask.task import TaskSpec, save_tasks
 from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
@@ -195,11 +199,10 @@ class VITaskTrainer(VLMTrainer):
                              "the model being trained must be a peft model (use_lora=True)")
         model.vlm.load_adapter(str(path), adapter_name=TEACHER_ADAPTER, is_trainable=False)
         model.vlm.set_adapter(model.vlm.active_adapter)  # keep training the student adapter
-        cfg = json.loads((path / VITASK_CONFIG_FILE).read_text())
+        cfg = read_vitask_config(path)
         if cfg.get("connector") is None:
             raise ValueError(f"The teacher at {path} has no exemplar connector: it was not trained with EP")
-        connector = ExemplarConnector(ConnectorConfig(**cfg["connector"]))
-        connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
+        connector = load_connector(path, cfg)
         connector.requires_grad_(False)
         self.teacher_connector = connector.to(self.args.device)
 
