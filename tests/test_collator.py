@@ -485,3 +485,15 @@ def test_high_bit_depth_images_are_scaled_by_their_range_not_clipped(tmp_path, m
             assert (np.diff(pixels) >= 0).all() and len(set(pixels.tolist())) > 200
     flat = Image.fromarray(np.full((4, 4), 5000, np.uint16))
     assert np.asarray(load_image(flat, "")).max() == 0  # a constant image is black, as documented
+
+
+def test_a_chat_template_that_drops_the_image_is_named(random_image, task):
+    from hf_vitask.models.tiny import build_tiny_vlm
+
+    _, processor = build_tiny_vlm("llava")
+    processor.chat_template = (  # renders only the text parts of each message
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'text' %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(ValueError, match=r"Rows \[0, 1\] have no image token after the chat template"):
+        VITaskCollator(processor, task)(_rows(random_image, [0, 1]))

@@ -162,3 +162,55 @@ def test_a_damaged_tasks_list_is_named(tmp_path, task):
     (tmp_path / "tasks.json").write_text('["digits"]')
     with pytest.raises(ValueError, match=r"A TaskSpec must be an object of fields, got str 'digits'"):
         load_tasks(tmp_path)
+
+
+def test_a_directory_that_is_not_a_bundle_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"No vitask_config.json in {tmp_path}: not a directory written"):
+        VITaskModel.from_pretrained(tmp_path)
+
+
+def test_evaluating_with_the_tsm_names_the_missing_tsm_folder(bundle, tmp_path):
+    import shutil
+
+    from hf_vitask import pipeline
+    from hf_vitask.config import DataArguments, EvalArguments
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    shutil.rmtree(copy / "tsm")
+    args = EvalArguments(model_path=str(copy), eval_use_tsm="yes", eval_max_samples=4)
+    with pytest.raises(ValueError, match=rf"eval_use_tsm=yes, but the bundle {copy} has no {copy / 'tsm'}"):
+        pipeline.run_evaluate(args, DataArguments(max_samples=48), str(tmp_path))
+
+
+def test_an_unsupported_model_type_is_named_with_the_supported_ones():
+    from transformers import PretrainedConfig
+
+    from hf_vitask.models.families import get_family
+
+    class Blip(__import__("torch").nn.Module):
+        config = PretrainedConfig()
+        config.model_type = "blip-2"
+
+    with pytest.raises(ValueError, match=r"Unsupported VLM model_type 'blip-2' \(from Blip\)\. Supported "
+                                         r"families: llava \(model_type llava\)"):
+        get_family(Blip())
+
+
+def test_resuming_without_a_complete_checkpoint_is_an_error(tmp_path, digits, task, tsm):
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=1)
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True: no complete checkpoint in .*out"):
+        trainer.train(resume_from_checkpoint=True)
+    (tmp_path / "out" / "checkpoint-1").mkdir(parents=True)  # an unfinished save: no manifest
+    with pytest.raises(ValueError, match=r"no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_a_plugin_tsm_for_other_classes_is_refused(bundle, tmp_path):
+    from hf_vitask import pipeline
+    from hf_vitask.config import DataArguments, EvalArguments
+
+    TaskSpecificModel("test_resnet", num_classes=4, pretrained=False, img_size=32).save_pretrained(tmp_path / "tsm4")
+    args = EvalArguments(model_path=str(bundle), plugin_tsm=str(tmp_path / "tsm4"), eval_max_samples=4)
+    with pytest.raises(ValueError, match=r"^plugin_tsm: The TSM has 4 output classes but the task\(s\) 'digits'"):
+        pipeline.run_evaluate(args, DataArguments(max_samples=48), str(tmp_path))

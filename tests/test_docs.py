@@ -56,3 +56,58 @@ def test_families_page_has_a_row_per_registered_family():
         assert line is not None, f"docs/families.md has no row for {row['family']}"
         assert row["pass_fusion"] in line and row["gradient_checkpointing"] in line
         assert all(f"`{t.strip()}`" in line for t in row["model_type"].split(","))
+
+
+# Each entry of docs/troubleshooting.md (by a phrase of its first column) and the test that raises it and
+# checks the message names the offending item. A new entry without a test here fails the check below.
+TROUBLESHOOTING_TESTS = {
+    "the loss term 'loss_rda' is nan": "test_trainer.py::test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint",
+    "is no longer finite": "test_trainer.py::test_a_weight_that_turns_non_finite_stops_training_before_its_checkpoint",
+    "is in use by a training run": "test_bundles.py::test_a_second_live_run_into_the_same_output_dir_fails_at_once",
+    "no complete checkpoint": "test_cross_checks.py::test_resuming_without_a_complete_checkpoint_is_an_error",
+    "Skipping checkpoint": "test_resume.py::test_vitask_run_resumes_in_stage_2_past_a_damaged_checkpoint",
+    "The TSM has 4 output classes": "test_cross_checks.py::test_a_tsm_for_other_classes_is_refused",
+    "freezes the exemplar connector": "test_cross_checks.py::test_stage_2_needs_a_trained_connector",
+    "which needs a trained TSM": "test_trainer.py::test_configuration_errors",
+    "have no CRT negative": "test_multitask.py::test_crt_averages_over_rows_with_a_negative_and_logs_coverage",
+    "have no image token after the chat template": "test_collator.py::test_a_chat_template_that_drops_the_image_is_named",
+    "tokens long, over max_length": "test_collator.py::test_max_length_names_rows_and_never_truncates",
+    "Unsupported VLM model_type": "test_cross_checks.py::test_an_unsupported_model_type_is_named_with_the_supported_ones",
+    "Image file not found in row": "test_collator.py::test_bad_rows_fail_naming_the_row",
+    "Task index 2 in row 5": "test_multitask.py::test_a_task_index_out_of_range_is_named_with_its_row",
+    "list every class in class_names": "test_data_sources.py::test_a_stray_test_label_is_named_not_a_new_class",
+    "16-bit, 32-bit or float images": "test_collator.py::test_high_bit_depth_images_are_scaled_by_their_range_not_clipped",
+    "No vitask_config.json in": "test_cross_checks.py::test_a_directory_that_is_not_a_bundle_is_named",
+    "is incomplete: missing": "test_cross_checks.py::test_a_missing_bundle_file_is_named",
+    "holds NaN or inf values": "test_trainer.py::test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint",
+    "was trained on a llava model": "test_cross_checks.py::test_a_bundle_on_a_base_of_another_family_is_refused",
+    "is not valid JSON": "test_cross_checks.py::test_a_damaged_bundle_json_file_is_named_with_its_field",
+    "'image_token_id' must be an integer": "test_cross_checks.py::test_a_damaged_bundle_json_file_is_named_with_its_field",
+    "does not fit the connector": "test_cross_checks.py::test_a_damaged_bundle_json_file_is_named_with_its_field",
+    "Cannot load the processor": "test_cross_checks.py::test_a_bundle_with_broken_processor_files_is_named",
+    "class_names must be a list": "test_task.py::test_a_hand_edited_task_json_is_type_checked",
+    "eval_use_tsm=yes, but the bundle": "test_cross_checks.py::test_evaluating_with_the_tsm_names_the_missing_tsm_folder",
+    "plugin_tsm: The TSM has N": "test_cross_checks.py::test_a_plugin_tsm_for_other_classes_is_refused",
+    "predict: rows with an empty prediction": "test_cli.py::test_pipeline_round_trip",
+    "unknown keys in config.yaml": "test_cli.py::test_unknown_yaml_key_is_an_error",
+    "eval_use_tsm must be": "test_cli.py::test_cli_errors_are_one_line_with_usage_exit_code_2",
+    "config file x.yaml not found": "test_cli.py::test_unknown_yaml_key_is_an_error",
+    "fp16=True needs a GPU": "test_cross_checks.py::test_fp16_on_cpu_is_an_error_like_bf16",
+}
+
+
+def test_every_troubleshooting_entry_has_a_test():
+    import ast
+
+    page = (README.parent / "docs" / "troubleshooting.md").read_text()
+    entries = [line.split("|")[1] for line in page.splitlines()
+               if line.startswith("| ") and not line.startswith("| message")]
+    assert len(entries) >= 30
+    untested = [e.strip() for e in entries if not any(phrase in e for phrase in TROUBLESHOOTING_TESTS)]
+    assert not untested, f"troubleshooting entries without a test in TROUBLESHOOTING_TESTS: {untested}"
+    unused = [p for p in TROUBLESHOOTING_TESTS if not any(p in e for e in entries)]
+    assert not unused, f"phrases that match no troubleshooting entry: {unused}"
+    for target in set(TROUBLESHOOTING_TESTS.values()):
+        file, name = target.split("::")
+        tree = ast.parse((Path(__file__).parent / file).read_text())
+        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{target} does not exist"

@@ -155,3 +155,11 @@ def test_crt_averages_over_rows_with_a_negative_and_logs_coverage(tmp_path, digi
     # normalised by the batch's response tokens, as Trainer does: still the mean over the covered tokens
     total = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch, num_items_in_batch=total), expected)
+
+
+def test_a_task_index_out_of_range_is_named_with_its_row(digits):
+    _, processor = build_tiny_vlm("llava")
+    rows = [{"image": digits["train"][i]["image"], "label": 0, "task": t, "id": f"img{i}"}
+            for i, t in enumerate([0, 1, 2])]
+    with pytest.raises(ValueError, match=r"Task index 2 in row 2 \(id 'img2'\) is out of range for 2 tasks"):
+        VITaskCollator(processor, [LOW, HIGH])(rows)

@@ -359,3 +359,24 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     save_file(connector, str(bundle / "exemplar_connector.safetensors"))
     with pytest.raises(ValueError, match=rf"exemplar_connector.safetensors: tensor '{name}' holds NaN"):
         VITaskModel.from_pretrained(bundle)
+
+
+def test_a_weight_that_turns_non_finite_stops_training_before_its_checkpoint(tmp_path, digits, task, tsm):
+    from transformers import TrainerCallback
+
+    from hf_vitask import NonFiniteLossError
+
+    class Poison(TrainerCallback):  # runs before the trainer's own check: a step that broke one weight
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(model.connector.parameters())[0] = float("inf")
+
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=4, save_strategy="steps", save_steps=1)
+    trainer.add_callback(Poison())
+    trainer.callback_handler.callbacks.sort(key=lambda c: type(c).__name__ != "Poison")
+    name = next(n for n, _ in trainer.model.named_parameters() if n.startswith("connector."))
+    with pytest.raises(NonFiniteLossError, match=rf"^step 2: the trainable weight '{name}' is no longer finite\. "
+                                                 r"Training stopped .*checkpoint-1, is kept"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]

@@ -230,7 +230,8 @@ def train_tsm(
             for rows in _batches(order, batch_size):
                 pixel_values = tsm.preprocess(train_dataset[rows][image_column], train=True).to(device)
                 targets = torch.tensor([labels[i] for i in rows], device=device)
-                logits = tsm(pixel_values)
+                with _running_batchnorm(tsm, len(rows) == 1):
+                    logits = tsm(pixel_values)
                 if task_sizes is not None:
                     logits = restrict_to_tasks(logits, torch.tensor([task_ids[i] for i in rows]), task_sizes)
                 loss = F.cross_entropy(logits, targets)
@@ -358,6 +359,21 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
         last = batches.pop()  # (not `batches[-2] += batches.pop()`: the pop would move index -2)
         batches[-1] += last
     return batches
+
+
+@contextlib.contextmanager
+def _running_batchnorm(model: nn.Module, active: bool):
+    """On a one-row batch (a one-row split, or ``batch_size=1``) BatchNorm cannot compute batch
+    statistics; let it normalise with its running statistics for that step (its affine weights
+    still train) instead of failing."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if active else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 @contextlib.contextmanager
