@@ -2,7 +2,6 @@
 
 import csv
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -178,17 +177,34 @@ def test_cli_errors_are_one_line_with_usage_exit_code_2(tmp_path, config, capsys
 
 
 def test_quickstart_fast(tmp_path):
+    """The reported numbers are what the saved models do on the reported samples, and the table shows them."""
+    from hf_vitask import load_vitask, pipeline
+    from hf_vitask.evaluation import evaluate_vlm
+    from hf_vitask.quickstart import FAST, _configs
+
     out = tmp_path / "qs"
     assert main(["quickstart", "--fast", "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    summary = results["summary"]
+    summary, (seed0,) = results["summary"], results["per_seed"]
     assert set(summary) == {"TSM", "vanilla", "VITask w/o EP", "VITask w/ EP"}
-    for row in ("vanilla", "VITask w/o EP", "VITask w/ EP"):
-        for instruction in ("complete", "incomplete"):
-            for metric in ("likelihood_accuracy", "likelihood_macro_f1", "generate_parse_failure_rate"):
-                assert math.isfinite(summary[row][instruction][metric]["mean"])
+    assert summary["TSM"]["complete"]["num_samples"]["mean"] == FAST.eval_samples
+    for row, by_instruction in seed0.items():  # one seed: the summary is that seed's numbers, std 0
+        for instruction, metrics in by_instruction.items():
+            assert {k: v["mean"] for k, v in summary[row][instruction].items()} == pytest.approx(metrics)
+            assert all(v["std"] == 0 for v in summary[row][instruction].values())
+    model, processor, task = load_vitask(out / "seed0" / "stage2")
+    _, data_args, *_ = _configs(out, FAST, seed=0)
+    test = pipeline.load_data(data_args)["test"]
+    for row, use_tsm in (("VITask w/o EP", False), ("VITask w/ EP", True)):
+        again = evaluate_vlm(model, processor, task, test, use_tsm=use_tsm, methods=("likelihood",),
+                             max_samples=FAST.eval_samples, batch_size=16)
+        assert again["num_samples"] == FAST.eval_samples
+        for metric in ("accuracy", "macro_f1", "auc"):
+            assert seed0[row]["complete"][f"likelihood_{metric}"] == pytest.approx(again["likelihood"][metric], abs=1e-6)
     table = (out / "results.md").read_text()
-    assert table.count("| VITask w/ EP |") == 2 and "macro-F1" in table
+    ep = seed0["VITask w/ EP"]["complete"]
+    assert (f"| VITask w/ EP | complete | {ep['likelihood_accuracy']:.3f} | {ep['likelihood_macro_f1']:.3f} | "
+            f"{ep['likelihood_auc']:.3f} |") in table
     assert (out / "results.png").stat().st_size > 1000
 
 
