@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -23,6 +25,7 @@ DEFAULT_OPTION_SCORE = "mean"
 #: (alpha x beta sweep, docs/ablation.md); the differences were within the seed spread.
 DEFAULT_RDA_WEIGHT = 0.3
 DEFAULT_CRT_WEIGHT = 0.1
+logger = logging.getLogger(__name__)
 
 
 def _check_option_score(value: str, name: str) -> None:
@@ -56,10 +59,30 @@ class VLMTuningArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
 
     def __post_init__(self):
+        _cpu_processes_use_gloo(self)
         super().__post_init__()
         if self.fp16 and self.device.type == "cpu":  # transformers would train in float32 without a word
             raise ValueError("fp16=True needs a GPU: there is none here (or use_cpu is set). Train without fp16 on CPU, "
                              "or with bf16/fp16 on a GPU.")
+
+
+def _cpu_processes_use_gloo(args: TrainingArguments) -> None:
+    """Several processes (``torchrun``, ``accelerate launch``) on a machine without a GPU: train with
+    real DDP over gloo, as transformers does only with ``use_cpu=True``; without it every process
+    would silently train its own copy of the model."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return
+    if not args.use_cpu or args.ddp_backend is None:
+        logger.info("%s processes and no GPU: training with DDP over gloo on CPU (use_cpu=True, ddp_backend='gloo')",
+                    os.environ["WORLD_SIZE"])
+    args.use_cpu = True
+    if args.ddp_backend is None:
+        args.ddp_backend = "gloo"
+    elif args.ddp_backend != "gloo":
+        raise ValueError(f"ddp_backend={args.ddp_backend!r} needs GPUs; {os.environ['WORLD_SIZE']} processes on a "
+                         "machine without one train with ddp_backend='gloo' (or leave it unset)")
 
 
 @dataclass

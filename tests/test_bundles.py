@@ -39,7 +39,7 @@ def test_a_failed_save_keeps_the_previous_bundle_and_a_failed_publish_leaves_non
     trainer.save_model(str(out))
     before = _files(out)
 
-    def broken(self, output_dir):
+    def broken(self, output_dir, state_dict=None):
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
@@ -84,3 +84,42 @@ def test_only_the_trainers_checkpoint_folders_are_checkpoints(tmp_path):
     assert is_checkpoint_dir(out / "checkpoint-20", out)
     assert not is_checkpoint_dir(out / "checkpoint-best", out)  # a bundle name: written whole, with its TSM
     assert not is_checkpoint_dir(tmp_path / "elsewhere" / "checkpoint-20", out)
+
+
+def test_a_bundle_saved_from_a_gathered_state_dict_equals_the_direct_save(tmp_path, digits, task, tsm):
+    """FSDP / DeepSpeed hand ``_save`` the full state dict gathered from the shards: each part of the
+    bundle must come from it (and give the same files as a save from the modules themselves)."""
+    from safetensors.torch import load_file
+
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=1)
+    trainer.train()
+    model = trainer.model
+    model.save_pretrained(tmp_path / "direct")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer._save(str(tmp_path / "gathered"), state_dict=state)
+    for name in ("adapter_model.safetensors", "exemplar_connector.safetensors"):
+        direct, gathered = load_file(str(tmp_path / "direct" / name)), load_file(str(tmp_path / "gathered" / name))
+        assert direct.keys() == gathered.keys() and all(direct[k].equal(gathered[k]) for k in direct), name
+    marked = {k: v + 1 if k.startswith("connector.") else v for k, v in state.items()}  # the dict is what is saved
+    trainer._save(str(tmp_path / "marked"), state_dict=marked)
+    saved = load_file(str(tmp_path / "marked" / "exemplar_connector.safetensors"))
+    assert all(saved[k].equal(marked[f"connector.{k}"]) for k in saved)
+
+
+def test_the_proxy_instruction_is_saved_from_a_gathered_state_dict(tmp_path, digits):
+    from safetensors.torch import load_file
+
+    from hf_vitask import InstructionFreeConfig, InstructionFreeTrainer
+    from hf_vitask.data.instruction_free import add_digit_descriptions
+    from hf_vitask.models.tiny import build_tiny_vlm
+
+    vlm, processor = build_tiny_vlm("llava")
+    args = InstructionFreeConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", lora_r=4,
+                                 per_device_train_batch_size=2, disable_tqdm=True)
+    trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor,
+                                     train_dataset=add_digit_descriptions(digits)["train"])
+    trainer.train()
+    state = {k: (v * 2 if k == "proxy.weight" else v) for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "gathered"), state_dict=state)
+    saved = load_file(str(tmp_path / "gathered" / "proxy.safetensors"))
+    assert saved["proxy"].equal(state["proxy.weight"].float()) and saved["proxy_ema"].equal(state["proxy.ema"])

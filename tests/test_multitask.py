@@ -143,7 +143,7 @@ def test_crt_averages_over_rows_with_a_negative_and_logs_coverage(tmp_path, digi
         trainer.compute_loss(trainer.model, batch)
     warnings = [r for r in caplog.records if "no CRT negative" in r.getMessage()]
     assert len(warnings) == 1 and "2 of 6 rows" in warnings[0].getMessage()
-    assert trainer._metrics["train"]["crt_coverage"] == [4 / 6, 4 / 6]
+    assert [value for _, value, _ in trainer._metrics["train"]["crt_coverage"]] == [4 / 6, 4 / 6]
 
     inputs = {k: v for k, v in batch.items() if k not in ("class_ids", "task_ids", "crt_negative_index")}
     out = run_passes(trainer.model, inputs, negative_index=batch["crt_negative_index"], mode="none")

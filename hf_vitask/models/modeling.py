@@ -30,6 +30,7 @@ from hf_vitask.models.exemplar import (
     insert_exemplar_slots,
 )
 from hf_vitask.models.families import VLMFamily, get_family
+from hf_vitask.models.passes import Passes, run_passes
 from hf_vitask.models.tsm import TaskSpecificModel
 
 VITASK_CONFIG_FILE = "vitask_config.json"
@@ -221,16 +222,28 @@ class VITaskModel(nn.Module):
         tsm_features: torch.Tensor | None = None,
         exemplar_embeds: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        passes: dict | None = None,
         **vlm_inputs,
-    ) -> VITaskOutput:
+    ) -> VITaskOutput | Passes:
         """Run the VLM, with exemplar tokens when any TSM input (or ready ``exemplar_embeds``) is given.
 
         The loss, when ``labels`` are given, is the response cross-entropy; ``response_logits`` are
         the next-token logits at response positions, aligned across EP and no-EP calls.
+
+        ``passes``: run every pass of a training step in this one call instead (keywords of
+        :func:`~hf_vitask.models.passes.run_passes`: ``mode``, ``negative_index``; the TSM input,
+        if any, is the EP pass's exemplar) and return the :class:`~hf_vitask.models.passes.Passes`.
+        One forward per step is what a distributed wrapper (DDP, FSDP, DeepSpeed) expects, so the
+        fused passes run under it unchanged.
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **vlm_inputs}
         if exemplar_embeds is None and (tsm_pixel_values is not None or tsm_features is not None):
             exemplar_embeds = self.exemplar_embeds(tsm_pixel_values, tsm_features)
+        if passes is not None:
+            out = run_passes(self, {k: v for k, v in inputs.items() if v is not None}, exemplar=exemplar_embeds,
+                             **passes)
+            out.exemplar = exemplar_embeds
+            return out
         labels_used = labels
         if exemplar_embeds is None:
             context = contextlib.nullcontext()
@@ -297,16 +310,22 @@ class VITaskModel(nn.Module):
             "connector": None if self.connector is None else self.connector.config.to_dict(),
         }
 
-    def save_pretrained(self, save_directory: str | PathLike, save_tsm: bool = True) -> None:
-        """Write the adapter (or full model), the connector and the TSM, all as safetensors."""
+    def save_pretrained(self, save_directory: str | PathLike, save_tsm: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter (or full model), the connector and the TSM, all as safetensors.
+
+        ``state_dict``: this model's full state dict, when FSDP or DeepSpeed ZeRO-3 gathered it from
+        the shards (the parameters of the modules themselves are then only shards)."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
+        vlm_state = None if state_dict is None else submodule_state(state_dict, "vlm.")
         if self.is_peft:
-            self.vlm.save_pretrained(path, selected_adapters=[self.vlm.active_adapter])
+            self.vlm.save_pretrained(path, selected_adapters=[self.vlm.active_adapter], state_dict=vlm_state)
         else:
-            self.vlm.save_pretrained(path)
+            self.vlm.save_pretrained(path, state_dict=vlm_state)
         if self.connector is not None:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()}
+            connector = self.connector.state_dict() if state_dict is None else submodule_state(state_dict, "connector.")
+            state = {k: v.detach().contiguous().cpu() for k, v in connector.items()}
             save_file(state, str(path / CONNECTOR_FILE))
         if save_tsm and self.tsm is not None:
             self.tsm.save_pretrained(path / TSM_DIR)
@@ -392,6 +411,11 @@ class VITaskModel(nn.Module):
             image_end_token_id=cfg.get("image_end_token_id"),
             slot_token_id=cfg.get("slot_token_id", 0),
         )
+
+
+def submodule_state(state_dict: dict, prefix: str) -> dict:
+    """The entries of a submodule in its parent's state dict, with the submodule's own key names."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def read_vitask_config(path: str | PathLike) -> dict:

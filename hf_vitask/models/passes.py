@@ -57,6 +57,8 @@ class Passes:
     ep: PassOutput | None = None
     negative: PassOutput | None = None
     mode: str = "none"
+    exemplar: torch.Tensor | None = None
+    """The exemplar tokens the EP pass used (set when the passes ran inside ``VITaskModel.forward``)."""
 
 
 def run_passes(

@@ -108,6 +108,17 @@ class FiniteWeightsCallback(TrainerCallback):
         return control
 
 
+def _step_means(sums: dict[str, dict[int, list[float]]]) -> dict[str, float]:
+    """Each term's weighted mean within a step, averaged over the steps since the last log (as
+    the Trainer averages ``loss``)."""
+    means = {}
+    for name, steps in sums.items():
+        per_step = [weighted / weight for weighted, weight in steps.values() if weight]
+        if per_step:
+            means[name] = sum(per_step) / len(per_step)
+    return means
+
+
 class VLMTrainer(Trainer):
     """Base of :class:`VITaskTrainer` and :class:`InstructionFreeTrainer` (a ``transformers.Trainer``).
 
@@ -138,23 +149,46 @@ class VLMTrainer(Trainer):
         with lock:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def record(self, model, name: str, value: torch.Tensor | float) -> None:
+    def record(self, model, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
         """Keep ``value`` for the next log; a non-finite training loss term stops training
-        (:class:`NonFiniteLossError` naming the step and the term) instead of being logged."""
+        (:class:`NonFiniteLossError` naming the step and the term) instead of being logged.
+
+        ``weight``: how much this value counts within its step (e.g. its response tokens), so the
+        logged term is the step's value over all micro-batches and processes, as ``loss`` is."""
         mode = "train" if model.training else "eval"
         value = float(value.detach().float().mean()) if torch.is_tensor(value) else value
         if mode == "train" and name.startswith("loss") and not math.isfinite(value):
             raise _stopped(self.args, self.state.global_step + 1, f"the loss term {name!r} is {value}")
-        self._metrics[mode][name].append(value)
+        self._metrics[mode][name].append((self.state.global_step, value * weight, weight))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        metrics = _step_means(self._gather_metrics(self._metrics[mode]))
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)  # in place: Trainer.evaluate() returns this dict
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def _gather_metrics(self, recorded: dict[str, list]) -> dict[str, dict[int, list[float]]]:
+        """Per term and step: [sum of value x weight, sum of weights], over every process."""
+        sums: dict[str, dict[int, list[float]]] = {}
+        for name, entries in recorded.items():
+            for step, weighted, weight in entries:
+                cell = sums.setdefault(name, {}).setdefault(step, [0.0, 0.0])
+                cell[0] += weighted
+                cell[1] += weight
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, sums)  # log() runs on every process at the same steps
+            sums = {}
+            for part in everyone:
+                for name, steps in part.items():
+                    for step, (weighted, weight) in steps.items():
+                        cell = sums.setdefault(name, {}).setdefault(step, [0.0, 0.0])
+                        cell[0] += weighted
+                        cell[1] += weight
+        return sums
 
     def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """As ``Trainer.compute_loss`` does when the loss is normalised by the global token count."""
@@ -206,8 +240,9 @@ class VLMTrainer(Trainer):
             )
 
     # -- saving / loading ----------------------------------------------------------------------------
-    def save_extras(self, output_dir: Path) -> None:
-        """Write what the subclass adds to the bundle (task, proxy, ...)."""
+    def save_extras(self, output_dir: Path, state_dict: dict | None = None) -> None:
+        """Write what the subclass adds to the bundle (task, proxy, ...); ``state_dict`` is the
+        model's full state dict when FSDP or DeepSpeed gathered it from the shards."""
 
     def load_extras(self, path: Path, model) -> None:
         """Restore what :meth:`save_extras` wrote (exact resume)."""
@@ -217,7 +252,10 @@ class VLMTrainer(Trainer):
 
         A checkpoint is written in place (sealed afterwards, see :mod:`.checkpoints`); a bundle is
         written next to its directory and published into it (:func:`.bundles.publish_bundle`), so
-        an interrupted save never leaves a mixture of two runs."""
+        an interrupted save never leaves a mixture of two runs. Only the main process writes; under
+        FSDP / DeepSpeed every process has joined the gathering of ``state_dict`` before this."""
+        if not self.args.should_save:
+            return
         output_dir = Path(output_dir or self.args.output_dir)
         checkpoint = is_checkpoint_dir(output_dir, self.args.output_dir)
         target = output_dir if checkpoint else staging_dir(output_dir)
@@ -225,12 +263,12 @@ class VLMTrainer(Trainer):
         try:
             model = self.accelerator.unwrap_model(self.model)
             if isinstance(model, VITaskModel):  # the TSM is frozen: in the final bundle, not in every checkpoint
-                model.save_pretrained(target, save_tsm=not checkpoint)
+                model.save_pretrained(target, save_tsm=not checkpoint, state_dict=state_dict)
             else:
-                model.save_pretrained(target)
+                model.save_pretrained(target, state_dict=state_dict)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(target))
-            self.save_extras(target)
+            self.save_extras(target, state_dict)
             (target / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
         except BaseException:
             if not checkpoint:
@@ -245,7 +283,11 @@ class VLMTrainer(Trainer):
         self.load_extras(Path(path), model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded checkpoint holds every weight
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_trainable(resume_from_checkpoint, model)
 
     def _load_best_model(self):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
         self._load_trainable(self.state.best_model_checkpoint)

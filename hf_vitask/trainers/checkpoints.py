@@ -90,9 +90,15 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 class SealCheckpointCallback(TrainerCallback):
-    """Seal each checkpoint once the Trainer has written all of it (``on_save`` runs after)."""
+    """Seal each checkpoint once the Trainer has written all of it (``on_save`` runs after). Under
+    several processes each one writes its own RNG state into the checkpoint: the main process
+    seals only after all of them have."""
 
     def on_save(self, args, state, control, **kwargs):
+        import torch
+
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if folder.is_dir():

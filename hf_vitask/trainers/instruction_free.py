@@ -40,7 +40,7 @@ from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.jsonfile import read_json
 from hf_vitask.losses import IGNORE_INDEX, reduce_tokens, response_logits, response_row_ids, token_ce
 from hf_vitask.models.exemplar import ExemplarInjector
-from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.modeling import VITaskModel, submodule_state
 from hf_vitask.trainers.base import TRAINING_CONFIG_FILE, VLMTrainer, check_trainer_inputs, wrap_lora
 
 PROXY_FILE = "proxy.safetensors"
@@ -134,12 +134,14 @@ class ProxyInstruction(nn.Module):
         self.step += 1
 
     # -- persistence -------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """``proxy.safetensors``-style file: ``proxy`` (raw), ``proxy_ema``, ``step``, metadata m and feed."""
+    def save(self, path: str | Path, state: dict | None = None) -> None:
+        """``proxy.safetensors``-style file: ``proxy`` (raw), ``proxy_ema``, ``step``, metadata m and feed.
+        ``state``: this module's state dict when it was gathered from FSDP / DeepSpeed shards."""
+        state = state or {"weight": self.weight, "ema": self.ema, "step": self.step}
         tensors = {
-            "proxy": self.weight.detach().cpu().contiguous(),
-            "proxy_ema": self.ema.detach().cpu().contiguous(),
-            "step": self.step.detach().cpu().reshape(1),
+            "proxy": state["weight"].detach().float().cpu().contiguous(),
+            "proxy_ema": state["ema"].detach().float().cpu().contiguous(),
+            "step": state["step"].detach().cpu().reshape(1),
         }
         save_file(tensors, str(path), metadata={"momentum": repr(self.momentum), "feed": self.feed})
 
@@ -254,7 +256,7 @@ class InstructionFreeTrainer(VLMTrainer):
                 max_length=args.max_length,
                 image_column=args.image_column,
                 description_column=args.description_column,
-                seed=args.seed,
+                seed=args.seed + args.process_index,  # each process shuffles its own way
             )
         super().__init__(
             model=model,
@@ -300,7 +302,7 @@ class InstructionFreeTrainer(VLMTrainer):
             out = model(**inputs)
         per_token = token_ce(out.response_logits, out.response_targets)
         loss = reduce_tokens(per_token, num_items_in_batch)
-        self.record(model, "loss_ce", per_token)
+        self.record(model, "loss_ce", per_token, per_token.numel() if num_items_in_batch is not None else 1.0)
         if proxy is not None and model.training:
             self.record(model, "proxy_ema_gap", (proxy.weight.detach() - proxy.ema).norm(dim=-1).mean())
         loss = self.scale_for_devices(loss, num_items_in_batch)
@@ -324,9 +326,10 @@ class InstructionFreeTrainer(VLMTrainer):
         return self._unshuffled(super().predict, *args, **kwargs)
 
     # -- saving / loading: the proxy (raw + EMA + step) next to the adapter -----------------------------------
-    def save_extras(self, output_dir: Path) -> None:
+    def save_extras(self, output_dir: Path, state_dict: dict | None = None) -> None:
         if self.proxy is not None:
-            self.proxy.save(output_dir / PROXY_FILE)
+            gathered = None if state_dict is None else submodule_state(state_dict, "proxy.")
+            self.proxy.save(output_dir / PROXY_FILE, gathered or None)
 
     def load_extras(self, path: Path, model) -> None:
         if self.args.use_proxy:

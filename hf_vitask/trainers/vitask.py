@@ -37,7 +37,6 @@ from hf_vitask.models.modeling import (
     load_connector,
     read_vitask_config,
 )
-from hf_vitask.models.passes import run_passes
 from hf_vitask.task import TaskSpec, save_tasks
 from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
 
@@ -85,6 +84,15 @@ def check_tsm_matches_tasks(tsm, task) -> None:
             f"The TSM has {tsm.num_classes} output classes but the task(s) {names} have {expected}: it was trained "
             "for other data. Train the TSM on this task (hf-vitask train-tsm) or pass the matching one."
         )
+
+
+def _shared(entries: dict, args) -> dict:
+    """``entries`` of every process (each calls this at the same step); just ``entries`` alone."""
+    if args.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return entries
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, entries)
+    return {key: value for part in everyone for key, value in part.items()}
 
 
 class VITaskTrainer(VLMTrainer):
@@ -153,7 +161,7 @@ class VITaskTrainer(VLMTrainer):
                 with_negatives=crt,
                 image_column=args.image_column,
                 label_column=args.label_column,
-                seed=args.seed,
+                seed=args.seed + args.process_index,  # each process draws its own negatives
             )
         if frozen_teacher and args.rda_teacher_cache and isinstance(data_collator, VITaskCollator):
             data_collator.return_sample_keys = True  # names each sample for the teacher-output cache
@@ -171,6 +179,7 @@ class VITaskTrainer(VLMTrainer):
         self.task = task
         self.teacher_model: VITaskModel | None = None
         self._teacher_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.teacher_passes = 0  # samples this process ran the cached frozen teacher on
         self.teacher_connector: ExemplarConnector | None = None
         if frozen_teacher:
             self._setup_frozen_teacher(teacher)
@@ -266,11 +275,16 @@ class VITaskTrainer(VLMTrainer):
     @torch.no_grad()
     def _cached_teacher(self, model: VITaskModel, inputs: dict, tsm_pixel_values, sample_keys):
         """Teacher log-probabilities at the batch's response tokens (top-k, or all), computed only for
-        samples not seen before. The teacher is frozen, so a sample's outputs never change."""
+        samples not seen before. The teacher is frozen, so a sample's outputs never change.
+
+        Under several processes each one computes the samples of its own batch and the new entries
+        are shared with all of them at once, so a sample that a later epoch deals to another process
+        is not computed again: once per sample for the whole job."""
         cache = self._teacher_cache
         labels = inputs["labels"]
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
         missing = [i for i, key in enumerate(sample_keys) if counts[i] and key not in cache]
+        new: dict = {}
         if missing:
             rows = torch.tensor(missing, device=labels.device)
             sub = model.family.take_rows(inputs, rows, model.image_token_id)
@@ -282,10 +296,12 @@ class VITaskTrainer(VLMTrainer):
             start = 0
             for i in missing:
                 end = start + counts[i]
-                cache[sample_keys[i]] = (
+                new[sample_keys[i]] = (
                     logprobs[start:end].cpu(), None if index is None else index[start:end].to(torch.int32).cpu()
                 )
                 start = end
+        self.teacher_passes += len(new)
+        cache.update(_shared(new, self.args))
         entries = [cache[key] for i, key in enumerate(sample_keys) if counts[i]]
         logprobs = torch.cat([e[0] for e in entries]).to(labels.device)
         index = None if entries[0][1] is None else torch.cat([e[1] for e in entries]).to(labels.device).long()
@@ -317,11 +333,8 @@ class VITaskTrainer(VLMTrainer):
         sample_keys = inputs.pop("sample_keys", None)
         inputs.pop("images", None)
 
-        exemplar = None
-        if args.uses_exemplar:
-            if tsm_pixel_values is None:
-                raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
-            exemplar = unwrapped.exemplar_embeds(tsm_pixel_values)
+        if args.uses_exemplar and tsm_pixel_values is None:
+            raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
         if args.crt_weight > 0 and negative_index is None:
             if class_ids is None:
                 raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
@@ -329,11 +342,12 @@ class VITaskTrainer(VLMTrainer):
             negative_index = torch.tensor(
                 pick_negatives(class_ids.tolist(), self._negative_rng(class_ids), groups), device=inputs["labels"].device
             )
-        # one call for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes);
-        # a model wrapped for distributed training is called pass by pass through its wrapper
-        mode = args.pass_fusion if model is unwrapped else "none"
-        passes = run_passes(unwrapped, inputs, exemplar=exemplar, mode=mode, forward=model,
-                            negative_index=negative_index if args.crt_weight > 0 else None)
+        # one forward for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes),
+        # through the distributed wrapper when there is one
+        passes = model(**inputs, tsm_pixel_values=tsm_pixel_values if args.uses_exemplar else None,
+                       passes={"mode": args.pass_fusion,
+                               "negative_index": negative_index if args.crt_weight > 0 else None})
+        exemplar = passes.exemplar
         student = passes.plain
         targets = student.response_targets
         terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
@@ -360,17 +374,19 @@ class VITaskTrainer(VLMTrainer):
             weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
             for k, v in terms.items() if weights[k] > 0
         )
+        weight = targets.numel() if num_items_in_batch is not None else 1.0  # as the terms enter the loss
         for k, v in terms.items():
             if v.numel():
-                self.record(model, f"loss_{k}", v)
+                self.record(model, f"loss_{k}", v, weight)
         loss = self.scale_for_devices(loss, num_items_in_batch)
         if return_outputs:
             return loss, VITaskOutput(loss=loss, response_logits=student.response_logits, response_targets=targets)
         return loss
 
     def _negative_rng(self, class_ids) -> random.Random:
-        """A function of the seed, the step and the batch (exact on resume, like the collator's)."""
-        return random.Random(f"{self.args.seed}:{self.state.global_step}:{class_ids.tolist()}")
+        """A function of the seed, the process, the step and the batch (exact on resume, like the collator's)."""
+        args = self.args
+        return random.Random(f"{args.seed + args.process_index}:{self.state.global_step}:{class_ids.tolist()}")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss with the same terms as training (logged as ``eval_loss_*``).
@@ -396,7 +412,7 @@ class VITaskTrainer(VLMTrainer):
         return loss.detach(), scores.to(loss.device), class_ids[: len(images)]
 
     # -- saving --------------------------------------------------------------------------------------------
-    def save_extras(self, output_dir: Path) -> None:
+    def save_extras(self, output_dir: Path, state_dict: dict | None = None) -> None:
         """The task(s): ``task.json`` (or ``tasks.json``) next to the adapter, connector and TSM."""
         if self.task is not None:
             save_tasks(self.task, output_dir)
