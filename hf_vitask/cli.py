@@ -150,7 +150,15 @@ def _usage() -> str:
 def _print_results(results: dict) -> None:
     import json
 
-    print(json.dumps(results, indent=2))
+    _say(json.dumps(results, indent=2))
+
+
+def _say(message: str) -> None:
+    """Print once per job: under ``torchrun`` only the main process speaks."""
+    from hf_vitask import distributed
+
+    if distributed.is_main_process():
+        print(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,25 +209,25 @@ def _main(argv: list[str]) -> int:
     out = train_args.output_dir
     if command == "train-tsm":
         _, history = pipeline.run_train_tsm(data_args, tsm_args, out, seed=train_args.seed)
-        print(f"TSM saved to {pipeline.tsm_dir(tsm_args, out)}; best validation epoch {history['best_epoch']}")
+        _say(f"TSM saved to {pipeline.tsm_dir(tsm_args, out)}; best validation epoch {history['best_epoch']}")
     elif command == "train" and run_args.method == "instruction-free":
         path = pipeline.run_train_instruction_free(model_args, data_args, train_args)
-        print(f"model saved to {path}")
+        _say(f"model saved to {path}")
     elif command == "evaluate" and run_args.method == "instruction-free":
         _print_results(pipeline.run_evaluate_instruction_free(eval_args, data_args, train_args))
     elif command == "train":
         stages = (train_args.stage,) if "stage" in explicit else (1, 2)
         path = pipeline.run_train(model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method)
-        print(f"model saved to {path}")
+        _say(f"model saved to {path}")
     elif command == "evaluate":
         _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args))
     elif command == "predict":
         path = pipeline.run_predict(
             eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name
         )
-        print(f"predictions written to {path}")
+        _say(f"predictions written to {path}")
     elif command == "push":
-        print(f"pushed: {pipeline.run_push(eval_args, model_args, train_args, out)}")
+        _say(f"pushed: {pipeline.run_push(eval_args, model_args, train_args, out)}")
     elif command == "ablate":
         from hf_vitask.ablation import run_ablation
 

@@ -20,6 +20,7 @@ import torch
 
 from hf_vitask.config import DEFAULT_OPTION_SCORE, OPTION_SCORES
 from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
+from hf_vitask.distributed import gather, gather_rows, my_block
 from hf_vitask.losses import IGNORE_INDEX, response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
@@ -235,6 +236,7 @@ def evaluate_vlm(
     max_samples: int | None = None,
     max_new_tokens: int = 16,
     option_score: str = DEFAULT_OPTION_SCORE,
+    split_between_processes: bool = False,
 ) -> dict:
     """Accuracy / macro-F1 (/ AUC) of the VLM on a labelled dataset, for each prediction method.
 
@@ -250,6 +252,9 @@ def evaluate_vlm(
     can pass the same arguments).
     ``dataset`` is a ``datasets.Dataset`` (labels as class ids or class names); the first
     ``max_samples`` rows are used, decoded ``16 * batch_size`` images at a time.
+    ``split_between_processes``: under several processes (``torchrun``), each one scores its own
+    block of rows and the outputs are gathered, so every process returns the single-process
+    metrics; every process must make the call.
 
     Returns ``{"num_samples": N, "likelihood": {"accuracy", "macro_f1", "auc"},
     "generate": {"accuracy", "macro_f1", "parse_failure_rate"}}`` with the requested methods.
@@ -257,35 +262,73 @@ def evaluate_vlm(
     methods = tuple(methods)
     if not methods or any(m not in ("likelihood", "generate") for m in methods):
         raise ValueError(f"methods must be a non-empty subset of ('likelihood', 'generate'), got {methods}")
-    n = _num_rows(dataset, max_samples)
-    references = [task.check_label(y, f" at row {i}") for i, y in enumerate(_column(dataset, 0, n, label_column))]
-    chunk = max(batch_size, 1) * 16
-    starts = range(0, n, chunk)
-    kwargs = dict(use_tsm=use_tsm, complete_instruction=complete_instruction, batch_size=batch_size)
     if option_score not in OPTION_SCORES:
         raise ValueError(f"option_score must be one of {OPTION_SCORES}, got {option_score!r}")
+    n = _num_rows(dataset, max_samples)
+    references = [task.check_label(y, f" at row {i}") for i, y in enumerate(_column(dataset, 0, n, label_column))]
+    rows = my_block(n) if split_between_processes else range(n)
+    outputs = vlm_outputs(model, processor, task, dataset, rows, use_tsm=use_tsm, tsm=tsm, methods=methods,
+                          complete_instruction=complete_instruction, batch_size=batch_size, image_column=image_column,
+                          max_new_tokens=max_new_tokens, option_score=option_score)
+    if split_between_processes:
+        outputs = {k: gather_rows(v) if torch.is_tensor(v) else gather(v)
+                   for k, v in outputs.items()}
+    return {"num_samples": n, **vlm_metrics(outputs, references, task)}
 
-    result: dict = {"num_samples": n}
+
+def vlm_outputs(
+    model: VITaskModel,
+    processor,
+    task: TaskSpec,
+    dataset,
+    rows: range,
+    *,
+    methods: Sequence[str],
+    use_tsm: bool = False,
+    tsm: TaskSpecificModel | None = None,
+    complete_instruction: bool = True,
+    batch_size: int = 8,
+    image_column: str = "image",
+    max_new_tokens: int = 16,
+    option_score: str = DEFAULT_OPTION_SCORE,
+) -> dict:
+    """What :func:`evaluate_vlm` computes per row, for ``rows`` of ``dataset``: ``{"likelihood": (N, C)
+    option scores, "generate": [N answers]}`` (the requested methods)."""
+    chunk = max(batch_size, 1) * 16
+    starts = range(rows.start, rows.stop, chunk)
+    kwargs = dict(use_tsm=use_tsm, complete_instruction=complete_instruction, batch_size=batch_size)
+    outputs: dict = {}
     with plugged_tsm(model, tsm if use_tsm else None):
         _check_tsm(model, use_tsm)
         if "likelihood" in methods:
-            log_likelihoods = torch.cat(
-                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, n), image_column),
+            outputs["likelihood"] = torch.cat(
+                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, rows.stop), image_column),
                                option_score=option_score, **kwargs)
                  for s in starts]
-            )
-            result["likelihood"] = classification_metrics(
-                log_likelihoods.argmax(-1).tolist(), references,
-                scores=softmax(log_likelihoods.double().numpy()), num_classes=task.num_classes,
-            )
+            ) if len(rows) else torch.zeros(0, task.num_classes)
         if "generate" in methods:
             texts: list[str] = []
             for s in starts:
-                images = _column(dataset, s, min(s + chunk, n), image_column)
+                images = _column(dataset, s, min(s + chunk, rows.stop), image_column)
                 texts += generate_answers(model, processor, task, images, max_new_tokens=max_new_tokens, **kwargs)
-            metrics = classification_metrics([task.parse(t) for t in texts], references, num_classes=task.num_classes)
-            metrics.setdefault("parse_failure_rate", 0.0)
-            result["generate"] = metrics
+            outputs["generate"] = texts
+    return outputs
+
+
+def vlm_metrics(outputs: dict, references: list[int], task: TaskSpec) -> dict:
+    """Metrics of :func:`vlm_outputs` against the class ids ``references``, per method."""
+    result: dict = {}
+    if "likelihood" in outputs:
+        log_likelihoods = outputs["likelihood"]
+        result["likelihood"] = classification_metrics(
+            log_likelihoods.argmax(-1).tolist(), references,
+            scores=softmax(log_likelihoods.double().numpy()), num_classes=task.num_classes,
+        )
+    if "generate" in outputs:
+        metrics = classification_metrics([task.parse(t) for t in outputs["generate"]], references,
+                                          num_classes=task.num_classes)
+        metrics.setdefault("parse_failure_rate", 0.0)
+        result["generate"] = metrics
     return result
 
 
@@ -298,14 +341,22 @@ def evaluate_tsm(
     image_column: str = "image",
     label_column: str = "label",
     max_samples: int | None = None,
+    split_between_processes: bool = False,
 ) -> dict:
     """Accuracy, macro-F1 and one-vs-rest macro AUC of the task-specific model alone (argmax and
-    softmax of its logits, via :func:`tsm_predict`), plus ``num_samples``."""
+    softmax of its logits, via :func:`tsm_predict`), plus ``num_samples``.
+    ``split_between_processes``: as in :func:`evaluate_vlm`."""
     n = _num_rows(dataset, max_samples)
     if n < len(dataset):
         dataset = dataset.select(range(n))
     references = [int(y) for y in _column(dataset, 0, n, label_column)]
-    probs = tsm_predict(tsm, dataset, batch_size=batch_size, device=device, image_column=image_column)
+    if split_between_processes:
+        block = my_block(n)
+        probs = tsm_predict(tsm, dataset.select(block), batch_size=batch_size, device=device,
+                            image_column=image_column) if len(block) else torch.zeros(0, tsm.num_classes)
+        probs = gather_rows(probs)
+    else:
+        probs = tsm_predict(tsm, dataset, batch_size=batch_size, device=device, image_column=image_column)
     metrics = classification_metrics(
         probs.argmax(-1).tolist(), references, scores=probs.double().numpy(), num_classes=tsm.num_classes
     )

@@ -17,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+from hf_vitask import distributed
 from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
 from hf_vitask.task import TaskSpec
 
@@ -126,11 +127,20 @@ def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: 
     from hf_vitask.models.tsm import TaskSpecificModel, train_tsm
     from hf_vitask.task import save_tasks
 
+    out = tsm_dir(tsm_args, output_dir)
+    if not distributed.is_main_process():  # the main process trains it (see hf_vitask.distributed)
+        distributed.wait_for_everyone()
+        return TaskSpecificModel.from_pretrained(out), json.loads((out / "history.json").read_text())
     data, tasks = load_data_and_tasks(data_args)
     sizes = [t.num_classes for t in task_list(tasks)]
-    tsm = TaskSpecificModel(
-        tsm_args.tsm_model, num_classes=sum(sizes), pretrained=tsm_args.tsm_pretrained, img_size=tsm_args.tsm_img_size
-    )
+    import torch
+
+    with torch.random.fork_rng():  # the new head (or a whole random model) is drawn from the seed: reproducible
+        torch.manual_seed(seed)
+        tsm = TaskSpecificModel(
+            tsm_args.tsm_model, num_classes=sum(sizes), pretrained=tsm_args.tsm_pretrained,
+            img_size=tsm_args.tsm_img_size,
+        )
     history = train_tsm(
         tsm,
         data[data_args.train_split],
@@ -142,10 +152,10 @@ def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: 
         task_sizes=sizes if len(sizes) > 1 else None,
         progress=progress,
     )
-    out = tsm_dir(tsm_args, output_dir)
     tsm.save_pretrained(out)
     save_tasks(tasks, out)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    distributed.wait_for_everyone()
     return tsm, history
 
 
@@ -311,9 +321,10 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
             per_task[task.name] = _evaluate_task(model, processor, task, subset, eval_args, plugin, i, sizes)
         results["per_task"] = per_task
         results.update(_mean_over_tasks(list(per_task.values())))
-    out = Path(output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if distributed.is_main_process():
+        out = Path(output_dir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -324,7 +335,7 @@ def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_inde
     tsm = plugin or model.tsm
     if tsm is not None:
         results["tsm"] = (
-            evaluate_tsm(tsm, dataset)
+            evaluate_tsm(tsm, dataset, split_between_processes=True)
             if task_sizes is None
             else _evaluate_tsm_in_task(tsm, dataset, task_index, task_sizes)
         )
@@ -337,7 +348,7 @@ def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_inde
             results[key] = evaluate_vlm(
                 model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
                 methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
-                option_score=eval_args.option_score,
+                option_score=eval_args.option_score, split_between_processes=True,
             )
     return results
 
@@ -350,7 +361,10 @@ def _evaluate_tsm_in_task(tsm, dataset, task_index: int, task_sizes: list[int]) 
     from hf_vitask.models.tsm import task_offsets, tsm_predict
 
     start = task_offsets(task_sizes)[task_index]
-    probs = tsm_predict(tsm, dataset, task_sizes=task_sizes)[:, start : start + task_sizes[task_index]]
+    block = distributed.my_block(len(dataset))
+    probs = distributed.gather_rows(
+        tsm_predict(tsm, dataset.select(block), task_sizes=task_sizes) if len(block) else torch.zeros(0, sum(task_sizes))
+    )[:, start : start + task_sizes[task_index]]
     labels = torch.tensor(dataset["label"])
     metrics = classification_metrics(probs.argmax(-1).tolist(), labels.tolist(), scores=probs.numpy())
     return {"num_samples": len(dataset), **metrics}
@@ -410,9 +424,8 @@ def run_predict(
             raise ValueError(f"{path} holds several tasks {sorted(by_name)}: choose one with task_name")
         task = by_name[task_name]
     files = collect_images(eval_args.predict_inputs)
-    images, unreadable = _readable(files)
+    images, unreadable = _readable([files[i] for i in distributed.my_block(len(files))])  # each process: a block
     out = Path(eval_args.predictions_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[list[str]] = []
     if method == "likelihood":
         header = ["path", "prediction", *task.class_names, "error"]
@@ -433,8 +446,13 @@ def run_predict(
                 cls = task.parse(answer)
                 rows.append([str(f), "" if cls is None else task.class_names[cls], answer, ""])
     rows += [[str(f), *[""] * (len(header) - 2), error] for f, error in unreadable.items()]
+    rows = distributed.gather(rows)
+    unreadable = dict(distributed.gather(list(unreadable.items())))
+    if not distributed.is_main_process():
+        return out
     order = {str(f): i for i, f in enumerate(files)}
     rows.sort(key=lambda r: order[r[0]])
+    out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out, header, rows)
     if unreadable:
         logger.warning(f"{len(unreadable)} of {len(files)} inputs could not be read (listed in {out}, column "
@@ -517,9 +535,10 @@ def run_evaluate_instruction_free(eval_args: EvalArguments, data_args: DataArgum
     for method in eval_args.eval_methods:
         metrics = mc_evaluate(model, processor, questions, method=method, batch_size=eval_args.eval_batch_size)
         results[method] = {k: v for k, v in metrics.items() if k not in ("predictions", "answers")}
-    out = Path(train_args.output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "instruction_free_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if distributed.is_main_process():
+        out = Path(train_args.output_dir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "instruction_free_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -530,6 +549,8 @@ def run_push(eval_args: EvalArguments, model_args: ModelArguments, train_args, o
 
     if not train_args.hub_model_id:
         raise ValueError("push needs hub_model_id (e.g. --hub_model_id your-name/vitask-dermamnist)")
+    if not distributed.is_main_process():
+        return f"{train_args.hub_model_id} (uploaded by the main process)"
     path = Path(eval_args.model_path) if eval_args.model_path else default_model_path(output_dir)
     results_file = Path(output_dir) / "eval" / "results.json"
     metrics = json.loads(results_file.read_text()) if results_file.is_file() else None

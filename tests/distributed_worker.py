@@ -37,7 +37,22 @@ def _audit_writes(root: Path, written: list[str]):
     sys.addaudithook(hook)
 
 
+def run_cli() -> None:
+    """``distributed_worker.py OUT_DIR cli COMMAND ARGS...``: one ``hf-vitask`` command, its writes audited
+    (``written-<command>-rank<r>.json``)."""
+    out, command = Path(sys.argv[1]), sys.argv[3]
+    written: list[str] = []
+    _audit_writes(out, written)
+    from hf_vitask.cli import main as hf_vitask
+
+    code = hf_vitask(sys.argv[3:])
+    (out / f"written-{command}-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(sorted(set(written))))
+    raise SystemExit(code)
+
+
 def main() -> None:
+    if sys.argv[2:3] == ["cli"]:
+        return run_cli()
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--job", choices=["stage1", "stage2", "instruction_free"], default="stage1")

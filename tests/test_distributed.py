@@ -111,3 +111,53 @@ def test_two_processes_resume_where_they_stopped(tmp_path):
     assert set(whole["written"][1]) == {"checkpoint-2", "checkpoint-4"} and set(resumed["written"][1]) == {"checkpoint-4"}
     assert (out / "checkpoint-4" / "rng_state_1.pth").is_file()
     assert "rng_state_1.pth" in json.loads((out / "checkpoint-4" / "hf_vitask_checkpoint.json").read_text())["files"]
+
+
+def test_the_command_line_pipeline_under_two_processes(tmp_path):
+    """train-tsm, train, evaluate and predict under torchrun: the single-process numbers and files,
+    written by the main process alone."""
+    import csv
+
+    import yaml
+
+    from .test_cli import TINY
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from hf_vitask import load_digits_dataset
+
+    for i, row in enumerate(load_digits_dataset(max_samples=48)["test"].select(range(5))):
+        row["image"].save(images / f"digit{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        out.mkdir()
+        config = out / "config.yaml"
+        config.write_text(yaml.safe_dump({**TINY, "output_dir": str(out), "eval_max_samples": 7, "eval_batch_size": 2,
+                                          "per_device_train_batch_size": 8 // processes}))
+        for command in (["train-tsm"], ["train", "--stage", "1"], ["evaluate"],
+                        ["predict", "--predict_inputs", str(images), "--predictions_file", str(out / "preds.csv")]):
+            _run_cli(out, processes, command[0], str(config), *command[1:])
+        outputs[processes] = out
+    one, two = outputs[1], outputs[2]
+    assert json.loads((two / "tsm" / "history.json").read_text()) == json.loads((one / "tsm" / "history.json").read_text())
+    results = [json.loads((run / "eval" / "results.json").read_text()) for run in (one, two)]
+    assert results[1]["num_samples"] == results[0]["num_samples"] == 7
+    for key in ("tsm", "with_tsm/complete", "without_tsm/incomplete"):
+        flat = [{f"{k}.{m}": v for k, d in r[key].items() for m, v in (d.items() if isinstance(d, dict) else [("", d)])}
+                for r in results]
+        assert flat[1] == pytest.approx(flat[0], abs=1e-6), key
+    preds = [list(csv.reader((run / "preds.csv").open())) for run in (one, two)]
+    assert [r[:2] + r[-1:] for r in preds[1]] == [r[:2] + r[-1:] for r in preds[0]] and len(preds[0]) == 7
+    for command in ("train-tsm", "train", "evaluate", "predict"):
+        assert json.loads((two / f"written-{command}-rank1.json").read_text()) == [], command
+
+
+def _run_cli(out: Path, processes: int, *argv: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    done = subprocess.run([*launcher, str(WORKER), str(out), "cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
