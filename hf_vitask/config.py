@@ -61,6 +61,9 @@ class VLMTuningArguments(TrainingArguments):
     def __post_init__(self):
         _cpu_processes_use_gloo(self)
         super().__post_init__()
+        if (self.fsdp or self.deepspeed) and self.device.type == "cpu":  # accelerate would run plain DDP instead
+            raise ValueError(f"{'fsdp' if self.fsdp else 'deepspeed'} needs GPUs: accelerate shards models only "
+                             "across GPUs, and on CPU the run would silently be plain DDP. Drop it on CPU.")
         if self.fp16 and self.device.type == "cpu":  # transformers would train in float32 without a word
             raise ValueError("fp16=True needs a GPU: there is none here (or use_cpu is set). Train without fp16 on CPU, "
                              "or with bf16/fp16 on a GPU.")

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--pass_fusion", default="prefix")
+    parser.add_argument("--fsdp", default="", help="TrainingArguments.fsdp, e.g. 'full_shard'")
     cli = parser.parse_args()
 
     out = Path(cli.output_dir)
@@ -93,6 +94,8 @@ def main() -> None:
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, disable_tqdm=True,
         pass_fusion=cli.pass_fusion,
     )
+    if cli.fsdp:
+        common.update(fsdp=cli.fsdp, fsdp_config={"use_orig_params": True, "cpu_ram_efficient_loading": False})
     train = data["train"].select(range(16))  # 4 global batches per epoch
     extra: dict = {}
     if cli.job == "stage1":
@@ -130,10 +133,15 @@ def main() -> None:
         torch.distributed.all_gather_object(passes, extra["teacher_passes"])
     else:
         passes = [extra["teacher_passes"]]
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    # FSDP holds shards: the full weights are gathered (on every process: a collective)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        weights = ({n: state[n].detach().clone() for n in trainable} if state is not None else
+                   {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
         torch.save({"weights": weights, "log": trainer.state.log_history, "world_size": trainer.args.world_size,
-                    "teacher_passes": passes, "pass_modes": sorted(modes)}, out / "result.pt")
+                    "teacher_passes": passes, "pass_modes": sorted(modes),
+                    "wrapper": type(trainer.model_wrapped).__name__, "fsdp": trainer.is_fsdp_enabled}, out / "result.pt")
     (out / f"written-rank{rank}.json").write_text(json.dumps(sorted(set(written))))
 
 

@@ -214,3 +214,29 @@ def test_a_plugin_tsm_for_other_classes_is_refused(bundle, tmp_path):
     args = EvalArguments(model_path=str(bundle), plugin_tsm=str(tmp_path / "tsm4"), eval_max_samples=4)
     with pytest.raises(ValueError, match=r"^plugin_tsm: The TSM has 4 output classes but the task\(s\) 'digits'"):
         pipeline.run_evaluate(args, DataArguments(max_samples=48), str(tmp_path))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")
+def test_fsdp_on_cpu_is_an_error_not_silent_ddp(tmp_path):
+    from hf_vitask import VITaskConfig
+
+    with pytest.raises(ValueError, match="fsdp needs GPUs: .* silently be plain DDP"):
+        VITaskConfig(output_dir=str(tmp_path), fsdp="full_shard", report_to="none")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")
+def test_cpu_processes_use_gloo(monkeypatch):
+    """torchrun on a machine without a GPU: real DDP over gloo, never N silent copies (tested end to end
+    in test_distributed.py); a GPU backend is an error naming it."""
+    from types import SimpleNamespace
+
+    from hf_vitask.config import _cpu_processes_use_gloo
+
+    args = SimpleNamespace(use_cpu=False, ddp_backend=None)
+    _cpu_processes_use_gloo(args)  # one process: nothing changes
+    assert (args.use_cpu, args.ddp_backend) == (False, None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _cpu_processes_use_gloo(args)
+    assert (args.use_cpu, args.ddp_backend) == (True, "gloo")
+    with pytest.raises(ValueError, match="ddp_backend='nccl' needs GPUs; 2 processes on a machine without one"):
+        _cpu_processes_use_gloo(SimpleNamespace(use_cpu=False, ddp_backend="nccl"))

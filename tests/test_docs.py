@@ -93,6 +93,8 @@ TROUBLESHOOTING_TESTS = {
     "eval_use_tsm must be": "test_cli.py::test_cli_errors_are_one_line_with_usage_exit_code_2",
     "config file x.yaml not found": "test_cli.py::test_unknown_yaml_key_is_an_error",
     "fp16=True needs a GPU": "test_cross_checks.py::test_fp16_on_cpu_is_an_error_like_bf16",
+    "fsdp needs GPUs": "test_cross_checks.py::test_fsdp_on_cpu_is_an_error_not_silent_ddp",
+    "ddp_backend='nccl' needs GPUs": "test_cross_checks.py::test_cpu_processes_use_gloo",
 }
 
 

@@ -33,3 +33,29 @@ def test_quickstart_script_runs(tmp_path):
     for row in ("TSM", "vanilla", "VITask w/o EP", "VITask w/ EP"):
         assert row in result.stdout
     assert (tmp_path / "qs" / "vitask" / "adapter_model.safetensors").is_file()
+
+
+def test_the_distributed_configs_fit_together():
+    import json
+
+    import yaml
+
+    folder = ROOT / "examples" / "configs" / "distributed"
+    for stage in (2, 3):
+        ds = json.loads((folder / f"ds_zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        # batch sizes, accumulation and clipping come from the training config ("auto"), never twice
+        assert {ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                "gradient_clipping")} == {"auto"}
+    assert json.loads((folder / "ds_zero3.json").read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"], "a ZeRO-3 bundle needs the gathered weights"
+    for name in ("accelerate_fsdp.yaml", "accelerate_deepspeed_zero3.yaml"):
+        text = (folder / name).read_text()
+        config = yaml.safe_load(text)
+        assert config["num_processes"] == 8 and "examples/configs/medmnist_multigpu.yaml" in text
+        ds_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
+        assert ds_file is None or (ROOT / ds_file).is_file()
+    assert yaml.safe_load((folder / "accelerate_fsdp.yaml").read_text())["fsdp_config"]["fsdp_state_dict_type"] == \
+        "FULL_STATE_DICT"  # the bundle is written from the gathered state dict
+    (model, _, _, train, _, _), _ = parse([str(ROOT / "examples" / "configs" / "medmnist_multigpu.yaml"), "--bf16", "false"])
+    assert not model.load_in_4bit and train.per_device_train_batch_size * 8 * train.gradient_accumulation_steps == 32
