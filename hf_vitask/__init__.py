@@ -1,31 +1,46 @@
-"""hf_vitask: turn a Hugging Face vision-language model into a task specialist."""
+"""hf_vitask: turn a Hugging Face vision-language model into a task specialist.
 
-__version__ = "0.1.0"
+Names are imported on first use (PEP 562), so ``import hf_vitask`` and ``hf-vitask --help`` do not
+pay for torch, transformers, trl, peft, timm or bitsandbytes until something needs them.
+"""
 
-from hf_vitask.config import InstructionFreeConfig, VITaskConfig
-from hf_vitask.data.collator import VITaskCollator
-from hf_vitask.data.instruction_free import (
-    InstructionFreeCollator,
-    add_digit_descriptions,
-    digit_descriptions,
-    make_mc_questions,
-)
-from hf_vitask.data.sources import load_digits_dataset
-from hf_vitask.evaluation import (
-    evaluate_tsm,
-    evaluate_vlm,
-    generate_answers,
-    predict_classes,
-    score_options,
-)
-from hf_vitask.hub import load_vitask
-from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
-from hf_vitask.models.modeling import VITaskModel
-from hf_vitask.models.tsm import TaskSpecificModel, train_tsm, tsm_predict
-from hf_vitask.task import TaskSpec, digits_task
-from hf_vitask.trainers.base import NonFiniteLossError
-from hf_vitask.trainers.instruction_free import InstructionFreeTrainer, ProxyInstruction, mc_evaluate
-from hf_vitask.trainers.vitask import VITaskTrainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from hf_vitask.version import __version__ as __version__
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "InstructionFreeConfig": "hf_vitask.config",
+    "VITaskConfig": "hf_vitask.config",
+    "VITaskCollator": "hf_vitask.data.collator",
+    "InstructionFreeCollator": "hf_vitask.data.instruction_free",
+    "add_digit_descriptions": "hf_vitask.data.instruction_free",
+    "digit_descriptions": "hf_vitask.data.instruction_free",
+    "make_mc_questions": "hf_vitask.data.instruction_free",
+    "load_digits_dataset": "hf_vitask.data.sources",
+    "evaluate_tsm": "hf_vitask.evaluation",
+    "evaluate_vlm": "hf_vitask.evaluation",
+    "generate_answers": "hf_vitask.evaluation",
+    "predict_classes": "hf_vitask.evaluation",
+    "score_options": "hf_vitask.evaluation",
+    "load_vitask": "hf_vitask.hub",
+    "ConnectorConfig": "hf_vitask.models.exemplar",
+    "ExemplarConnector": "hf_vitask.models.exemplar",
+    "VITaskModel": "hf_vitask.models.modeling",
+    "TaskSpecificModel": "hf_vitask.models.tsm",
+    "train_tsm": "hf_vitask.models.tsm",
+    "tsm_predict": "hf_vitask.models.tsm",
+    "TaskSpec": "hf_vitask.task",
+    "digits_task": "hf_vitask.task",
+    "NonFiniteLossError": "hf_vitask.trainers.base",
+    "InstructionFreeTrainer": "hf_vitask.trainers.instruction_free",
+    "ProxyInstruction": "hf_vitask.trainers.instruction_free",
+    "mc_evaluate": "hf_vitask.trainers.instruction_free",
+    "VITaskTrainer": "hf_vitask.trainers.vitask",
+}
 
 __all__ = [
     "ConnectorConfig",
@@ -35,24 +50,63 @@ __all__ = [
     "InstructionFreeTrainer",
     "NonFiniteLossError",
     "ProxyInstruction",
-    "add_digit_descriptions",
-    "digit_descriptions",
-    "make_mc_questions",
-    "mc_evaluate",
     "TaskSpec",
     "TaskSpecificModel",
     "VITaskCollator",
     "VITaskConfig",
     "VITaskModel",
     "VITaskTrainer",
+    "add_digit_descriptions",
+    "digit_descriptions",
     "digits_task",
     "evaluate_tsm",
     "evaluate_vlm",
     "generate_answers",
     "load_digits_dataset",
     "load_vitask",
+    "make_mc_questions",
+    "mc_evaluate",
     "predict_classes",
     "score_options",
     "train_tsm",
     "tsm_predict",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # the next access is a plain attribute
+        return value
+    raise AttributeError(f"module 'hf_vitask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from hf_vitask.config import InstructionFreeConfig, VITaskConfig
+    from hf_vitask.data.collator import VITaskCollator
+    from hf_vitask.data.instruction_free import (
+        InstructionFreeCollator,
+        add_digit_descriptions,
+        digit_descriptions,
+        make_mc_questions,
+    )
+    from hf_vitask.data.sources import load_digits_dataset
+    from hf_vitask.evaluation import (
+        evaluate_tsm,
+        evaluate_vlm,
+        generate_answers,
+        predict_classes,
+        score_options,
+    )
+    from hf_vitask.hub import load_vitask
+    from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
+    from hf_vitask.models.modeling import VITaskModel
+    from hf_vitask.models.tsm import TaskSpecificModel, train_tsm, tsm_predict
+    from hf_vitask.task import TaskSpec, digits_task
+    from hf_vitask.trainers.base import NonFiniteLossError
+    from hf_vitask.trainers.instruction_free import InstructionFreeTrainer, ProxyInstruction, mc_evaluate
+    from hf_vitask.trainers.vitask import VITaskTrainer

@@ -9,14 +9,17 @@
     hf-vitask quickstart [--fast] [--ablation]   # the whole pipeline on the bundled digits, on CPU
     hf-vitask ablate     config.yaml --seeds 0 1 2   # each VITask component's contribution, with controls
 
-The options of every command are the fields of the config dataclasses (``hf-vitask train --help``
-lists them all); a YAML key that is not one of them is an error, so typos never pass silently.
+The options of every command are the fields of the config dataclasses: ``hf-vitask COMMAND --help``
+lists those the command reads (see :data:`HELP_FIELDS`), ``--help-all`` every one of them; a YAML key
+that is not a field is an error, so typos never pass silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,142 @@ class RunArguments:
     )
 
 
+# -- what `hf-vitask COMMAND --help` shows ---------------------------------------------------------------
+# The fields each command reads (pipeline.run_*, quickstart, ablation), the most used first: the full
+# listing (--help-all) is ~900 lines, mostly TrainingArguments fields no command needs to be told about.
+MODEL = ("model_name_or_path", "torch_dtype", "load_in_4bit", "attn_implementation", "trust_remote_code")
+DATA = ("dataset", "dataset_path", "dataset_paths", "dataset_image_column", "dataset_label_column", "max_samples",
+        "train_split", "validation_split", "class_names", "question", "modality", "task_name", "image_size",
+        "data_seed_split")
+#: evaluation reads the data source, not the training subset
+DATA_SOURCE = tuple(f for f in DATA if f not in ("max_samples", "train_split", "validation_split"))
+#: instruction-free tuning from the CLI reads the bundled digits only
+DIGITS = ("dataset", "max_samples", "train_split", "image_size", "data_seed_split")
+TSM = ("tsm_model", "tsm_pretrained", "tsm_epochs", "tsm_batch_size", "tsm_learning_rate", "tsm_img_size")
+#: VITaskConfig fields beyond TrainingArguments that `train` reads (the frozen RDA teacher, its cache and
+#: the compute_metrics options are Python-API only: the CLI passes neither a teacher nor compute_metrics)
+VITASK = ("stage", "rda_weight", "crt_weight", "ep_weight", "van_weight", "num_exemplar_tokens", "exemplar_feature",
+          "connector_hidden_dim", "freeze_connector", "instruction", "max_length", "pass_fusion", "crt_negatives",
+          "rda_temperature", "rda_detach", "rda_teacher_dropout")
+INSTRUCTION_FREE = ("use_proxy", "num_proxy_tokens", "proxy_init_text", "proxy_init_resize", "proxy_momentum",
+                    "proxy_feed", "proxy_learning_rate", "proxy_slot_token", "instruction_text", "shuffle_prob",
+                    "shuffle_separator", "max_length")
+TRAINING = ("output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16", "gradient_checkpointing", "logging_steps",
+            "save_strategy", "save_steps", "eval_strategy", "report_to", "seed", "resume_from_checkpoint",
+            "push_to_hub", "hub_model_id", "deepspeed", "fsdp")
+LORA = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+#: ablate sets the stage and the seed itself, and max_steps is each stage's budget (not num_train_epochs)
+ABLATE_TRAINING = tuple(f for f in TRAINING if f not in (
+    "num_train_epochs", "seed", "resume_from_checkpoint", "push_to_hub", "hub_model_id"))
+#: help key ("command" or "command --method M") -> heading -> fields, in the order shown
+HELP_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "train-tsm": {"data": DATA, "TSM": (*TSM, "tsm_path"), "training": ("output_dir", "seed")},
+    "train": {"model": MODEL, "data": DATA, "TSM": ("tsm_path",), "VITask method": VITASK, "training": TRAINING,
+              "LoRA": LORA, "command options": ("method",)},
+    "train --method instruction-free": {"model": MODEL, "data": DIGITS, "instruction-free method": INSTRUCTION_FREE,
+                                        "training": TRAINING, "LoRA": LORA, "command options": ("method",)},
+    "evaluate": {
+        "evaluation": ("model_path", "output_dir", "eval_split", "eval_max_samples", "eval_batch_size", "eval_methods",
+                       "option_score", "eval_use_tsm", "eval_instructions", "plugin_tsm"),
+        "data": DATA_SOURCE,
+        "command options": ("method",),
+    },
+    "evaluate --method instruction-free": {
+        "evaluation": ("model_path", "output_dir", "eval_split", "eval_max_samples", "eval_batch_size", "eval_methods",
+                       "seed"),
+        "data": ("dataset", "image_size", "data_seed_split"),
+        "command options": ("method",),
+    },
+    "predict": {
+        "prediction": ("predict_inputs", "predictions_file", "use_tsm", "predict_method", "option_score",
+                       "eval_batch_size"),
+        "model": ("model_path", "output_dir"),
+        "data": ("task_name",),
+    },
+    "push": {"hub": ("hub_model_id", "hub_private_repo", "hub_revision", "hub_token"),
+             "model": ("model_path", "output_dir", "model_name_or_path")},
+    "quickstart": {"command options": ("fast", "seeds", "ablation", "sweep_rda_weights", "sweep_crt_weights",
+                                       "output_dir")},
+    "ablate": {
+        "command options": ("seeds", "sweep_rda_weights", "sweep_crt_weights", "output_dir"),
+        "model": MODEL,
+        "data": DATA,
+        "TSM": TSM,
+        "VITask method": tuple(f for f in VITASK if f != "stage"),
+        "training": ABLATE_TRAINING,
+        "LoRA": LORA,
+        "evaluation": ("eval_split", "eval_max_samples", "eval_batch_size"),
+    },
+}
+HELP_LINES = 110  # the most lines a command's --help prints (help texts are cut to fit)
+_TYPE_NAMES = {int: "INT", float: "FLOAT", str: "STR"}
+
+
+def help_key(command: str, method: str) -> str:
+    """The :data:`HELP_FIELDS` entry of a command run with ``--method method``."""
+    key = f"{command} --method {method}"
+    return key if key in HELP_FIELDS else command
+
+
+def _signature(action) -> str:
+    """``--field TYPE (default: X)``, with the type and default HfArgumentParser gives the field."""
+    if action.choices:
+        kind = "{" + ",".join(map(str, action.choices)) + "}"
+        if len(kind) > 32:
+            kind = kind[: kind.rfind(",", 0, 28)] + ",...}"
+    elif getattr(action.type, "__name__", "") == "string_to_bool":
+        kind = "BOOL"
+    else:
+        kind = _TYPE_NAMES.get(action.type, "VALUE")
+    if action.nargs == "+":
+        kind = f"{kind} [{kind} ...]"
+    elif action.nargs == "?" and kind != "BOOL":
+        kind = f"[{kind}]"
+    return f"{action.option_strings[0]} {kind} " + ("(required)" if action.required else f"(default: {action.default})")
+
+
+def short_help(parser, command: str, method: str = "vitask") -> str:
+    """``hf-vitask COMMAND --help``: the fields the command reads, grouped. Every field gets one line; the
+    spare lines (up to :data:`HELP_LINES` in all) go to longer help texts, the first fields first.
+    Defaults are the parser's: a config file's values once it is loaded."""
+    key = help_key(command, method)
+    options = parser._option_string_actions  # "--field" -> its argparse action
+    groups = {
+        title: [options[f"--{name}"] for name in names if f"--{name}" in options]  # older transformers lack some
+        for title, names in HELP_FIELDS[key].items()
+    }
+    head = [f"usage: hf-vitask {command} [config.yaml]{key[len(command):]} [--field value ...]", "",
+            COMMANDS[command], "Set a field in config.yaml (field: value) or as --field value; a flag overrides the file.",
+            ""]
+    total = len({a.dest for a in parser._actions if a.option_strings and a.dest != "help"})
+    tail = [f"hf-vitask {variant} --help shows the fields of that method."
+            for variant in HELP_FIELDS if variant.startswith(f"{command} --") and key == command]
+    tail += [f"hf-vitask {command} --help-all lists all {total} fields (every TrainingArguments field included)."]
+    actions = [action for fields in groups.values() for action in fields]
+    width = min(max(shutil.get_terminal_size((110, 24)).columns, 80), 140)
+    column = min(max(len(_signature(a)) for a in actions), 44) + 4  # where help texts start
+
+    def wrap(action, max_lines: int) -> list[str]:
+        first = f"  {_signature(action):<{column - 4}}  "
+        text = " ".join((action.help or "").split()).replace("%%", "%")  # argparse's escaped percent signs
+        return textwrap.wrap(text, width=max(width, len(first) + 20), initial_indent=first, placeholder=" ...",
+                             subsequent_indent=" " * column, max_lines=max_lines, break_on_hyphens=False,
+                             break_long_words=False) or [first.rstrip()]
+
+    needed = [len(wrap(a, 3)) for a in actions]
+    shown = [1] * len(actions)
+    spare = HELP_LINES - len(head) - len(tail) - 2 * len(groups) - len(actions)
+    for lines in (2, 3):
+        for i in range(len(actions)):
+            if spare > 0 and needed[i] >= lines:
+                shown[i], spare = lines, spare - 1
+    out, allotted = list(head), iter(shown)  # `actions` is `groups` flattened: same order
+    for title, fields in groups.items():
+        out += [f"{title}:", *(line for a in fields for line in wrap(a, next(allotted))), ""]
+    return "\n".join(out + tail)
+
+
 def _dataclasses(method: str = "vitask"):
     from hf_vitask.config import (
         DataArguments,
@@ -84,8 +223,10 @@ class UsageError(ValueError):
     """A wrong command line or config file (exit code 2)."""
 
 
-def parse(argv: list[str]):
-    """``[config.yaml] [--field value ...]`` -> the config dataclasses, plus the keys set explicitly."""
+def parse(argv: list[str], command: str | None = None):
+    """``[config.yaml] [--field value ...]`` -> the config dataclasses, plus the keys set explicitly.
+
+    ``--help`` prints the fields ``command`` reads (:func:`short_help`), ``--help-all`` every field."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -99,19 +240,28 @@ def parse(argv: list[str]):
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise UsageError(f"{path} must hold a mapping of field: value")
-    classes = _dataclasses(_method(argv, values))
+    method = _method(argv, values)
+    classes = _dataclasses(method)
     parser = HfArgumentParser(classes)
     if path is not None:
         known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UsageError(f"unknown keys in {path}: {unknown}. See `hf-vitask train --help` for the fields.")
+            raise UsageError(f"unknown keys in {path}: {unknown}. "
+                             f"See `hf-vitask {command or 'train'} --help-all` for the fields.")
         # `eval_methods: likelihood` means a one-item list, not the list of its letters
         lists = {f.name for cls in classes for f in dataclasses.fields(cls) if "list[" in str(f.type)}
         values = {k: [v] if k in lists and isinstance(v, str) else v for k, v in values.items()}
         parser.set_defaults(**values)
         explicit |= set(values)
         argv = argv[1:]
+    if "--help-all" in argv:  # argparse's own listing of every field, under a one-line usage
+        argv = ["--help" if a == "--help-all" else a for a in argv]
+        parser.prog = f"hf-vitask {command or 'COMMAND'}"
+        parser.usage = f"{parser.prog} [config.yaml] [--field value ...]"
+    elif command is not None and {"-h", "--help"} & set(argv):
+        print(short_help(parser, command, method))
+        raise SystemExit(0)  # as argparse's --help does
     explicit |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     try:
         return parser.parse_args_into_dataclasses(args=argv), explicit
@@ -122,8 +272,8 @@ def parse(argv: list[str]):
 def _info() -> int:
     import torch
 
-    from hf_vitask import __version__
     from hf_vitask.models.families import support_matrix
+    from hf_vitask.version import __version__
 
     print(f"hf_vitask {__version__}")
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
@@ -139,7 +289,7 @@ def _info() -> int:
 
 
 def _usage() -> str:
-    from hf_vitask import __version__
+    from hf_vitask.version import __version__
 
     lines = [f"hf-vitask {__version__}: turn a vision-language model into a task specialist.", "", "commands:"]
     lines += [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
@@ -167,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        _quiet_third_parties()
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -181,6 +333,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, UsageError) else 1
 
 
+def _quiet_third_parties() -> None:
+    """Third-party notices that are not the user's business, shown again by ``--debug``: bitsandbytes
+    (imported by peft whenever transformers' Trainer is) logs a warning about an optional CPU kernel on
+    every command, 4-bit or not; peft itself still calls a property transformers deprecated."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def _one_line(err: BaseException) -> str:
     text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
     text = " ".join(text.split()) or type(err).__name__
@@ -192,7 +355,7 @@ def _main(argv: list[str]) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from hf_vitask import __version__
+        from hf_vitask.version import __version__
 
         print(f"hf_vitask {__version__}")
         return 0
@@ -201,8 +364,18 @@ def _main(argv: list[str]) -> int:
         print(f"hf-vitask: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if command == "info":
+        if {"-h", "--help", "--help-all"} & set(rest):
+            print(f"usage: hf-vitask info\n\n{COMMANDS['info']}")
+            return 0
         return _info()
-    (model_args, data_args, tsm_args, train_args, eval_args, run_args), explicit = parse(rest)
+    (model_args, data_args, tsm_args, train_args, eval_args, run_args), explicit = parse(rest, command)
+    columns = sorted({"image_column", "label_column"} & explicit)
+    if columns and run_args.method != "instruction-free" and command in ("train-tsm", "train", "evaluate"):
+        raise UsageError(
+            f"{', '.join(columns)} name the columns the trainer reads, and the command-line pipeline always hands it "
+            f"'image' and 'label'; to name the columns of your data file use "
+            f"{', '.join('dataset_' + c for c in columns)}"
+        )
 
     from hf_vitask import pipeline
 
@@ -220,10 +393,11 @@ def _main(argv: list[str]) -> int:
         path = pipeline.run_train(model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method)
         _say(f"model saved to {path}")
     elif command == "evaluate":
-        _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args))
+        _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args, progress=not train_args.disable_tqdm))
     elif command == "predict":
         path = pipeline.run_predict(
-            eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name
+            eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name,
+            progress=not train_args.disable_tqdm,
         )
         _say(f"predictions written to {path}")
     elif command == "push":

@@ -61,6 +61,8 @@ class VLMTuningArguments(TrainingArguments):
     def __post_init__(self):
         _cpu_processes_use_gloo(self)
         super().__post_init__()
+        if self.device.type == "cpu":  # pinned memory needs an accelerator (torch warns on every DataLoader)
+            self.dataloader_pin_memory = False
         if (self.fsdp or self.deepspeed) and self.device.type == "cpu":  # accelerate would run plain DDP instead
             raise ValueError(f"{'fsdp' if self.fsdp else 'deepspeed'} needs GPUs: accelerate shards models only "
                              "across GPUs, and on CPU the run would silently be plain DDP. Drop it on CPU.")
@@ -366,9 +368,15 @@ class DataArguments:
 
     dataset: str = field(
         default="digits",
-        metadata={"help": "Data source: 'digits' (bundled), 'textures' (generated offline), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format) or 'hf' (hub id / save_to_disk dir)."},
+        metadata={"help": "Data source: 'digits' (bundled), 'textures' (generated offline), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format), 'hf' (hub id / save_to_disk dir) or a file format of `datasets` ('json', 'csv', 'parquet', ...: rows of image path or bytes and label)."},
     )
-    dataset_path: str | None = field(default=None, metadata={"help": "Path or hub id of the data (not needed for 'digits')."})
+    dataset_path: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Path or hub id of the data (not needed for 'digits'). For a file format: one file (split into "
+            "train/validation/test here), a folder of files named after their split, or (YAML) a {split: file} mapping."
+        },
+    )
     dataset_paths: list[str] | None = field(
         default=None,
         metadata={
@@ -387,6 +395,22 @@ class DataArguments:
         default=None, metadata={"help": "Class names in label order (default: the dataset's ClassLabel names)."}
     )
     question: str | None = field(default=None, metadata={"help": "Optional question replacing the default instruction."})
+    dataset_image_column: str = field(
+        default="image",
+        metadata={"help": "Column of the source holding the image (a path relative to its data file, an absolute path "
+                          "or bytes), for 'hf' and the file formats; loading renames it 'image'."},
+    )
+    dataset_label_column: str = field(
+        default="label",
+        metadata={"help": "Column of the source holding the class id or name, for 'hf' and the file formats; loading "
+                          "renames it 'label'."},
+    )
+
+    def __post_init__(self):
+        columns = (self.dataset_image_column, self.dataset_label_column)
+        if columns != ("image", "label") and self.dataset.lower() in ("digits", "textures", "imagefolder", "npz", "medmnist"):
+            raise ValueError(f"dataset_image_column/dataset_label_column name columns of a table; the {self.dataset!r} "
+                             "source has none (use 'hf' or a file format such as 'json' or 'csv')")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hf_vitask.config import DEFAULT_OPTION_SCORE, OPTION_SCORES
 from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
@@ -33,6 +34,20 @@ def _decoded_batches(images: Sequence, size: int):
     """Batches of RGB PIL images, each input (PIL, path, datasets dict) decoded once."""
     for start in range(0, len(images), size):
         yield [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + size])]
+
+
+def row_batches(dataset, rows: range, column: str | None, batch_size: int, num_workers: int = 0):
+    """A DataLoader of the ``column`` values of ``rows`` of ``dataset`` (a list of images when ``column``
+    is None), ``batch_size`` rows at a time, in order (``num_workers`` processes read and decode ahead)."""
+    from torch.utils.data import DataLoader
+
+    def collate(ids: list[int]) -> list:
+        if column is None:
+            return list(dataset[ids[0] : ids[-1] + 1])
+        return _column(dataset, ids[0], ids[-1] + 1, column)
+
+    return DataLoader(list(rows), batch_size=max(batch_size, 1), shuffle=False, collate_fn=collate,
+                      num_workers=num_workers)
 
 
 def _to(value, device):
@@ -237,6 +252,8 @@ def evaluate_vlm(
     max_new_tokens: int = 16,
     option_score: str = DEFAULT_OPTION_SCORE,
     split_between_processes: bool = False,
+    progress: bool = True,
+    num_workers: int = 0,
 ) -> dict:
     """Accuracy / macro-F1 (/ AUC) of the VLM on a labelled dataset, for each prediction method.
 
@@ -251,7 +268,7 @@ def evaluate_vlm(
     ``use_tsm`` no TSM runs, so ``tsm`` is ignored (a loop over the with/without-TSM variants
     can pass the same arguments).
     ``dataset`` is a ``datasets.Dataset`` (labels as class ids or class names); the first
-    ``max_samples`` rows are used, decoded ``16 * batch_size`` images at a time.
+    ``max_samples`` rows are used, ``batch_size`` at a time (a progress bar unless ``progress=False``).
     ``split_between_processes``: under several processes (``torchrun``), each one scores its own
     block of rows and the outputs are gathered, so every process returns the single-process
     metrics; every process must make the call.
@@ -269,7 +286,8 @@ def evaluate_vlm(
     rows = my_block(n) if split_between_processes else range(n)
     outputs = vlm_outputs(model, processor, task, dataset, rows, use_tsm=use_tsm, tsm=tsm, methods=methods,
                           complete_instruction=complete_instruction, batch_size=batch_size, image_column=image_column,
-                          max_new_tokens=max_new_tokens, option_score=option_score)
+                          max_new_tokens=max_new_tokens, option_score=option_score, progress=progress,
+                          num_workers=num_workers)
     if split_between_processes:
         outputs = {k: gather_rows(v) if torch.is_tensor(v) else gather(v)
                    for k, v in outputs.items()}
@@ -291,27 +309,28 @@ def vlm_outputs(
     image_column: str = "image",
     max_new_tokens: int = 16,
     option_score: str = DEFAULT_OPTION_SCORE,
+    progress: bool = True,
+    num_workers: int = 0,
 ) -> dict:
     """What :func:`evaluate_vlm` computes per row, for ``rows`` of ``dataset``: ``{"likelihood": (N, C)
-    option scores, "generate": [N answers]}`` (the requested methods)."""
-    chunk = max(batch_size, 1) * 16
-    starts = range(rows.start, rows.stop, chunk)
+    option scores, "generate": [N answers]}`` (the requested methods). Batches of ``batch_size`` rows
+    come from a DataLoader (``num_workers`` decode images ahead), with a progress bar."""
     kwargs = dict(use_tsm=use_tsm, complete_instruction=complete_instruction, batch_size=batch_size)
-    outputs: dict = {}
+    scores: list[torch.Tensor] = []
+    texts: list[str] = []
     with plugged_tsm(model, tsm if use_tsm else None):
         _check_tsm(model, use_tsm)
-        if "likelihood" in methods:
-            outputs["likelihood"] = torch.cat(
-                [score_options(model, processor, task, _column(dataset, s, min(s + chunk, rows.stop), image_column),
-                               option_score=option_score, **kwargs)
-                 for s in starts]
-            ) if len(rows) else torch.zeros(0, task.num_classes)
-        if "generate" in methods:
-            texts: list[str] = []
-            for s in starts:
-                images = _column(dataset, s, min(s + chunk, rows.stop), image_column)
+        for images in tqdm(row_batches(dataset, rows, image_column, batch_size, num_workers), total=-(-len(rows) // batch_size),
+                           desc="evaluate", unit="batch", disable=not progress):
+            if "likelihood" in methods:
+                scores.append(score_options(model, processor, task, images, option_score=option_score, **kwargs))
+            if "generate" in methods:
                 texts += generate_answers(model, processor, task, images, max_new_tokens=max_new_tokens, **kwargs)
-            outputs["generate"] = texts
+    outputs: dict = {}
+    if "likelihood" in methods:
+        outputs["likelihood"] = torch.cat(scores) if scores else torch.zeros(0, task.num_classes)
+    if "generate" in methods:
+        outputs["generate"] = texts
     return outputs
 
 

@@ -21,7 +21,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hf_vitask import __version__
 from hf_vitask.jsonfile import read_json
 from hf_vitask.models.modeling import (
     ADAPTER_CONFIG_FILE,
@@ -31,6 +30,7 @@ from hf_vitask.models.modeling import (
     VITaskModel,
 )
 from hf_vitask.task import TaskSpec
+from hf_vitask.version import __version__
 
 __all__ = [
     "ALLOW_PATTERNS",
@@ -259,7 +259,7 @@ def render_model_card(
 
     base = base_model or vitask_cfg.get("base_model_name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
     base_is_hub = is_hub_model_id(base)
-    if base and not base_is_hub:
+    if base and not base_is_hub and repo_id is not None:  # a card for the Hub: say what will not work there
         warnings.warn(
             f"The base model {base!r} is not a Hub repo id (a local path or a tiny demo model): it is left "
             "out of the card's metadata and load_vitask(repo) will not find it on another machine. "

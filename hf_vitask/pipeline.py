@@ -80,12 +80,21 @@ def load_data_and_tasks(data_args: DataArguments):
     return data, tasks
 
 
-def _load_one(data_args: DataArguments, path: str):
-    from hf_vitask.data.sources import load_source
+def _load_one(data_args: DataArguments, path):
+    """One source through its loader, with the configured columns, class order and split seed."""
+    from hf_vitask.data.sources import SOURCES, load_data_files, load_source
 
-    # MedMNIST files come split; other sources are split here, reproducibly
-    split_kwargs = {} if data_args.dataset in ("npz", "medmnist") else {"seed": data_args.data_seed_split}
-    return load_source(data_args.dataset, path, **split_kwargs)
+    source = data_args.dataset.lower()
+    kwargs = {}
+    if source not in ("npz", "medmnist"):  # MedMNIST files come split; other sources are split here, reproducibly
+        kwargs["seed"] = data_args.data_seed_split
+    if data_args.class_names is not None and not data_args.dataset_paths:
+        kwargs["class_names"] = data_args.class_names  # labels encoded in the task's class order
+    if source == "hf" or source not in SOURCES:  # the sources read from tables, whose columns are named
+        kwargs.update(image_column=data_args.dataset_image_column, label_column=data_args.dataset_label_column)
+    if source in SOURCES:
+        return load_source(source, path, **kwargs)
+    return load_data_files(source, path, **kwargs)
 
 
 def _task_for(data_args: DataArguments, data, name: str | None = None) -> TaskSpec:
@@ -281,7 +290,8 @@ def _variants(choice: str, yes: str, no: str) -> list[bool]:
     return {"both": [True, False], yes: [True], no: [False]}[choice]
 
 
-def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir: str, tsm_args: TSMArguments | None = None):
+def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir: str, tsm_args: TSMArguments | None = None,
+                 progress: bool = True):
     """Evaluate a saved bundle on ``eval_split``: every (TSM yes/no) x (complete/incomplete) x method.
 
     A multi-task bundle is evaluated task by task (``per_task``); the top-level numbers are then
@@ -310,7 +320,7 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
     results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset),
                      "option_score": eval_args.option_score}
     if len(tasks) == 1:
-        results.update(_evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin))
+        results.update(_evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin, progress=progress))
     else:
         sizes = [t.num_classes for t in tasks]
         per_task = {}
@@ -318,7 +328,8 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
             subset = dataset.filter(lambda t, i=i: t == i, input_columns="task")
             if eval_args.eval_max_samples is not None:
                 subset = subset.select(range(min(eval_args.eval_max_samples, len(subset))))
-            per_task[task.name] = _evaluate_task(model, processor, task, subset, eval_args, plugin, i, sizes)
+            per_task[task.name] = _evaluate_task(model, processor, task, subset, eval_args, plugin, i, sizes,
+                                                 progress=progress)
         results["per_task"] = per_task
         results.update(_mean_over_tasks(list(per_task.values())))
     if distributed.is_main_process():
@@ -328,7 +339,8 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
     return results
 
 
-def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_index=None, task_sizes=None) -> dict:
+def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_index=None, task_sizes=None,
+                   progress: bool = True) -> dict:
     from hf_vitask.evaluation import evaluate_tsm, evaluate_vlm
 
     results: dict = {}
@@ -348,7 +360,7 @@ def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_inde
             results[key] = evaluate_vlm(
                 model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
                 methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
-                option_score=eval_args.option_score, split_between_processes=True,
+                option_score=eval_args.option_score, split_between_processes=True, progress=progress,
             )
     return results
 
@@ -399,7 +411,8 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def run_predict(
-    eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood", task_name: str | None = None
+    eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood", task_name: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Predict a class for each input image and write a CSV (path, prediction, per-class probabilities).
 
@@ -427,22 +440,26 @@ def run_predict(
     images, unreadable = _readable([files[i] for i in distributed.my_block(len(files))])  # each process: a block
     out = Path(eval_args.predictions_file)
     rows: list[list[str]] = []
-    if method == "likelihood":
-        header = ["path", "prediction", *task.class_names, "error"]
-        if images:
-            probs = torch.softmax(
-                score_options(model, processor, task, list(images.values()), use_tsm=use_tsm,
-                              batch_size=eval_args.eval_batch_size, option_score=eval_args.option_score), -1
-            )
-            for f, row in zip(images, probs.tolist()):
+    from tqdm.auto import tqdm
+
+    from hf_vitask.evaluation import row_batches
+
+    paths, decoded = list(images), list(images.values())
+    size = max(eval_args.eval_batch_size, 1)
+    batches = tqdm(row_batches(decoded, range(len(decoded)), None, size), total=-(-len(decoded) // size),
+                   desc="predict", unit="batch", disable=not progress)
+    header = ["path", "prediction", *task.class_names, "error"] if method == "likelihood" else \
+        ["path", "prediction", "answer", "error"]
+    for start, batch in zip(range(0, len(decoded), size), batches):
+        names = paths[start : start + size]
+        if method == "likelihood":
+            probs = torch.softmax(score_options(model, processor, task, batch, use_tsm=use_tsm, batch_size=size,
+                                                option_score=eval_args.option_score), -1)
+            for f, row in zip(names, probs.tolist()):
                 best = task.class_names[max(range(len(row)), key=row.__getitem__)]
                 rows.append([str(f), best, *(f"{p:.6f}" for p in row), ""])
-    else:
-        header = ["path", "prediction", "answer", "error"]
-        if images:
-            answers = generate_answers(model, processor, task, list(images.values()), use_tsm=use_tsm,
-                                       batch_size=eval_args.eval_batch_size)
-            for f, answer in zip(images, answers):
+        else:
+            for f, answer in zip(names, generate_answers(model, processor, task, batch, use_tsm=use_tsm, batch_size=size)):
                 cls = task.parse(answer)
                 rows.append([str(f), "" if cls is None else task.class_names[cls], answer, ""])
     rows += [[str(f), *[""] * (len(header) - 2), error] for f, error in unreadable.items()]

@@ -123,3 +123,14 @@ def test_the_proxy_instruction_is_saved_from_a_gathered_state_dict(tmp_path, dig
     trainer._save(str(tmp_path / "gathered"), state_dict=state)
     saved = load_file(str(tmp_path / "gathered" / "proxy.safetensors"))
     assert saved["proxy"].equal(state["proxy.weight"].float()) and saved["proxy_ema"].equal(state["proxy.ema"])
+
+
+def test_every_saved_bundle_carries_the_package_model_card(tmp_path, digits, task, tsm):
+    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "bundle"))
+    for folder in (tmp_path / "bundle", tmp_path / "out" / "checkpoint-2"):
+        card = (folder / "README.md").read_text()
+        assert "More Information Needed" not in card, folder
+        assert "pipeline_tag: image-text-to-text" in card and "library_name: peft" in card
+        assert "load_vitask" in card and "digits" in card and "stage 1" in card.lower()

@@ -83,7 +83,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["train", "--help"])
+        main(["train", "--help-all"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for name in ("--rda_weight", "--crt_weight", "--tsm_model", "--dataset_path", "--eval_use_tsm", "--model_name_or_path"):
@@ -208,6 +208,109 @@ def test_quickstart_fast(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
 
 
+def test_the_quickstart_prints_no_third_party_warning(tmp_path):
+    """bitsandbytes' kernel notice, peft's Hub lookups for a tiny base, deprecated calls: none at default verbosity."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "quickstart", "--fast", "--output_dir",
+                           str(tmp_path / "qs")], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert not [line for line in lines if "warn" in line.lower() or "Failed" in line], lines[:10]
+
+
 def test_console_script_module_entry():
     result = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+# -- per-command help --------------------------------------------------------------------------------
+HELP_VARIANTS = ("train-tsm", "train", "train --method instruction-free", "evaluate",
+                 "evaluate --method instruction-free", "predict", "push", "quickstart", "ablate")
+
+
+def _help_of(capsys, argv):
+    """What ``main(argv)`` prints, asserting that it exits 0 as argparse's --help does."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def _fields_shown(text):
+    """``--field`` names at the start of the short help's field lines, in order."""
+    return [line.split()[0][2:] for line in text.splitlines() if line.startswith("  --")]
+
+
+def test_short_help_shows_each_commands_own_fields_in_at_most_120_lines(capsys):
+    from hf_vitask.cli import HELP_FIELDS
+
+    helps = {variant: _help_of(capsys, [*variant.split(), "--help"]) for variant in HELP_VARIANTS}
+    for variant, text in helps.items():
+        lines = text.splitlines()
+        assert len(lines) <= 120 and "--help-all" in lines[-1], variant
+        assert _fields_shown(text) == [f for names in HELP_FIELDS[variant].values() for f in names], variant
+        assert all("(default: " in line for line in lines if line.startswith("  --")), variant
+        assert all(f"\n{title}:\n" in text for title in HELP_FIELDS[variant]), variant
+    shown = {variant: set(_fields_shown(text)) for variant, text in helps.items()}
+    assert {"stage", "rda_weight", "learning_rate", "lora_r", "model_name_or_path", "method"} <= shown["train"]
+    assert {"tsm_model", "tsm_epochs", "dataset", "output_dir", "seed"} <= shown["train-tsm"]
+    assert "rda_weight" not in shown["train-tsm"] and "learning_rate" not in shown["train-tsm"]
+    assert {"predict_inputs", "predictions_file", "model_path", "use_tsm", "predict_method"} <= shown["predict"]
+    assert "tsm_epochs" not in shown["predict"]
+    assert {"use_proxy", "proxy_momentum"} <= shown["train --method instruction-free"]
+    assert "rda_weight" not in shown["train --method instruction-free"] and "use_proxy" not in shown["train"]
+    assert {"hub_model_id", "hub_private_repo"} <= shown["push"] and {"fast", "seeds"} <= shown["quickstart"]
+    assert {"seeds", "sweep_rda_weights", "rda_weight", "max_steps"} <= shown["ablate"]
+    # pairwise different, in the fields they list and not only in their usage line
+    assert len(set(map(frozenset, shown.values()))) == len(shown)
+    assert len(set(helps.values())) == len(helps)
+    assert _help_of(capsys, ["predict", "-h"]) == helps["predict"]
+
+
+def test_short_help_defaults_come_from_the_config_file(config, capsys):
+    text = _help_of(capsys, ["train", str(config), "--help"])
+    line = next(ln for ln in text.splitlines() if ln.startswith("  --learning_rate "))
+    assert "(default: 0.002)" in line  # TINY's value, not TrainingArguments' 5e-05
+
+
+def test_help_all_lists_every_field(capsys):
+    for command in ("train", "predict"):
+        text = _help_of(capsys, [command, "--help-all"])
+        for name in ("--adam_beta2", "--rda_weight", "--tsm_epochs", "--predict_inputs", "--eval_use_tsm"):
+            assert name in text, (command, name)
+        assert len(text.splitlines()) > 500
+    assert "--use_proxy" in _help_of(capsys, ["train", "--method", "instruction-free", "--help-all"])
+    assert main(["--help"]) == 0  # no command: the command list, as before
+    usage = capsys.readouterr().out
+    assert all(f"\n  {c} " in usage for c in ("train-tsm", "quickstart", "ablate"))
+    assert main(["info", "--help"]) == 0 and "usage: hf-vitask info" in capsys.readouterr().out
+
+
+def test_every_field_in_a_short_help_is_accepted_by_its_command(capsys):
+    """Showing a field the parser then rejects would be worse than not showing it."""
+    tried = set()
+    for variant in HELP_VARIANTS:
+        text = _help_of(capsys, [*variant.split(), "--help"])
+        method = variant.split()[2:]  # ["--method", M] or []
+        for line in text.splitlines():
+            if not line.startswith("  --"):
+                continue
+            flag, kind = line.split()[:2]
+            value = {"BOOL": "false", "INT": "1", "FLOAT": "0.5"}.get(kind, "x")
+            if kind.startswith("{"):
+                value = kind[1:].split(",")[0]
+            if (tuple(method), flag) in tried:
+                continue
+            tried.add((tuple(method), flag))
+            argv = [*method, flag, value] if flag != "--method" else [flag, value]
+            try:
+                parse(argv, variant.split()[0])
+            except Exception as err:  # noqa: BLE001 - a value the field's own check refuses is fine here
+                assert "not used by the HfArgumentParser" not in str(err), (variant, flag, err)
+                assert "unknown keys" not in str(err), (variant, flag, err)
+
+
+def test_a_trainer_column_name_in_a_cli_run_points_to_the_data_file_fields(config, capsys):
+    assert main(["train", str(config), "--image_column", "path"]) == 2
+    err = capsys.readouterr().err
+    assert "image_column name the columns the trainer reads" in err and "dataset_image_column" in err

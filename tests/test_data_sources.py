@@ -477,3 +477,194 @@ def test_textures_are_generated_offline_the_same_for_a_seed():
     assert sorted(set(a["train"]["label"])) == [0, 1, 2, 3] and a["train"][0]["image"].size == (32, 32)
     with pytest.raises(ValueError, match="takes no path"):
         load_source("textures", "somewhere")
+
+
+# --- data files (json, csv, parquet) through load_data_files and the pipeline -----------------
+
+
+def _load_data_files(*args, **kwargs):
+    from hf_vitask.data.sources import load_data_files
+
+    return load_data_files(*args, **kwargs)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    return path
+
+
+def _png_bytes(value: int, size: int = 6) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (size, size), (value, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_jsonl_file_with_relative_paths_and_string_labels_is_split_stratified(tmp_path):
+    """The most common user data: one JSONL file of (relative image path, class name) rows."""
+    root = tmp_path / "lesions"
+    names = ("owl", "cat", "dog")
+    rows = [{"image": f"img/{i}.png", "label": names[i % 3]} for i in range(30)]
+    for i in range(30):
+        _png(root / "img" / f"{i}.png", i)
+    data = _load_data_files("json", _jsonl(root / "data.jsonl", rows))
+    assert list(data) == ["train", "validation", "test"]
+    assert {name: len(split) for name, split in data.items()} == {"train": 21, "validation": 3, "test": 6}
+    assert class_names_of(data) == ["cat", "dog", "owl"]  # sorted
+    assert all(labels == {0, 1, 2} for labels in _label_sets(data).values()), "every class in every split"
+    for split in data.values():  # each image keeps its own row's label, its path made absolute
+        for path, label in zip(_paths(split), split["label"]):
+            assert Path(path).is_absolute() and Path(path).parent == root / "img"
+            assert class_names_of(data)[label] == names[int(Path(path).stem) % 3]
+    assert data["test"][0]["image"].size == (8, 8)
+    # the same file named as an 'hf' source is read the same way, never looked up on the Hub
+    assert _paths(load_source("hf", str(root / "data.jsonl"))["test"]) == _paths(data["test"])
+
+
+def test_csv_split_mapping_with_integer_labels_and_class_names(tmp_path):
+    def table(name, ids):  # absolute image paths, integer labels
+        rows = [[str(_png(tmp_path / "images" / f"{i}.png", i)), i % 2] for i in ids]
+        return _csv(tmp_path / name, ["file", "y"], rows)
+
+    files = {"train": table("train.csv", range(20)), "val": table("val.csv", range(20, 24))}
+    columns = {"image_column": "file", "label_column": "y"}
+    data = _load_data_files("csv", files, **columns, class_names=["normal", "pneumonia"], test_size=0.25)
+    assert {name: len(split) for name, split in data.items()} == {"train": 15, "validation": 4, "test": 5}
+    assert class_names_of(data) == ["normal", "pneumonia"]
+    assert data["validation"]["label"] == [0, 1, 0, 1]
+    assert _paths(data["validation"]) == [str(tmp_path / "images" / f"{i}.png") for i in range(20, 24)]
+    assert class_names_of(_load_data_files("csv", files, **columns)) == ["class_0", "class_1"]
+    with pytest.raises(ValueError, match=r"train.csv \[train\]: row 1 has label 1, outside \[0, 1\)"):
+        _load_data_files("csv", files, **columns, class_names=["only"])
+
+
+def test_parquet_with_image_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = ["benign", "malignant"] * 5
+    as_dicts = [{"bytes": _png_bytes(10 * i), "path": None} for i in range(10)]
+    pq.write_table(pa.table({"img": as_dicts, "dx": labels}), tmp_path / "dicts.parquet")
+    as_bytes = [_png_bytes(10 * i) for i in range(10)]
+    pq.write_table(pa.table({"img": as_bytes, "dx": labels}), tmp_path / "raw.parquet")
+    for name in ("dicts.parquet", "raw.parquet"):
+        columns = {"image_column": "img", "label_column": "dx"}
+        data = _load_data_files("parquet", tmp_path / name, **columns, validation_size=0.2, test_size=0.2)
+        assert {split: len(rows) for split, rows in data.items()} == {"train": 6, "validation": 2, "test": 2}
+        assert isinstance(data["train"].features["image"], Image)
+        for row in data["test"]:
+            assert row["image"].size == (6, 6)
+            assert row["label"] == row["image"].getpixel((0, 0))[0] // 10 % 2  # red 10*i <-> labels[i]
+
+
+def test_pipeline_honours_column_names_class_order_and_split_files(tmp_path, flat_folder):
+    from hf_vitask.config import DataArguments
+    from hf_vitask.pipeline import load_data_and_tasks
+
+    folder = tmp_path / "cxr"
+    names = ("normal", "pneumonia")
+    for split, ids in (("train", range(20)), ("test", range(20, 26))):
+        # images in sub-folders named like the splits, next to the split files
+        rows = [{"file": f"{split}/{i}.png", "diagnosis": names[i % 2], "site": "a"} for i in ids]
+        _jsonl(folder / f"{split}.jsonl", rows)
+        for i in ids:
+            _png(folder / split / f"{i}.png", i)
+    args = DataArguments(
+        dataset="json",
+        dataset_path=str(folder),
+        dataset_image_column="file",
+        dataset_label_column="diagnosis",
+        class_names=["pneumonia", "normal"],
+    )
+    data, task = load_data_and_tasks(args)
+    assert {name: len(split) for name, split in data.items()} == {"train": 18, "validation": 2, "test": 6}
+    assert task.class_names == class_names_of(data) == ["pneumonia", "normal"]
+    assert all(split.column_names == ["image", "label"] for split in data.values())
+    assert data["test"]["label"] == [1, 0, 1, 0, 1, 0]  # 20.png is "normal", the class at index 1
+
+    # a {split: file} mapping, as written in YAML
+    mapping = {"train": str(folder / "train.jsonl"), "dev": str(folder / "test.jsonl")}
+    columns = {"dataset_image_column": "file", "dataset_label_column": "diagnosis"}
+    data, _ = load_data_and_tasks(DataArguments(dataset="json", dataset_path=mapping, **columns))
+    assert {name: len(split) for name, split in data.items()} == {"train": 16, "validation": 6, "test": 4}
+
+    # class_names fix the label order of every source, not only the task's
+    data, task = load_data_and_tasks(
+        DataArguments(dataset="imagefolder", dataset_path=str(flat_folder), class_names=["owl", "cat", "dog"])
+    )
+    assert task.class_names == class_names_of(data) == ["owl", "cat", "dog"]
+    assert all(
+        Path(path).parent.name == task.class_names[label]
+        for path, label in zip(_paths(data["test"]), data["test"]["label"])
+    )
+    with pytest.raises(ValueError, match="the 'imagefolder' source has none"):
+        DataArguments(dataset="imagefolder", dataset_path=str(flat_folder), dataset_label_column="y")
+
+
+def test_dataset_path_is_a_string_on_the_command_line_and_a_mapping_in_yaml():
+    from transformers import HfArgumentParser
+
+    from hf_vitask.config import DataArguments
+
+    parser = HfArgumentParser(DataArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=["--dataset", "csv", "--dataset_path", "labels.csv", "--dataset_image_column", "file"]
+    )
+    assert (args.dataset_path, args.dataset_image_column) == ("labels.csv", "file")
+    parser.set_defaults(dataset_path={"train": "a.csv", "test": "b.csv"})  # how the CLI applies a YAML file
+    (args,) = parser.parse_args_into_dataclasses(args=[])
+    assert args.dataset_path == {"train": "a.csv", "test": "b.csv"}
+
+
+def test_data_file_errors_name_the_file_split_and_row(tmp_path, monkeypatch):
+    import datasets
+
+    from hf_vitask.config import DataArguments
+    from hf_vitask.pipeline import load_data
+
+    _png(tmp_path / "img" / "0.png", 0)
+    rows = [{"image": "img/0.png", "label": "a"}, {"image": "img/gone.png", "label": "b"}]
+    missing = _jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(FileNotFoundError, match=r"data.jsonl \[train\]: row 1 names the image file 'img/go"):
+        _load_data_files("json", missing)
+    train = _jsonl(tmp_path / "train.jsonl", [{"image": "img/0.png", "label": "a"}] * 4)
+    test = _jsonl(tmp_path / "test.jsonl", [{"image": "img/0.png", "label": label} for label in "aab"])
+    with pytest.raises(ValueError, match=r"test.jsonl \[test\]: row 2 has label 'b', not in class_names"):
+        _load_data_files("json", {"train": train, "test": test}, class_names=["a"])
+    with pytest.raises(ValueError, match=r"no column 'path'; available columns: \['image', 'label'\]"):
+        _load_data_files("json", train, image_column="path")
+
+    (tmp_path / "empty.jsonl").touch()
+    with pytest.raises(ValueError, match=r"empty.jsonl \[train\]: the file is empty"):
+        _load_data_files("json", tmp_path / "empty.jsonl")
+    header_only = _csv(tmp_path / "header.csv", ["image", "label"], [])
+    with pytest.raises(ValueError, match=r"header.csv \[train\]: no rows read as 'csv'"):
+        _load_data_files("csv", header_only)
+    with pytest.raises(FileNotFoundError, match="holds no parquet files"):
+        _load_data_files("parquet", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'nowhere.jsonl' \(train split\) is missing"):
+        _load_data_files("json", "nowhere.jsonl")
+    _jsonl(tmp_path / "extra.jsonl", [{"image": "img/0.png", "label": "a"}])
+    with pytest.raises(ValueError, match=r"split of \['data.jsonl', 'empty.jsonl', 'extra.jsonl'\]"):
+        _load_data_files("json", tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("load_dataset must not be called for an unknown file format")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(ValueError, match=r"unknown data source or file format 'jsonx'.*'csv', .*'json', "):
+        _load_data_files("jsonx", train)
+    with pytest.raises(ValueError, match="unknown data source or file format 'jsonx'"):
+        load_data(DataArguments(dataset="jsonx", dataset_path=str(train)))

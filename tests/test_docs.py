@@ -28,23 +28,98 @@ def test_readme_has_exactly_two_setup_commands():
     assert test_command in ci, ".ci/run must run the README's test command verbatim"
 
 
-def test_every_config_field_is_documented():
+def _config_reference_hook():
+    """docs/hooks/config_reference.py, the mkdocs hook that generates the configuration reference."""
+    import importlib.util
+
+    path = README.parent / "docs" / "hooks" / "config_reference.py"
+    spec = importlib.util.spec_from_file_location("config_reference_hook", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _documented_config_fields():
+    """Every field the configuration reference must list: the training configs' fields beyond
+    ``TrainingArguments`` (new, or with another default) and every field of the pipeline dataclasses."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     from hf_vitask.cli import RunArguments
-    from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+    from hf_vitask.config import (
+        DataArguments,
+        EvalArguments,
+        InstructionFreeConfig,
+        ModelArguments,
+        TSMArguments,
+        VITaskConfig,
+    )
 
     base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-    reference = (README.parent / "docs" / "configuration.md").read_text()
-    own = [f for f in dataclasses.fields(VITaskConfig) if f.name not in base or base[f.name] != f.default]
-    assert len(own) > 10
+    fields = {}
+    for cls in (VITaskConfig, InstructionFreeConfig):
+        own = [f for f in dataclasses.fields(cls) if f.name not in base or base[f.name] != f.default]
+        assert len(own) > 10
+        fields[cls] = own
     for cls in (ModelArguments, DataArguments, TSMArguments, EvalArguments, RunArguments):
-        own += [f for f in dataclasses.fields(cls) if f.init]
-    for f in own:
-        assert f.metadata.get("help"), f"{f.name} has no help text"
-        assert f"`{f.name}`" in reference, f"{f.name} is missing from docs/configuration.md"
+        fields[cls] = [f for f in dataclasses.fields(cls) if f.init]
+    return fields
+
+
+def test_every_config_field_is_documented():
+    """The generated reference (what the docs build puts into configuration.md) lists every field
+    with its type, default and help text."""
+    import dataclasses
+
+    hook = _config_reference_hook()
+    fields = _documented_config_fields()
+    assert {cls.__name__: cls for cls in fields} == {name: hook.config_class(name) for name in hook.CONFIG_CLASSES}
+    reference = hook.render_config_reference()
+    sections = dict(zip(re.findall(r"^## `(\w+)`", reference, flags=re.M),
+                        re.split(r"^## `\w+`.*$", reference, flags=re.M)[1:], strict=True))
+    for cls, own in fields.items():
+        rows = [line for line in sections[cls.__name__].splitlines() if line.startswith("| `")]
+        assert len(rows) == len(own), f"{cls.__name__}: {len(rows)} rows for {len(own)} fields"
+        for f in own:
+            help_text = f.metadata.get("help")
+            assert help_text, f"{cls.__name__}.{f.name} has no help text"
+            row = next((r for r in rows if r.startswith(f"| `{f.name}` |")), None)
+            assert row is not None, f"{cls.__name__}.{f.name} is missing from the configuration reference"
+            assert hook.md_text(help_text) in row, f"{cls.__name__}.{f.name}: help text missing from its row"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert f"| `{default!r}` |" in row, f"{cls.__name__}.{f.name}: default {default!r} missing"
+
+
+def test_configuration_page_renders_every_help_text():
+    """The built page shows each help text as written (escaping keeps '||', '*', '<...>' literal)."""
+    import html
+
+    import markdown
+
+    hook = _config_reference_hook()
+    page = hook.expand_placeholders((README.parent / "docs" / "configuration.md").read_text())
+    rendered = markdown.markdown(page, extensions=["tables"])
+    cells = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", rendered, flags=re.S):
+        texts = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td>(.*?)</td>", row, flags=re.S)]
+        if texts:
+            cells.setdefault(texts[0], []).append(texts[3])
+    for cls, own in _documented_config_fields().items():
+        for f in own:
+            expected = f.metadata["help"].replace("`", "").replace("docs/", "")
+            assert any(m.startswith(expected) for m in cells.get(f.name, [])), f"{cls.__name__}.{f.name}"
+
+
+def test_configuration_page_has_no_hand_copied_field_tables():
+    """docs/configuration.md is prose plus one placeholder per dataclass; the tables come from the code."""
+    hook = _config_reference_hook()
+    page = (README.parent / "docs" / "configuration.md").read_text()
+    table_lines = [line for line in page.splitlines() if line.lstrip().startswith("|")]
+    assert not table_lines, f"docs/configuration.md holds a hand-written table: {table_lines[:3]}"
+    assert sorted(hook.PLACEHOLDER.findall(page)) == sorted(hook.CONFIG_CLASSES)
+    mkdocs_yml = (README.parent / "mkdocs.yml").read_text()
+    assert "docs/hooks/config_reference.py" in mkdocs_yml, "mkdocs.yml must run the config reference hook"
 
 
 def test_families_page_has_a_row_per_registered_family():

@@ -244,10 +244,16 @@ def test_card_with_nested_metrics_argument_and_no_dataset(bundle):
 
 
 def test_card_leaves_a_local_base_path_out_of_the_metadata(bundle):
-    with pytest.warns(UserWarning, match="not a Hub repo id"):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a card for a local bundle: nothing to warn about
         card = render_model_card(bundle)
     assert "base_model" not in front_matter(card)
     assert str(bundle) in python_block(card)  # no repo id: the snippet loads the local bundle
+    with pytest.warns(UserWarning, match="not a Hub repo id"):  # a card for the Hub says what will not work there
+        card = render_model_card(bundle, repo_id="me/model")
+    assert "base_model" not in front_matter(card)
 
 
 # -- loading from the Hub --------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ so the rest of the package never has to care where the images came from:
 - `load_image_folder`: `root/<class>/*.png` or `root/<split>/<class>/*.png`;
 - `load_medmnist_npz`: a MedMNIST-format `.npz` file the user downloaded;
 - `load_hf_dataset`: a Hub dataset or a local `save_to_disk` directory;
-- `load_source`: one entry point that picks among them by name (used by configs and the CLI).
+- `load_data_files`: a table of (image, label) rows in a file format `datasets` reads (json, csv,
+  parquet, ...): one file, a folder of per-split files, or a {split: file} mapping;
+- `load_source`: one entry point that picks among the named sources (used by configs and the CLI;
+  file formats go to `load_data_files`).
 
 Bad input fails here, at load time, with a message that names the file, column or row,
 rather than thousands of steps into training (`check_dataset`).
@@ -19,11 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
+
+# datasets' own registry of file readers: what `load_dataset` resolves offline, and the extensions of each
+from datasets.packaged_modules import _EXTENSION_TO_MODULE, _PACKAGED_DATASETS_MODULES
 from PIL import Image as PILImage
 from sklearn.model_selection import train_test_split
 
@@ -203,6 +209,7 @@ def load_source(source: str, path: str | os.PathLike | None = None, **kwargs) ->
 
     `source` is one of `SOURCES`: "digits" (bundled, no path), "textures" (generated, no path), "imagefolder", "npz" (alias
     "medmnist") or "hf" (a Hub name or a `save_to_disk` directory). `kwargs` go to the loader.
+    Tables in a file format (json, csv, parquet, ...) load with `load_data_files`.
     """
     key = source.lower()
     if key == "digits":
@@ -224,7 +231,10 @@ def load_source(source: str, path: str | os.PathLike | None = None, **kwargs) ->
         "hf": load_hf_dataset,
     }
     if key not in loaders:
-        raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+        raise ValueError(
+            f"unknown data source {source!r}; choose one of {list(SOURCES)} (tables in a file format such as "
+            "json, csv or parquet load with load_data_files)"
+        )
     if path is None:
         raise ValueError(f"the {source!r} data source needs a path (or a Hub name for 'hf')")
     return loaders[key](path, **kwargs)
@@ -258,14 +268,68 @@ def load_hf_dataset(
 
     Raises ValueError naming the column (and listing the available ones) or the row when a
     column is missing or a label lies outside the class range.
+
+    A local data file (`data.jsonl`, `labels.csv`, ...) goes to `load_data_files` in the format its
+    extension names: `load_dataset` would look such a path up on the Hub.
     """
     _check_split_sizes(validation_size, test_size)
+    if Path(name_or_path).is_file():
+        return load_data_files(
+            _format_of(Path(name_or_path)),
+            name_or_path,
+            image_column=image_column,
+            label_column=label_column,
+            class_names=class_names,
+            validation_size=validation_size,
+            test_size=test_size,
+            seed=seed,
+            **load_kwargs,
+        )
     source = str(name_or_path)
     splits = _canonical_splits(_read_hf(name_or_path, load_kwargs), source)
     splits = DatasetDict(
         {
             split: _take_columns(dataset, image_column, label_column, f"{source}[{split}]")
             for split, dataset in splits.items()
+        }
+    )
+    splits, names = _encode_labels(splits, class_names, source)
+    check_dataset(splits, num_classes=len(names), name=source)
+    return _add_missing_splits(splits, validation_size, test_size, seed)
+
+
+def load_data_files(
+    file_format: str,
+    data_files: str | os.PathLike | Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    validation_size: float = 0.1,
+    test_size: float = 0.2,
+    seed: int = 0,
+    **load_kwargs,
+) -> DatasetDict:
+    """(image, label) rows from local json/csv/parquet/... files, the format users bring most, offline.
+
+    `file_format` must be one of `datasets`' packaged readers (any other name would go to the Hub).
+    `data_files`: one file (a single table, split here), a folder of files named after their split
+    (train.jsonl, val.jsonl, test-00000-of-00002.parquet) or a {split: file(s)} mapping; missing
+    validation/test splits are cut from train, stratified, as for an image folder. Images: paths
+    relative to their data file, absolute paths or bytes. Labels: as in `load_hf_dataset`. Errors
+    name the file, split and row (from 0, a CSV header excluded). `load_kwargs` go to
+    `datasets.load_dataset` (e.g. `sep=";"`).
+    """
+    _check_split_sizes(validation_size, test_size)
+    file_format = _check_file_format(file_format)
+    source = str(data_files)
+    columns = (image_column, label_column)
+    splits = DatasetDict(
+        {
+            split: concatenate_datasets(
+                [_read_table(file_format, path, split, columns, class_names, load_kwargs) for path in paths]
+            )
+            for split, paths in _data_files(data_files, file_format).items()
         }
     )
     splits, names = _encode_labels(splits, class_names, source)
@@ -549,7 +613,12 @@ def _canonical_splits(data: DatasetDict, source: str) -> DatasetDict:
 
 
 def _take_columns(dataset: Dataset, image_column: str, label_column: str, where: str) -> Dataset:
-    """Keep only the image and label columns, named "image" and "label"."""
+    """Keep only the image and label columns, named "image" and "label", the image a `datasets.Image`."""
+    return _as_image(_select_columns(dataset, image_column, label_column, where))
+
+
+def _select_columns(dataset: Dataset, image_column: str, label_column: str, where: str) -> Dataset:
+    """Keep only the image and label columns, renamed "image" and "label"."""
     if image_column == label_column:
         raise ValueError(f"image_column and label_column are both {image_column!r}")
     for column in (image_column, label_column):
@@ -559,8 +628,13 @@ def _take_columns(dataset: Dataset, image_column: str, label_column: str, where:
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
     if renames:
         dataset = dataset.rename_columns(renames)
+    return dataset
+
+
+def _as_image(dataset: Dataset) -> Dataset:
+    """Cast the "image" column (paths, bytes or {"bytes", "path"} dicts) to a lazily decoded `Image`."""
     if not isinstance(dataset.features["image"], Image):
-        dataset = dataset.cast_column("image", Image())  # e.g. a column of file paths
+        dataset = dataset.cast_column("image", Image())
     return dataset
 
 
@@ -609,6 +683,150 @@ def _label_kind(feature) -> ClassLabel | str:
     if isinstance(dtype, str) and dtype.startswith(("int", "uint")):
         return "int"
     raise ValueError(f"the label column must hold integers, strings or a ClassLabel, got {feature}")
+
+
+# --- data files (json, csv, parquet, ...) ------------------------------------------------
+
+
+def _check_file_format(file_format: str) -> str:
+    """The reader's name, lower-cased; any other name would send `load_dataset` to the Hub."""
+    key = file_format.lower()
+    if key not in _PACKAGED_DATASETS_MODULES or key in SOURCES:
+        formats = sorted(set(_PACKAGED_DATASETS_MODULES) - set(SOURCES))
+        raise ValueError(
+            f"unknown data source or file format {file_format!r}; choose one of {list(SOURCES)} or a file "
+            f"format that datasets reads: {formats}"
+        )
+    return key
+
+
+def _format_of(path: Path) -> str:
+    """The `datasets` reader of a data file, from its extension."""
+    reader = _EXTENSION_TO_MODULE.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: datasets has no reader for the extension {path.suffix!r}")
+    return reader[0]
+
+
+def _data_files(data_files, file_format: str) -> dict[str, list[Path]]:
+    """{split: existing files} from one file, a folder or a {split: file(s)} mapping."""
+    if isinstance(data_files, Mapping):
+        found = _mapped_data_files(data_files)
+    elif Path(data_files).is_dir():
+        found = _folder_data_files(Path(data_files), file_format)
+    else:
+        found = {"train": [Path(data_files)]}
+    for split, paths in found.items():
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"data file {str(path)!r} ({split} split) is missing or not a file")
+    return found
+
+
+def _mapped_data_files(mapping: Mapping) -> dict[str, list[Path]]:
+    """A user's {split: file or files} with canonical split names (val, valid, dev -> validation)."""
+    found: dict[str, tuple[str, list[Path]]] = {}
+    for name, files in mapping.items():
+        split = _SPLIT_ALIASES.get(str(name).lower())
+        if split is None:
+            raise ValueError(f"unknown split {name!r} in {dict(mapping)}; use train, validation or test")
+        if split in found:
+            raise ValueError(f"splits {found[split][0]!r} and {name!r} are both {split!r}")
+        paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        found[split] = (name, [Path(path) for path in paths])
+    return {split: found[split][1] for split in SPLITS if split in found}
+
+
+def _folder_data_files(folder: Path, file_format: str) -> dict[str, list[Path]]:
+    """The folder's own files of the format, by the split their name starts with.
+
+    Hand-made rather than `datasets`' split inference, which also matches image sub-folders
+    named train/ or test/. One file, or files without split names, are a single table ("train").
+    """
+    extensions = {ext.lower() for ext, (reader, _) in _EXTENSION_TO_MODULE.items() if reader == file_format}
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions and p.name[0] != "."
+    )
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no {file_format} files (extensions {sorted(extensions)})")
+    split_of = {p: _SPLIT_ALIASES.get(re.split(r"[-._ ]", p.stem.lower(), maxsplit=1)[0]) for p in files}
+    if len(files) == 1 or not any(split_of.values()):
+        return {"train": files}
+    unnamed = [path.name for path, split in split_of.items() if split is None]
+    if unnamed:
+        raise ValueError(
+            f"{folder}: cannot tell the split of {unnamed}; name each file after its split "
+            "(train, val, test) or give a {split: file} mapping"
+        )
+    found = set(split_of.values())
+    return {split: [p for p in files if split_of[p] == split] for split in SPLITS if split in found}
+
+
+def _read_table(
+    file_format: str,
+    path: Path,
+    split: str,
+    columns: tuple[str, str],
+    class_names: Sequence[str] | None,
+    load_kwargs: dict,
+) -> Dataset:
+    """One data file as (image, label) rows, its image paths resolved and its labels checked."""
+    from datasets import load_dataset
+
+    where = f"{path} [{split}]"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{where}: the file is empty")
+    reader = _EXTENSION_TO_MODULE.get(path.suffix.lower(), (None, {}))
+    kwargs = (reader[1] if reader[0] == file_format else {}) | load_kwargs  # e.g. sep="\t" for a .tsv file
+    try:
+        table = load_dataset(file_format, data_files=str(path), split="train", **kwargs)
+    except (StopIteration, ValueError) as err:  # what datasets raises for a table without rows
+        raise ValueError(f"{where}: no rows read as {file_format!r} ({type(err).__name__}: {err})") from err
+    if len(table) == 0:
+        raise ValueError(f"{where}: the file holds no rows")
+    table = _select_columns(table, *columns, where)
+    _check_known_labels(table, class_names, where)
+    return _as_image(_resolve_image_paths(table, path.resolve().parent, where))
+
+
+def _resolve_image_paths(dataset: Dataset, folder: Path, where: str) -> Dataset:
+    """Make string image paths absolute (relative ones are read from `folder`) and check every file now."""
+    feature = dataset.features["image"]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return dataset  # bytes or {"bytes": ...} dicts carry the image itself
+    paths = []
+    for row, value in enumerate(dataset["image"]):
+        if value is None:
+            raise ValueError(f"{where}: row {row} has no image")
+        path = folder / value  # an absolute value stays as it is
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{where}: row {row} names the image file {value!r}, not found ({path}; relative paths start "
+                f"at the data file's folder)"
+            )
+        paths.append(path)
+    _verify_images(paths)
+    dataset = dataset.remove_columns("image").add_column("image", [str(path) for path in paths])
+    return dataset.select_columns(["image", "label"])
+
+
+def _check_known_labels(dataset: Dataset, class_names: Sequence[str] | None, where: str) -> None:
+    """Name the first row whose label is missing or not among `class_names`, file by file."""
+    try:
+        kind = _label_kind(dataset.features["label"])
+    except ValueError as err:  # e.g. a CSV column of integers with a blank cell reads as floats
+        raise ValueError(f"{where}: {err}") from None
+    if kind == "string":
+        known = None if class_names is None else set(class_names)
+        for row, label in enumerate(dataset["label"]):
+            if label is None:
+                raise ValueError(f"{where}: row {row} has no label")
+            if known is not None and label not in known:
+                raise ValueError(
+                    f"{where}: row {row} has label {label!r}, not in class_names {list(class_names)}"
+                )
+    elif kind == "int" and class_names is not None:
+        _check_label_range(_label_array(dataset["label"], where), len(class_names), where)
 
 
 # --- image folders -----------------------------------------------------------------------

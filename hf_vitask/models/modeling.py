@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from hf_vitask import __version__
 from hf_vitask.jsonfile import check_fields, read_json
 from hf_vitask.losses import response_logits, token_ce
 from hf_vitask.models.exemplar import (
@@ -32,6 +31,7 @@ from hf_vitask.models.exemplar import (
 from hf_vitask.models.families import VLMFamily, get_family
 from hf_vitask.models.passes import Passes, run_passes
 from hf_vitask.models.tsm import TaskSpecificModel
+from hf_vitask.version import __version__
 
 VITASK_CONFIG_FILE = "vitask_config.json"
 CONNECTOR_FILE = "exemplar_connector.safetensors"
@@ -320,7 +320,8 @@ class VITaskModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         vlm_state = None if state_dict is None else submodule_state(state_dict, "vlm.")
         if self.is_peft:
-            self.vlm.save_pretrained(path, selected_adapters=[self.vlm.active_adapter], state_dict=vlm_state)
+            self.vlm.save_pretrained(path, selected_adapters=[self.vlm.active_adapter], state_dict=vlm_state,
+                                     save_embedding_layers=_embedding_layers_setting(self.vlm))
         else:
             self.vlm.save_pretrained(path, state_dict=vlm_state)
         if self.connector is not None:
@@ -411,6 +412,22 @@ class VITaskModel(nn.Module):
             image_end_token_id=cfg.get("image_end_token_id"),
             slot_token_id=cfg.get("slot_token_id", 0),
         )
+
+
+def _embedding_layers_setting(peft_model) -> bool | str:
+    """peft's ``save_embedding_layers``: "auto" looks the base model's config up (on the Hub unless it
+    is a local folder) to see whether the vocabulary grew; skip that lookup, and its warnings, for
+    a base that is neither a folder nor a Hub id (the tiny demo models), unless the adapter itself
+    trains embedding layers."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    targets = getattr(config, "target_modules", None) or ()
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if any(name in str(target) for target in targets for name in EMBEDDING_LAYER_NAMES):
+        return "auto"
+    name = getattr(config, "base_model_name_or_path", None) or ""
+    return "auto" if Path(name).is_dir() or name.count("/") == 1 else False
 
 
 def submodule_state(state_dict: dict, prefix: str) -> dict:

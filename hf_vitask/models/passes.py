@@ -364,13 +364,22 @@ def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     return _run_stacked(model, parts, slot_parts, exemplar_rows, dense, counts, "batch", exemplar, neg_rows)
 
 
+def _checkpointing(base) -> bool:
+    """Whether activation (gradient) checkpointing is on: ``is_activation_checkpointing`` in
+    transformers >= 5.x (``is_gradient_checkpointing`` before, now deprecated)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
+
+
 # -- "prefix": image prefix once into a KV cache, continuations batched on it ----------------------------
 def _prefix_blocker(model, inputs) -> str | None:
     """Why the shared-prefix form cannot run on this batch (None: it can)."""
     if not model.family.prefix_fusion:
         return f"the {model.family.name} family cannot continue from a shared image prefix"
     base = _base(model.vlm)
-    if getattr(base, "is_gradient_checkpointing", False) and model.training and torch.is_grad_enabled():
+    if _checkpointing(base) and model.training and torch.is_grad_enabled():
         return "gradient checkpointing drops the KV cache in training"
     ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
     try:

@@ -270,12 +270,23 @@ class VLMTrainer(Trainer):
                 self.processing_class.save_pretrained(str(target))
             self.save_extras(target, state_dict)
             (target / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+            self._write_model_card(target)
         except BaseException:
             if not checkpoint:
                 shutil.rmtree(target, ignore_errors=True)
             raise
         if not checkpoint:
             publish_bundle(target, output_dir)
+
+    def _write_model_card(self, folder: Path) -> None:
+        """The package's model card as README.md (replacing peft's placeholder): base model, method and
+        stage, task, metrics once evaluated, the loading snippet."""
+        from hf_vitask.hub import README_FILE, render_model_card
+
+        evaluated = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        metrics = {k: v for k, v in (evaluated[-1] if evaluated else {}).items()
+                   if k.startswith("eval_") and isinstance(v, int | float)}
+        (folder / README_FILE).write_text(render_model_card(folder, metrics=metrics or None))
 
     def _load_trainable(self, path, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
