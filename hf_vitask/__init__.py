@@ -31,7 +31,8 @@ _EXPORTS = {
     "ExemplarConnector": "hf_vitask.models.exemplar",
     "VITaskModel": "hf_vitask.models.modeling",
     "TaskSpecificModel": "hf_vitask.models.tsm",
-    "train_tsm": "hf_vitask.models.tsm",
+    "TransformersTSM": "hf_vitask.models.tsm",
+    "train_tsm": "hf_vitask.trainers.tsm",
     "tsm_predict": "hf_vitask.models.tsm",
     "TaskSpec": "hf_vitask.task",
     "digits_task": "hf_vitask.task",
@@ -52,6 +53,7 @@ __all__ = [
     "ProxyInstruction",
     "TaskSpec",
     "TaskSpecificModel",
+    "TransformersTSM",
     "VITaskCollator",
     "VITaskConfig",
     "VITaskModel",
@@ -105,8 +107,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from hf_vitask.hub import load_vitask
     from hf_vitask.models.exemplar import ConnectorConfig, ExemplarConnector
     from hf_vitask.models.modeling import VITaskModel
-    from hf_vitask.models.tsm import TaskSpecificModel, train_tsm, tsm_predict
+    from hf_vitask.models.tsm import TaskSpecificModel, TransformersTSM, tsm_predict
     from hf_vitask.task import TaskSpec, digits_task
     from hf_vitask.trainers.base import NonFiniteLossError
     from hf_vitask.trainers.instruction_free import InstructionFreeTrainer, ProxyInstruction, mc_evaluate
+    from hf_vitask.trainers.tsm import train_tsm
     from hf_vitask.trainers.vitask import VITaskTrainer

@@ -1,11 +1,10 @@
 """The collective steps of the command-line pipeline outside the Trainer (TSM stage, evaluation, prediction).
 
 Launched with ``torchrun`` / ``accelerate launch``, every process runs the same command. Training
-is distributed by the Trainer; around it, the work the pipeline does itself is split like this:
-the main process trains and saves the TSM while the others wait and then load it (a small model
-trained for minutes: one process gives exactly the single-process TSM, BatchNorm statistics
-included); evaluation and prediction rows are split into one contiguous block per process and
-gathered in order, so the metrics are the single-process ones; only the main process writes files.
+(the TSM's too) is distributed by the Trainer; around it, the work the pipeline does itself is
+split like this: evaluation and prediction rows are split into one contiguous block per process
+and gathered in order, so the metrics are the single-process ones; only the main process writes
+files.
 Without a launcher (one process) every function here is a no-op.
 """
 

@@ -132,14 +132,15 @@ def tsm_dir(tsm_args: TSMArguments, output_dir: str) -> Path:
 
 
 def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: str, seed: int = 0, progress=True):
-    """Train the TSM on the train split (best validation epoch kept) and save it."""
-    from hf_vitask.models.tsm import TaskSpecificModel, train_tsm
+    """Train the TSM on the train split (best validation epoch kept) and save it. Under several
+    processes it trains with DDP, ``tsm_batch_size`` rows per step in all (split between the
+    processes), and the main process saves it."""
+    from hf_vitask.models.tsm import TaskSpecificModel
     from hf_vitask.task import save_tasks
+    from hf_vitask.trainers.tsm import train_tsm
 
     out = tsm_dir(tsm_args, output_dir)
-    if not distributed.is_main_process():  # the main process trains it (see hf_vitask.distributed)
-        distributed.wait_for_everyone()
-        return TaskSpecificModel.from_pretrained(out), json.loads((out / "history.json").read_text())
+    _, processes = distributed.rank_and_size()
     data, tasks = load_data_and_tasks(data_args)
     sizes = [t.num_classes for t in task_list(tasks)]
     import torch
@@ -155,15 +156,16 @@ def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: 
         data[data_args.train_split],
         eval_dataset=data.get(data_args.validation_split),
         epochs=tsm_args.tsm_epochs,
-        batch_size=tsm_args.tsm_batch_size,
+        batch_size=max(1, tsm_args.tsm_batch_size // processes),
         learning_rate=tsm_args.tsm_learning_rate,
         seed=seed,
         task_sizes=sizes if len(sizes) > 1 else None,
         progress=progress,
     )
-    tsm.save_pretrained(out)
-    save_tasks(tasks, out)
-    (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    if distributed.is_main_process():
+        tsm.save_pretrained(out)
+        save_tasks(tasks, out)
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     distributed.wait_for_everyone()
     return tsm, history
 

@@ -12,8 +12,9 @@ import yaml
 from hf_vitask.cli import main
 from hf_vitask.data.collator import VITaskCollator, pick_negatives
 from hf_vitask.models.tiny import build_tiny_vlm
-from hf_vitask.models.tsm import TaskSpecificModel, restrict_to_tasks, task_offsets, train_tsm, tsm_predict
+from hf_vitask.models.tsm import TaskSpecificModel, restrict_to_tasks, task_offsets, tsm_predict
 from hf_vitask.task import TaskSpec, load_tasks, save_tasks
+from hf_vitask.trainers.tsm import train_tsm
 
 LOW = TaskSpec(class_names=["zero", "one", "two", "three", "four"], name="low", modality="handwritten digit")
 HIGH = TaskSpec(class_names=["five", "six", "seven", "eight", "nine"], name="high", modality="handwritten digit")

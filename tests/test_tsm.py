@@ -11,7 +11,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hf_vitask.data.sources import load_digits_dataset
-from hf_vitask.models.tsm import CONFIG_NAME, WEIGHTS_NAME, TaskSpecificModel, train_tsm, tsm_predict
+from hf_vitask.models.tsm import CONFIG_NAME, WEIGHTS_NAME, TaskSpecificModel, tsm_predict
+from hf_vitask.trainers.tsm import train_tsm
 
 # test_resnet reaches ~80-90% validation accuracy on 96 digits in 8 epochs at 32 px (seeds
 # 0-3: 0.81-0.88, about 2 s on 2 CPU cores); the threshold leaves a wide margin over chance (0.1).
@@ -199,14 +200,34 @@ def test_train_tsm_rejects_empty_and_missing_columns(digits):
         train_tsm(make_vit(), digits["train"], label_column="target", progress=False)
 
 
-def test_batches_cover_every_row_once_and_never_leave_a_single_row():
-    """Every split size and batch size (a trailing single row joins the previous batch: BatchNorm)."""
-    from hf_vitask.models.tsm import _batches
+def test_the_tsm_trains_through_the_trainer_with_checkpoints_and_resume(digits, tmp_path):
+    """A TSMTrainer run checkpoints the TSM in its own format and resumes to the uninterrupted weights."""
+    import shutil
 
-    for n in range(0, 70):
-        for batch_size in (1, 2, 3, 7, 8, 32):
-            batches = _batches(list(range(n)), batch_size)
-            assert [i for b in batches for i in b] == list(range(n)), (n, batch_size)
-            if batch_size > 1 and len(batches) > 1:
-                assert all(len(b) > 1 for b in batches), (n, batch_size)
-            assert all(len(b) <= batch_size + 1 for b in batches)
+    from transformers import TrainingArguments
+
+    from hf_vitask.trainers.tsm import TSMTrainer
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        tsm = make_cnn()
+        args = TrainingArguments(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=16,
+                                 learning_rate=3e-3, save_strategy="epoch", eval_strategy="epoch",
+                                 logging_strategy="epoch", report_to="none", use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        trainer = TSMTrainer(tsm, args, digits["train"], digits["validation"])
+        trainer.train(resume_from_checkpoint=resume)
+        return tsm, trainer
+
+    whole, trainer = run(tmp_path / "a")
+    checkpoints = sorted((tmp_path / "a").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 2 and {CONFIG_NAME, WEIGHTS_NAME} <= {p.name for p in checkpoints[-1].iterdir()}
+    assert [e for e in trainer.state.log_history if "eval_accuracy" in e]  # evaluated every epoch
+    reloaded = TaskSpecificModel.from_pretrained(checkpoints[-1])
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[key], value), key
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / checkpoints[-1].name)  # killed during the second epoch
+    resumed, _ = run(tmp_path / "b", resume=True)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)

@@ -2,7 +2,8 @@
 
 VITask uses the TSM twice: its pooled pre-logits feature is the *exemplar* that exemplar
 prompting (EP) feeds to the VLM through a connector, and its accuracy is the bar the tuned
-VLM has to reach. Any timm model works; tests use timm's tiny `test_*` architectures.
+VLM has to reach. Any timm model works; tests use timm's tiny `test_*` architectures. It trains
+through ``transformers.Trainer`` (:mod:`hf_vitask.trainers.tsm`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 from collections.abc import Callable, Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
-from tqdm.auto import tqdm
 
 from hf_vitask.data.images import to_rgb
 from hf_vitask.jsonfile import check_fields, read_json
@@ -27,6 +25,11 @@ from hf_vitask.jsonfile import check_fields, read_json
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "tsm_config.json"
 FEATURE_KINDS = ("pooled", "patch")
+
+
+class TSMConfig(dict):
+    """What it takes to rebuild a TSM, as a dict (saved as ``tsm_config.json``); attributes may be set
+    on it like on a ``PretrainedConfig`` (``Trainer`` sets ``use_cache``), they are not saved."""
 
 
 class TaskSpecificModel(nn.Module):
@@ -59,12 +62,12 @@ class TaskSpecificModel(nn.Module):
             self.model = timm.create_model(model_name, **kwargs)
         # What it takes to rebuild this model; weights then come from model.safetensors, so
         # `pretrained` is deliberately not part of it.
-        self.config = {
+        self.config = TSMConfig({
             "model_name": model_name,
             "num_classes": num_classes,
             "img_size": img_size,
             "timm_kwargs": dict(timm_kwargs),
-        }
+        })
         self.feature_dim: int = self.model.num_features
         self.num_prefix_tokens: int = int(getattr(self.model, "num_prefix_tokens", 0))
 
@@ -157,6 +160,8 @@ class TaskSpecificModel(nn.Module):
                     f"no {os.path.basename(required)} in {os.fspath(path)!r} (looked for {required})"
                 )
         config = read_json(config_path)
+        if config.get("backend") == TransformersTSM.backend:
+            return TransformersTSM.load(path, map_location)
         check_fields(config, {"model_name": "str", "num_classes": "positive", "img_size": "sizes?",
                               "timm_kwargs": "object"}, config_path, required=("model_name", "num_classes"))
         tsm = cls(
@@ -170,100 +175,75 @@ class TaskSpecificModel(nn.Module):
         return tsm.to(map_location).eval()
 
 
-def train_tsm(
-    tsm: TaskSpecificModel,
-    train_dataset,
-    *,
-    eval_dataset=None,
-    epochs: int = 5,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.05,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-    task_sizes: Sequence[int] | None = None,
-    task_column: str = "task",
-    progress: bool = True,
-) -> dict:
-    """Fully fine-tune the TSM with AdamW and a per-step cosine schedule (VITask trains it alone, first).
+class TransformersTSM(TaskSpecificModel):
+    """A ``transformers`` image classifier (``AutoModelForImageClassification``: a ViT, ConvNeXt, ... you
+    may already have fine-tuned) as the TSM, with its own image processor.
 
-    Returns {"train_loss": [mean loss per epoch], "eval_accuracy": [per epoch] (only with an
-    eval_dataset), "best_epoch": 0-based index into those lists}. The weights of the best eval
-    epoch are kept (the last epoch without an eval_dataset), as the paper keeps the best
-    validation checkpoint. `device=None` trains where the TSM already is. Deterministic for
-    a seed: shuffling uses its own `torch.Generator`, and augmentation/dropout draw from a
-    forked, seeded global RNG (the caller's RNG state is left untouched). The TSM ends in eval mode.
-
-    Several tasks (VITask's multi-dataset setting): pass `task_sizes` (classes per task, summing
-    to `num_classes`); rows then carry a task index in `task_column` and a label *within* their
-    task, and the cross-entropy is restricted to the row's own task classes of the shared head.
+    The exemplar is the pooled feature the classification head sees (the input of its last linear
+    layer, caught by a hook), so it is the same choice as for timm models; ``"patch"`` features are
+    timm-only. Saved as the model's ``save_pretrained`` files, its processor and ``tsm_config.json``.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
-    labels, task_ids = _checked_labels(
-        train_dataset, tsm.num_classes, image_column, label_column, "train_dataset", task_sizes, task_column
-    )
-    if eval_dataset is not None:
-        eval_labels, _ = _checked_labels(
-            eval_dataset, tsm.num_classes, image_column, label_column, "eval_dataset", task_sizes, task_column
-        )
-    device = _resolve_device(tsm, device)
-    tsm.to(device)
 
-    steps_per_epoch = len(_batches(list(range(len(labels))), batch_size))
-    optimizer = torch.optim.AdamW(tsm.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    shuffler = torch.Generator().manual_seed(seed)
-    history: dict = {"train_loss": []}
-    if eval_dataset is not None:
-        history["eval_accuracy"] = []
-    best_accuracy, best_state = -1.0, None
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train TSM", disable=not progress)
+    backend = "transformers"
 
-    with _seeded_rngs(seed, device):
-        for _ in range(epochs):
-            tsm.train()
-            order = torch.randperm(len(labels), generator=shuffler).tolist()
-            epoch_loss = 0.0
-            for rows in _batches(order, batch_size):
-                pixel_values = tsm.preprocess(train_dataset[rows][image_column], train=True).to(device)
-                targets = torch.tensor([labels[i] for i in rows], device=device)
-                with _running_batchnorm(tsm, len(rows) == 1):
-                    logits = tsm(pixel_values)
-                if task_sizes is not None:
-                    logits = restrict_to_tasks(logits, torch.tensor([task_ids[i] for i in rows]), task_sizes)
-                loss = F.cross_entropy(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                epoch_loss += loss.item() * len(rows)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            history["train_loss"].append(epoch_loss / len(order))
+    def __init__(self, model: nn.Module, image_processor):
+        nn.Module.__init__(self)
+        self.model, self.image_processor = model, image_processor
+        num_classes = int(model.config.num_labels)
+        heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        if not heads:
+            raise ValueError(f"{type(model).__name__} has no linear layer with num_labels={num_classes} outputs: "
+                             "not an image classifier")
+        self._head = heads[-1]
+        self.config = TSMConfig({"backend": self.backend, "num_classes": num_classes})
+        self.feature_dim = self._head.in_features
+        self.num_prefix_tokens = 0
 
-            if eval_dataset is not None:
-                probs = tsm_predict(
-                    tsm, eval_dataset, batch_size=batch_size, device=device, image_column=image_column,
-                    task_sizes=task_sizes, task_column=task_column,
-                )
-                accuracy = (probs.argmax(-1) == torch.tensor(eval_labels)).float().mean().item()
-                history["eval_accuracy"].append(accuracy)
-                if accuracy > best_accuracy:  # ties keep the earlier epoch
-                    best_accuracy, history["best_epoch"] = accuracy, len(history["eval_accuracy"]) - 1
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in tsm.state_dict().items()}
-                bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", eval_acc=f"{accuracy:.3f}")
-    bar.close()
+    @classmethod
+    def from_classifier(cls, name_or_path: str | os.PathLike, **model_kwargs) -> TransformersTSM:
+        """``AutoModelForImageClassification`` + ``AutoImageProcessor`` from a Hub id or a local folder."""
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    if best_state is not None:
-        tsm.load_state_dict(best_state)
-    else:
-        history["best_epoch"] = epochs - 1
-    tsm.zero_grad(set_to_none=True)  # leave no stale gradients on a model others will freeze
-    tsm.eval()
-    return history
+        model = AutoModelForImageClassification.from_pretrained(name_or_path, **model_kwargs)
+        return cls(model, AutoImageProcessor.from_pretrained(name_or_path))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+    def features(self, pixel_values: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
+        if kind != "pooled":
+            raise ValueError(f"a transformers classifier gives the pooled feature only, not {kind!r} (timm TSMs "
+                             "give patch tokens too)")
+        seen: list[torch.Tensor] = []
+        handle = self._head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            self.model(pixel_values=pixel_values)
+        finally:
+            handle.remove()
+        return seen[-1]
+
+    def preprocess(self, images: Sequence[Image.Image], train: bool = False) -> torch.Tensor:
+        """The classifier's own image processor (no augmentation)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("preprocess got no images")
+        rgb = [_to_rgb(image, index) for index, image in enumerate(images)]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(json.dumps(dict(self.config), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransformersTSM:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(os.fspath(path))
+        return cls(model, AutoImageProcessor.from_pretrained(os.fspath(path))).to(map_location).eval()
 
 
 @torch.no_grad()
@@ -297,7 +277,7 @@ def tsm_predict(
     return torch.cat(chunks)
 
 
-def _checked_labels(
+def checked_labels(
     dataset, num_classes: int, image_column: str, label_column: str, name: str,
     task_sizes: Sequence[int] | None = None, task_column: str = "task",
 ) -> tuple[list[int], list[int] | None]:
@@ -351,18 +331,8 @@ def restrict_to_tasks(logits: torch.Tensor, task_ids: torch.Tensor, task_sizes: 
     return logits.masked_fill(~inside, float("-inf"))
 
 
-def _batches(order: list[int], batch_size: int) -> list[list[int]]:
-    """Consecutive batches of `order`; a trailing single row joins the previous batch,
-    because BatchNorm cannot train on one sample."""
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        last = batches.pop()  # (not `batches[-2] += batches.pop()`: the pop would move index -2)
-        batches[-1] += last
-    return batches
-
-
 @contextlib.contextmanager
-def _running_batchnorm(model: nn.Module, active: bool):
+def running_batchnorm(model: nn.Module, active: bool):
     """On a one-row batch (a one-row split, or ``batch_size=1``) BatchNorm cannot compute batch
     statistics; let it normalise with its running statistics for that step (its affine weights
     still train) instead of failing."""
@@ -374,26 +344,6 @@ def _running_batchnorm(model: nn.Module, active: bool):
     finally:
         for m in norms:
             m.train()
-
-
-@contextlib.contextmanager
-def _seeded_rngs(seed: int, device: torch.device):
-    """Seed the RNGs that dropout (torch) and timm's augmentations (Python `random`) draw
-    from, and restore the caller's states afterwards, so training is reproducible without
-    side effects."""
-    cuda_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
-    python_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            yield
-    finally:
-        random.setstate(python_state)
 
 
 def _resolve_device(tsm: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -415,4 +365,4 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-__all__ = ["TaskSpecificModel", "train_tsm", "tsm_predict", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["TaskSpecificModel", "TransformersTSM", "tsm_predict", "WEIGHTS_NAME", "CONFIG_NAME"]
