@@ -51,13 +51,18 @@ def my_block(n: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def everyone(obj: Any) -> list:
+    """``obj`` of every process, in process order, on every process (each must call this)."""
+    if not _initialized():
+        return [obj]
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
 def gather(items: list) -> list:
     """Every process's ``items`` concatenated in process order, on every process."""
-    if not _initialized():
-        return list(items)
-    everyone: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, list(items))
-    return [item for part in everyone for item in part]
+    return [item for part in everyone(list(items)) for item in part]
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -172,22 +172,16 @@ class VLMTrainer(Trainer):
 
     def _gather_metrics(self, recorded: dict[str, list]) -> dict[str, dict[int, list[float]]]:
         """Per term and step: [sum of value x weight, sum of weights], over every process."""
+        from hf_vitask.distributed import everyone
+
+        local = [(name, step, weighted, weight) for name, entries in recorded.items()
+                 for step, weighted, weight in entries]
         sums: dict[str, dict[int, list[float]]] = {}
-        for name, entries in recorded.items():
-            for step, weighted, weight in entries:
+        for part in everyone(local) if self.args.world_size > 1 else [local]:  # log() runs on every process
+            for name, step, weighted, weight in part:
                 cell = sums.setdefault(name, {}).setdefault(step, [0.0, 0.0])
                 cell[0] += weighted
                 cell[1] += weight
-        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            everyone: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, sums)  # log() runs on every process at the same steps
-            sums = {}
-            for part in everyone:
-                for name, steps in part.items():
-                    for step, (weighted, weight) in steps.items():
-                        cell = sums.setdefault(name, {}).setdefault(step, [0.0, 0.0])
-                        cell[0] += weighted
-                        cell[1] += weight
         return sums
 
     def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:

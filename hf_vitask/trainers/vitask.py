@@ -88,11 +88,11 @@ def check_tsm_matches_tasks(tsm, task) -> None:
 
 def _shared(entries: dict, args) -> dict:
     """``entries`` of every process (each calls this at the same step); just ``entries`` alone."""
-    if args.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if args.world_size <= 1:
         return entries
-    everyone: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, entries)
-    return {key: value for part in everyone for key, value in part.items()}
+    from hf_vitask.distributed import everyone
+
+    return {key: value for part in everyone(entries) for key, value in part.items()}
 
 
 class VITaskTrainer(VLMTrainer):
