@@ -1,9 +1,10 @@
-"""The task-specific model (TSM): a timm image classifier trained on the target task.
+"""The task-specific model (TSM): a timm (or transformers) image classifier trained on the target task.
 
 VITask uses the TSM twice: its pooled pre-logits feature is the *exemplar* that exemplar
 prompting (EP) feeds to the VLM through a connector, and its accuracy is the bar the tuned
-VLM has to reach. Any timm model works; tests use timm's tiny `test_*` architectures. It trains
-through ``transformers.Trainer`` (:mod:`hf_vitask.trainers.tsm`).
+VLM has to reach. Any timm model works (tests use timm's tiny `test_*` architectures), and so does
+a transformers classifier through :class:`TransformersTSM`. It trains through
+``transformers.Trainer`` (:mod:`hf_vitask.trainers.tsm`).
 """
 
 from __future__ import annotations
