@@ -162,6 +162,27 @@ def test_image_folder_split_dirs_must_share_classes(split_folder):
         load_image_folder(split_folder)
 
 
+def test_image_folder_refuses_split_directories_mixed_with_class_directories(split_folder):
+    """imagefolder would read train/val/test and skip 'extra' without a word."""
+    _png(split_folder / "extra" / "a" / "a_00.png", 1)
+    mixed = r"mixes split directories \['test', 'train', 'val'\] with other directories \['extra'\]"
+    with pytest.raises(ValueError, match=mixed):
+        load_image_folder(split_folder)
+
+
+def test_missing_splits_are_cut_by_datasets_stratified_or_shuffled(flat_folder):
+    """The cut is `Dataset.train_test_split`: stratified when both sides can hold every class,
+    a seeded shuffle split for a request too small to stratify."""
+    ds = load_image_folder(flat_folder, seed=3)
+    reference = load_image_folder(flat_folder, test_size=0.0, validation_size=0.0)["train"]
+    expected = reference.train_test_split(test_size=6, seed=3, stratify_by_column="label")
+    assert _paths(ds["test"]) == _paths(expected["test"])
+    tiny = load_image_folder(flat_folder, test_size=0.1, validation_size=0.0)  # 3 test images, 3 classes
+    assert Counter(tiny["test"]["label"]) == {0: 1, 1: 1, 2: 1}
+    smaller = load_image_folder(flat_folder, test_size=0.07, validation_size=0.0)  # 2 images < 3 classes
+    assert len(smaller["test"]) == 2 and len(smaller["train"]) == 28
+
+
 # --- MedMNIST .npz -----------------------------------------------------------------------
 
 

@@ -341,47 +341,34 @@ def load_image_folder(
     root: str | os.PathLike,
     *,
     class_names: Sequence[str] | None = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
     validation_size: float = 0.1,
     test_size: float = 0.2,
     seed: int = 0,
 ) -> DatasetDict:
     """Load images laid out as `root/<class>/*.png` or `root/<split>/<class>/*.png`.
 
-    The split layout is used when every sub-directory of `root` is a split name (train,
-    val|validation, test); missing validation/test splits are then cut from train, as is
-    everything in the flat layout (stratified; sizes are fractions of the train images).
-    Class names are the sorted class directory names, or `class_names` to fix the order (it
-    may list classes without a directory; a directory missing from it is an error).
+    `datasets`' imagefolder builder reads the folder (its image extensions, its split directory
+    names: train, val|valid|validation|dev, test); missing validation/test splits are then cut
+    from train, as is everything in the flat layout (stratified; sizes are fractions of the
+    train images). Class names are the sorted class directory names, or `class_names` to fix the
+    order (it may list classes without a directory; a directory missing from it is an error).
 
-    Every image is checked with PIL's `verify()` now, so a corrupt file fails here, by name,
-    instead of in a dataloader worker mid-training. The "image" column stores file paths and
-    `datasets.Image` decodes them lazily. Files with other extensions are ignored.
+    What the builder would accept silently fails here, by name: an empty class directory, split
+    directories mixed with class directories, splits with different classes, and a corrupt image
+    (every file is checked with PIL's `verify()` now, not in a dataloader worker mid-training).
+    The "image" column stores file paths and `datasets.Image` decodes them lazily.
     """
     _check_split_sizes(validation_size, test_size)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-    exts = {ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions}
     split_dirs = _folder_split_dirs(root) or {"train": root}
-    files = {split: _scan_class_dirs(split_dirs[split], exts) for split in SPLITS if split in split_dirs}
-    names = _folder_class_names(files, class_names)
-    _verify_images([path for by_class in files.values() for paths in by_class.values() for path in paths])
-
-    features = _features(names)
-    splits = DatasetDict(
-        {
-            split: Dataset.from_dict(
-                {
-                    "image": [str(path) for paths in files[split].values() for path in paths],
-                    "label": [names.index(name) for name, paths in files[split].items() for _ in paths],
-                },
-                features=features,
-            )
-            for split in SPLITS
-            if split in files
-        }
-    )
+    class_dirs = {split: _class_dirs(directory) for split, directory in split_dirs.items()}
+    splits = _canonical_splits(_read_image_folder(root), str(root))
+    paths = {split: _image_paths(dataset) for split, dataset in splits.items()}
+    _check_class_dirs(class_dirs, paths)
+    _verify_images([Path(path) for split_paths in paths.values() for path in split_paths])
+    splits = _rename_folder_classes(splits, class_names)
     return _add_missing_splits(splits, validation_size, test_size, seed)
 
 
@@ -547,29 +534,41 @@ def _check_label_range(labels: np.ndarray, num_classes: int, name: str) -> None:
 def _add_missing_splits(
     splits: DatasetDict, validation_size: float, test_size: float, seed: int
 ) -> DatasetDict:
-    """Cut absent "validation"/"test" splits from "train", stratified by label.
+    """Cut absent "validation"/"test" splits from "train" with `Dataset.train_test_split`.
 
     Sizes are fractions of the train split; a size that rounds to 0 leaves the split out.
+    The cut is stratified by label whenever each side can hold every class.
     """
     if "train" not in splits:
         return splits
-    train = splits["train"]
-    pool = np.arange(len(train))
-    n_test = 0 if "test" in splits else round(test_size * len(pool))
-    n_val = 0 if "validation" in splits else round(validation_size * len(pool))
+    rest = splits["train"]
+    n_test = 0 if "test" in splits else round(test_size * len(rest))
+    n_val = 0 if "validation" in splits else round(validation_size * len(rest))
     if n_test == n_val == 0:
         return splits
-    if len(pool) - n_test - n_val < 1:
-        raise ValueError(f"no training images left: {len(pool)} images, {n_val} validation, {n_test} test")
-    labels = _label_array(train["label"], "train")
-    rest, test = _stratified_cut(pool, labels, n_test, seed)
-    rest, validation = _stratified_cut(rest, labels, n_val, seed)
-    out = dict(splits) | {"train": train.select(rest)}
-    if len(validation):
-        out["validation"] = train.select(validation)
-    if len(test):
-        out["test"] = train.select(test)
+    if len(rest) - n_test - n_val < 1:
+        raise ValueError(f"no training images left: {len(rest)} images, {n_val} validation, {n_test} test")
+    out = dict(splits)
+    for split, size in (("test", n_test), ("validation", n_val)):
+        if size:
+            rest, out[split] = _cut(rest, size, seed)
+    out["train"] = rest
     return DatasetDict({split: out[split] for split in SPLITS if split in out})
+
+
+def _cut(dataset: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """(rest, cut) with `len(cut) == size`, stratified by label when each side can hold every class.
+
+    `datasets` stratifies only when every class has two members and both sides hold at least
+    one item per class; tiny requests fall back to a seeded shuffle split.
+    """
+    counts = np.bincount(_label_array(dataset["label"], "train"))
+    counts = counts[counts > 0]
+    can_stratify = min(size, len(dataset) - size) >= len(counts) and counts.min() >= 2
+    parts = dataset.train_test_split(
+        test_size=size, seed=seed, stratify_by_column="label" if can_stratify else None
+    )
+    return parts["train"], parts["test"]
 
 
 # --- Hugging Face datasets ---------------------------------------------------------------
@@ -839,8 +838,15 @@ def _folder_split_dirs(root: Path) -> dict[str, Path] | None:
         raise ValueError(
             f"{root}: no class directories (expected root/<class>/*.png or root/<split>/<class>/*.png)"
         )
-    if not all(directory.name.lower() in _SPLIT_ALIASES for directory in subdirs):
+    is_split = [directory.name.lower() in _SPLIT_ALIASES for directory in subdirs]
+    if not any(is_split):
         return None
+    if not all(is_split):  # the builder would read the split directories and skip the others
+        raise ValueError(
+            f"{root} mixes split directories {[d.name for d, s in zip(subdirs, is_split) if s]} with other "
+            f"directories {[d.name for d, s in zip(subdirs, is_split) if not s]}: use root/<class>/*.png or "
+            "root/<split>/<class>/*.png"
+        )
     found: dict[str, Path] = {}
     for directory in subdirs:
         split = _SPLIT_ALIASES[directory.name.lower()]
@@ -852,43 +858,71 @@ def _folder_split_dirs(root: Path) -> dict[str, Path] | None:
     return found
 
 
-def _scan_class_dirs(directory: Path, extensions: set[str]) -> dict[str, list[Path]]:
-    """{class name: sorted image paths} for the class sub-directories of `directory`."""
+def _class_dirs(directory: Path) -> list[Path]:
     class_dirs = _subdirs(directory)
     if not class_dirs:
         raise ValueError(f"{directory}: no class directories (expected {directory}/<class>/*.png)")
-    found = {}
-    for class_dir in class_dirs:
-        images = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-        if not images:
-            raise ValueError(
-                f"class directory {class_dir} holds no images with extensions {sorted(extensions)}"
-            )
-        found[class_dir.name] = images
-    return found
+    return class_dirs
 
 
 def _subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _folder_class_names(
-    files: dict[str, dict[str, list[Path]]], class_names: Sequence[str] | None
-) -> list[str]:
-    """Sorted class directory names (the same in every split), or `class_names` checked against them."""
-    (first_split, first), *others = [(split, set(by_class)) for split, by_class in files.items()]
+def _read_image_folder(root: Path) -> DatasetDict:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset("imagefolder", data_dir=str(root))
+    except FileNotFoundError as err:  # the builder found no image file at all
+        raise ValueError(f"{root}: no image files in its class directories ({err})") from None
+    if "label" not in next(iter(data.values())).features:
+        raise ValueError(f"{root}: images must sit in class directories (root/<class>/*.png)")
+    return data
+
+
+def _image_paths(dataset: Dataset) -> list[str]:
+    """The file behind each row of the image column, read without decoding."""
+    return [item["path"] for item in dataset.cast_column("image", Image(decode=False))["image"]]
+
+
+def _check_class_dirs(class_dirs: dict[str, list[Path]], paths: dict[str, list[str]]) -> None:
+    """Every class directory holds an image, and every split directory holds the same classes."""
+    for split, directories in class_dirs.items():
+        used = {Path(path).parent for path in paths.get(split, [])}
+        for directory in directories:
+            if directory not in used:
+                raise ValueError(f"class directory {directory} holds no images")
+    (first_split, first), *others = [
+        (split, sorted(d.name for d in class_dirs[split])) for split in SPLITS if split in class_dirs
+    ]
     for split, classes in others:
         if classes != first:
             raise ValueError(
-                f"split directories hold different classes: {first_split!r} has {sorted(first)}, "
-                f"{split!r} has {sorted(classes)}"
+                f"split directories hold different classes: {first_split!r} has {first}, {split!r} has {classes}"
             )
+
+
+def _rename_folder_classes(splits: DatasetDict, class_names: Sequence[str] | None) -> DatasetDict:
+    """Re-number the builder's sorted directory classes in the order of `class_names`."""
     if class_names is None:
-        return sorted(first)
-    unknown = sorted(first - set(class_names))
+        return splits
+    found = class_names_of(splits)
+    unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise ValueError(f"class directories {unknown} are not in class_names {list(class_names)}")
-    return list(class_names)
+    features = _features(class_names)
+    new_id = [list(class_names).index(name) for name in found]
+    return DatasetDict(
+        {
+            split: dataset.map(
+                lambda batch: {"label": [new_id[label] for label in batch["label"]]},
+                batched=True,
+                features=features,
+            )
+            for split, dataset in splits.items()
+        }
+    )
 
 
 def _verify_images(paths: list[Path]) -> None:
