@@ -37,7 +37,8 @@ def worker(cli) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer, digits_task, load_digits_dataset
+    from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer
+    from hf_vitask.data.digits import digits_task, load_digits_dataset
     from hf_vitask.models.tiny import build_tiny_vlm
 
     torch.set_num_threads(1)

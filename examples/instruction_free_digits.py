@@ -41,18 +41,18 @@ from pathlib import Path
 import torch
 
 from hf_vitask.data.collator import assistant_message, user_message
-from hf_vitask.data.instruction_free import (
+from hf_vitask.data.digits import (
     DIGIT_ATTRIBUTES,
+    DIGIT_NAMES,
     DIGIT_QUESTION_WORDINGS,
-    LETTERS,
     add_digit_descriptions,
+    load_digits_dataset,
     make_mc_questions,
-    mc_prompt,
 )
-from hf_vitask.data.sources import DIGIT_NAMES, load_digits_dataset
+from hf_vitask.evaluation import LETTERS, mc_evaluate, mc_prompt
 from hf_vitask.models.loading import load_vlm
 from hf_vitask.models.tiny import build_tiny_vlm
-from hf_vitask.trainers.instruction_free import InstructionFreeConfig, InstructionFreeTrainer, mc_evaluate
+from hf_vitask.trainers.instruction_free import InstructionFreeConfig, InstructionFreeTrainer
 
 #: Wordings the BASE is trained on; disjoint from the held-out ``DIGIT_QUESTION_WORDINGS`` used in evaluation.
 TRAIN_WORDINGS: dict[str, tuple[str, ...]] = {

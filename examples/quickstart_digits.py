@@ -12,16 +12,8 @@ import argparse
 
 import torch
 
-from hf_vitask import (
-    TaskSpecificModel,
-    VITaskConfig,
-    VITaskTrainer,
-    digits_task,
-    load_digits_dataset,
-    predict_classes,
-    train_tsm,
-    tsm_predict,
-)
+from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer, predict_classes, train_tsm, tsm_predict
+from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.models.tiny import build_tiny_vlm
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

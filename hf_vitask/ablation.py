@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
-from hf_vitask.quickstart import _mean_std
+from hf_vitask.metrics import mean_std
 
 __all__ = ["ARMS", "Arm", "crt_separation", "run_ablation"]
 
@@ -220,7 +220,7 @@ def summarize(per_seed: list[dict], part: str) -> dict:
         for instruction, metrics in by_instruction.items():
             for metric in metrics:
                 values = [float(s[part][arm][instruction][metric]) for s in per_seed]
-                summary.setdefault(arm, {}).setdefault(instruction, {})[metric] = _mean_std(values)
+                summary.setdefault(arm, {}).setdefault(instruction, {})[metric] = mean_std(values)
     return summary
 
 

@@ -13,6 +13,8 @@ labelled dataset, and :func:`compute_classification_metrics` does the same for
 from __future__ import annotations
 
 import contextlib
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,9 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_vitask.config import DEFAULT_OPTION_SCORE, OPTION_SCORES
-from hf_vitask.data.collator import VITaskCollator, build_prompts, load_image
+from hf_vitask.data.collator import (
+    VITaskCollator,
+    assistant_message,
+    generation_prompts,
+    load_image,
+    user_message,
+)
+from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.distributed import gather, gather_rows, my_block
-from hf_vitask.losses import IGNORE_INDEX, response_row_ids, token_ce
+from hf_vitask.losses import IGNORE_INDEX, response_logits, response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import candidate_logprobs
@@ -105,11 +114,7 @@ def score_options(
                 rows = [{"image": img, "label": c} for img in chunk for c in range(task.num_classes)]
                 batch = {k: _to(v, model.device) for k, v in collator(rows).items()}
                 batch.pop("class_ids")
-                out = model(**batch)
-                token_logp = -token_ce(out.response_logits, out.response_targets)
-                per_image = torch.zeros(len(rows), device=token_logp.device).index_add_(
-                    0, response_row_ids(batch["labels"]), token_logp
-                ).view(len(chunk), task.num_classes)
+                per_image = response_logprobs(model, batch).view(len(chunk), task.num_classes)
             scores.append(per_image.cpu())
     finally:
         model.train(was_training)
@@ -140,25 +145,65 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers (left-padded batches), decoded without special tokens."""
     _check_tsm(model, use_tsm)
+    instruction = task.instruction(complete_instruction)
+    return generate_texts(model, processor, images, [instruction] * len(images), use_tsm=use_tsm,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+# -- the two loops every evaluation runs: teacher-forced scoring and greedy generation ---------
+
+
+def response_logprobs(model, batch: dict) -> torch.Tensor:
+    """Summed log-probability of each row's response tokens (``labels != -100``), shape ``(B,)``.
+
+    ``model``: a :class:`VITaskModel` (TSM input in ``batch`` adds the exemplar), a peft model or a
+    plain VLM (its own loss is not used: the logits are read at the response positions).
+    """
+    labels = batch["labels"]
+    if isinstance(model, VITaskModel):
+        out = model(**batch)
+        logits, targets = out.response_logits, out.response_targets
+    else:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits, targets = response_logits(logits, labels)
+    token_logp = -token_ce(logits, targets)
+    return torch.zeros(labels.shape[0], device=token_logp.device).index_add_(0, response_row_ids(labels), token_logp)
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    processor,
+    images: Sequence,
+    instructions: Sequence[str],
+    *,
+    use_tsm: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy answers to ``instructions[i]`` about ``images[i]`` (left-padded batches), decoded
+    without special tokens. ``model``: a :class:`VITaskModel` (``use_tsm`` adds the exemplar), a
+    peft model or a plain VLM."""
     tokenizer = processor.tokenizer
+    device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    texts: list[str] = []
     try:
-        for chunk in _decoded_batches(images, batch_size):
-            batch = {k: v.to(model.device) for k, v in build_prompts(processor, task, chunk, complete_instruction).items()}
+        for start in range(0, len(images), batch_size):
+            chunk = [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + batch_size])]
+            batch = generation_prompts(processor, chunk, instructions[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
             if use_tsm:
-                batch["tsm_pixel_values"] = model.tsm.preprocess(list(chunk)).to(model.device)
-            new_tokens = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                batch["tsm_pixel_values"] = model.tsm.preprocess(chunk).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            if not isinstance(model, VITaskModel):  # VITaskModel.generate returns the new tokens only
+                out = out[:, batch["input_ids"].shape[1] :]
+            texts += tokenizer.batch_decode(out, skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return answers
+    return texts
 
 
 def predict_classes(
@@ -405,3 +450,156 @@ def compute_classification_metrics(eval_pred) -> dict[str, float]:
     return classification_metrics(
         scores.argmax(-1).tolist(), labels.tolist(), scores=softmax(scores), num_classes=scores.shape[1]
     )
+
+
+# -- multiple-choice questions answered with a letter (instruction-free evaluation) -------------------
+
+LETTERS = "ABCDEFGHIJ"
+ANSWER_INSTRUCTION = "Answer with the letter."
+
+
+def mc_prompt(question: str, options: Sequence[str], answer_instruction: str = ANSWER_INSTRUCTION) -> str:
+    """``question``, one ``"A. option"`` line per option, then ``answer_instruction``."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"a question needs 2 to {len(LETTERS)} options, got {len(options)}")
+    lines = [question.strip(), *(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))]
+    if answer_instruction:
+        lines.append(answer_instruction)
+    return "\n".join(lines)
+
+
+def parse_letter(text: str, num_options: int) -> int | None:
+    """Index of the first stand-alone option letter (``A``.. for ``num_options``) in ``text``, or None.
+
+    A letter counts when no other letter touches it ("B", "B.", "(C)", "Answer: D"), so the
+    capital starting a word ("Because") is not an answer. Case-sensitive: "a" is not "A".
+    """
+    valid = LETTERS[:num_options]
+    for match in re.finditer(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text):
+        if match.group(1) in valid:
+            return valid.index(match.group(1))
+    return None
+
+
+def check_question(q: dict, i: int) -> None:
+    """Fail naming the question when a key is missing or the answer is out of range."""
+    missing = [k for k in ("image", "question", "options", "answer") if k not in q]
+    if missing:
+        raise KeyError(f"Question {i} lacks {missing}; a question is {{image, question, options, answer}}")
+    n = len(q["options"])
+    if not 2 <= n <= len(LETTERS):
+        raise ValueError(f"Question {i} has {n} options; 2 to {len(LETTERS)} are supported")
+    if not isinstance(q["answer"], int) or not 0 <= q["answer"] < n:
+        raise ValueError(f"Question {i}: answer must be an option index in [0, {n}), got {q['answer']!r}")
+
+
+
+def _mc_examples(questions: Sequence[dict], answer_instruction: str) -> list[tuple[dict, str]]:
+    out = []
+    for i, q in enumerate(questions):
+        check_question(q, i)
+        out.append((q, mc_prompt(q["question"], q["options"], answer_instruction)))
+    return out
+
+
+def _drop_common_suffix(labels: torch.Tensor, n_options: Sequence[int]) -> torch.Tensor:
+    """Per question (consecutive rows, one per option), mask the response tokens all its options
+    end with (the end-of-turn token), so each option is scored by its letter tokens only."""
+    labels = labels.clone()
+    start = 0
+    for n in n_options:
+        rows = range(start, start + n)
+        positions = [(labels[r] != IGNORE_INDEX).nonzero().flatten() for r in rows]
+        tokens = [labels[r, pos].tolist() for r, pos in zip(rows, positions)]
+        common = 0
+        shortest = min(len(t) for t in tokens)
+        while common < shortest - 1 and len({tuple(t[len(t) - common - 1 :]) for t in tokens}) == 1:
+            common += 1
+        if common:
+            for r, pos in zip(rows, positions):
+                labels[r, pos[-common:]] = IGNORE_INDEX
+        start += n
+    return labels
+
+
+@torch.no_grad()
+def _mc_likelihood(model, processor, items, batch_size: int, device) -> list[int]:
+    collator = VLMCollator(processor, completion_only_loss=True)
+    predictions: list[int] = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        examples, n_options = [], []
+        for q, prompt in chunk:
+            image = load_image(q["image"], f" in question {s + len(n_options)}")
+            n_options.append(len(q["options"]))
+            examples += [
+                {"images": [image], "prompt": user_message(prompt), "completion": assistant_message(LETTERS[j])}
+                for j in range(len(q["options"]))
+            ]
+        batch = {k: v.to(device) for k, v in collator.torch_call(examples).items()}
+        batch["labels"] = _drop_common_suffix(batch["labels"], n_options)
+        for scores in response_logprobs(model, batch).cpu().split(n_options):
+            predictions.append(int(scores.argmax()))
+    return predictions
+
+
+def mc_evaluate(
+    model,
+    processor,
+    questions: Sequence[dict],
+    *,
+    method: str = "likelihood",
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    answer_instruction: str = "Answer with the letter.",
+) -> dict:
+    """Accuracy on multiple-choice questions ``{image, question, options, answer}`` answered with a letter.
+
+    The prompt is the question, one ``"A. option"`` line per option and ``answer_instruction``
+    (:func:`mc_prompt`); no proxy is involved (real instructions).
+
+    * ``"likelihood"``: every option letter is teacher-forced as the answer and scored by the
+      summed log-probability of its tokens (the end-of-turn token all options share is left
+      out); the best-scoring letter is the prediction. Never fails to answer.
+    * ``"generate"``: greedy decoding, then the first stand-alone option letter of the text
+      (:func:`parse_letter`); no letter = a parse failure, counted wrong.
+
+    ``model`` is a :class:`VITaskModel`, a peft model or a plain VLM. Returns ``{"accuracy",
+    "num_questions", "parse_failures", "parse_failure_rate", "predictions"}`` (option index or
+    ``None`` per question), ``"answers"`` (the generated texts, ``"generate"`` only) and, when
+    questions carry an ``"attribute"``, ``"by_attribute"``: ``{attribute: accuracy}``.
+    """
+    if method not in ("likelihood", "generate"):
+        raise ValueError(f"method must be 'likelihood' or 'generate', got {method!r}")
+    if not questions:
+        raise ValueError("no questions to evaluate")
+    items = _mc_examples(questions, answer_instruction)
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    result: dict = {}
+    try:
+        if method == "likelihood":
+            predictions: list[int | None] = _mc_likelihood(model, processor, items, batch_size, device)
+        else:
+            texts = generate_texts(model, processor, [q["image"] for q, _ in items], [p for _, p in items],
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
+            predictions = [parse_letter(t, len(q["options"])) for t, (q, _) in zip(texts, items)]
+            result["answers"] = texts
+    finally:
+        model.train(was_training)
+    correct = [p == q["answer"] for p, q in zip(predictions, questions)]
+    failures = sum(p is None for p in predictions)
+    result.update(
+        accuracy=sum(correct) / len(questions),
+        num_questions=len(questions),
+        parse_failures=failures,
+        parse_failure_rate=failures / len(questions),
+        predictions=predictions,
+    )
+    if any("attribute" in q for q in questions):
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for ok, q in zip(correct, questions):
+            groups[str(q.get("attribute"))].append(ok)
+        result["by_attribute"] = {k: sum(v) / len(v) for k, v in groups.items()}
+    return result

@@ -41,7 +41,7 @@ def build_task(data_args: DataArguments, data=None):
 def load_data_and_tasks(data_args: DataArguments):
     from datasets import DatasetDict, Value, concatenate_datasets
 
-    from hf_vitask.data.sources import load_digits_dataset
+    from hf_vitask.data.digits import load_digits_dataset
 
     if data_args.dataset_paths:
         parts = [_load_one(data_args, path) for path in data_args.dataset_paths]
@@ -98,8 +98,8 @@ def _load_one(data_args: DataArguments, path):
 
 
 def _task_for(data_args: DataArguments, data, name: str | None = None) -> TaskSpec:
+    from hf_vitask.data.digits import digits_task
     from hf_vitask.data.sources import class_names_of
-    from hf_vitask.task import digits_task
 
     if data_args.dataset == "digits" and data_args.class_names is None and not data_args.dataset_paths:
         task = digits_task()
@@ -511,7 +511,7 @@ def _write_atomically(path: Path, header: list[str], rows: list[list[str]]) -> N
 
 # -- instruction-free tuning ------------------------------------------------------------------------
 def _instruction_free_data(data_args: DataArguments):
-    from hf_vitask.data.instruction_free import add_digit_descriptions
+    from hf_vitask.data.digits import add_digit_descriptions
 
     if data_args.dataset != "digits":
         raise ValueError(
@@ -541,9 +541,9 @@ def run_evaluate_instruction_free(eval_args: EvalArguments, data_args: DataArgum
     """Multiple-choice questions with held-out wordings, answered with a letter, on ``eval_split``."""
     from transformers import AutoProcessor
 
-    from hf_vitask.data.instruction_free import make_mc_questions
+    from hf_vitask.data.digits import make_mc_questions
+    from hf_vitask.evaluation import mc_evaluate
     from hf_vitask.models.modeling import VITaskModel
-    from hf_vitask.trainers.instruction_free import mc_evaluate
 
     path = Path(eval_args.model_path or Path(train_args.output_dir) / "instruction_free")
     model = VITaskModel.from_pretrained(path)

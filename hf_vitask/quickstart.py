@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hf_vitask.config import DataArguments, EvalArguments, ModelArguments, TSMArguments, VITaskConfig
+from hf_vitask.metrics import mean_std
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,6 @@ def _flatten(metrics: dict) -> dict:
     return flat
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(per_seed: list[dict]) -> dict:
     """Mean and spread over seeds of every number in the per-seed tables."""
     summary: dict = {}
@@ -101,7 +97,7 @@ def summarize(per_seed: list[dict]) -> dict:
             for metric in keys:
                 values = [t[row][instruction][metric] for t in per_seed if isinstance(t[row][instruction][metric], float | int)]
                 if values:
-                    summary.setdefault(row, {}).setdefault(instruction, {})[metric] = _mean_std([float(v) for v in values])
+                    summary.setdefault(row, {}).setdefault(instruction, {})[metric] = mean_std(values)
     return summary
 
 

@@ -233,16 +233,3 @@ def load_tasks(path: str | PathLike) -> TaskSpec | list[TaskSpec] | None:
     if (path / TASK_FILE).is_file():
         return TaskSpec.from_pretrained(path)
     return None
-
-
-def digits_task() -> TaskSpec:
-    """The task of the bundled digits demo (scikit-learn's 8x8 handwritten digits)."""
-    from hf_vitask.data.sources import DIGIT_NAMES
-
-    return TaskSpec(
-        class_names=list(DIGIT_NAMES),
-        name="digits",
-        modality="handwritten digit",
-        instruction_template="Analyze the given {modality} image. The possible digits are: {options}.",
-        extra={"source": "sklearn.datasets.load_digits"},
-    )

@@ -10,10 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hf_vitask.data.sources import load_digits_dataset  # noqa: E402
+from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.models.tiny import build_tiny_vlm  # noqa: E402
 from hf_vitask.models.tsm import TaskSpecificModel  # noqa: E402
-from hf_vitask.task import digits_task  # noqa: E402
 from hf_vitask.trainers.tsm import train_tsm  # noqa: E402
 
 FAMILIES = ["llava", "qwen2_vl"]

@@ -72,7 +72,8 @@ def main() -> None:
     import torch
 
     import hf_vitask.models.modeling as modeling
-    from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer, digits_task, load_digits_dataset
+    from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer
+    from hf_vitask.data.digits import digits_task, load_digits_dataset
     from hf_vitask.models.tiny import build_tiny_vlm
 
     modes: set[str] = set()  # the pass-fusion modes that actually ran
@@ -121,7 +122,7 @@ def main() -> None:
         trainer.data_collator = paired_negatives
     else:
         from hf_vitask import InstructionFreeConfig, InstructionFreeTrainer
-        from hf_vitask.data.instruction_free import add_digit_descriptions
+        from hf_vitask.data.digits import add_digit_descriptions
 
         args = InstructionFreeConfig(shuffle_prob=0.0, **{k: v for k, v in common.items() if k != "pass_fusion"})
         trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor,

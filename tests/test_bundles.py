@@ -110,7 +110,7 @@ def test_the_proxy_instruction_is_saved_from_a_gathered_state_dict(tmp_path, dig
     from safetensors.torch import load_file
 
     from hf_vitask import InstructionFreeConfig, InstructionFreeTrainer
-    from hf_vitask.data.instruction_free import add_digit_descriptions
+    from hf_vitask.data.digits import add_digit_descriptions
     from hf_vitask.models.tiny import build_tiny_vlm
 
     vlm, processor = build_tiny_vlm("llava")

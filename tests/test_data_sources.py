@@ -11,12 +11,12 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
+from hf_vitask.data.digits import load_digits_dataset
 from hf_vitask.data.sources import (
     MEDMNIST_CLASS_NAMES,
     SOURCES,
     check_dataset,
     class_names_of,
-    load_digits_dataset,
     load_hf_dataset,
     load_image_folder,
     load_medmnist_npz,

@@ -125,7 +125,7 @@ def test_the_command_line_pipeline_under_two_processes(tmp_path):
 
     images = tmp_path / "images"
     images.mkdir()
-    from hf_vitask import load_digits_dataset
+    from hf_vitask.data.digits import load_digits_dataset
 
     for i, row in enumerate(load_digits_dataset(max_samples=48)["test"].select(range(5))):
         row["image"].save(images / f"digit{i}.png")

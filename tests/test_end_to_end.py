@@ -5,16 +5,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from hf_vitask import (
-    TaskSpecificModel,
-    VITaskConfig,
-    VITaskTrainer,
-    digits_task,
-    load_digits_dataset,
-    load_vitask,
-    predict_classes,
-    train_tsm,
-)
+from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer, load_vitask, predict_classes, train_tsm
+from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.models.tiny import save_tiny_vlm
 from tests.conftest import FAMILIES
 

@@ -27,7 +27,7 @@ from hf_vitask import (
 )
 from hf_vitask.config import PASS_MODES
 from hf_vitask.data.collator import VITaskCollator
-from hf_vitask.data.instruction_free import add_digit_descriptions
+from hf_vitask.data.digits import add_digit_descriptions
 from hf_vitask.losses import IGNORE_INDEX, crt_loss, rda_kl, token_ce
 from hf_vitask.models import passes as passes_module
 from hf_vitask.models.families import get_family

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hf_vitask
+from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.models.loading import load_vlm
 
 pytestmark = pytest.mark.gpu
@@ -17,8 +18,8 @@ def test_qlora_stage1_and_stage2_on_cuda(tmp_path, family):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     vision = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and ("vision" in n or "visual" in n)]
     assert not vision, vision
-    data = hf_vitask.load_digits_dataset(max_samples=96)
-    task = hf_vitask.digits_task()
+    data = load_digits_dataset(max_samples=96)
+    task = digits_task()
     tsm = hf_vitask.TaskSpecificModel("test_resnet", num_classes=10, img_size=32)
     hf_vitask.train_tsm(tsm, data["train"], epochs=2, progress=False)
     args = dict(max_steps=4, per_device_train_batch_size=8, learning_rate=2e-3, bf16=True, gradient_checkpointing=True,

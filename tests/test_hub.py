@@ -13,6 +13,7 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
 from hf_vitask.config import DEFAULT_RDA_WEIGHT
+from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.hub import (
     IGNORE_PATTERNS,
     bundle_files,
@@ -72,7 +73,7 @@ def trained_bundle(tmp_path_factory):
     )
     trainer = hf_vitask.VITaskTrainer(
         model=model, args=args, processing_class=processor,
-        train_dataset=hf_vitask.load_digits_dataset(max_samples=48)["train"], task=hf_vitask.digits_task(),
+        train_dataset=load_digits_dataset(max_samples=48)["train"], task=digits_task(),
         tsm=hf_vitask.TaskSpecificModel("test_resnet", num_classes=10, img_size=32),
     )
     trainer.train()
@@ -259,7 +260,6 @@ def test_card_leaves_a_local_base_path_out_of_the_metadata(bundle):
 # -- loading from the Hub --------------------------------------------------------------------------------
 def test_load_vitask_from_a_repo_id_runs_the_card_snippet(bundle, fake_hub, monkeypatch, tmp_path):
     """Push (base left as the local tiny dir), then run the card's 5 lines against a faked download."""
-    from hf_vitask.data.sources import load_digits_dataset
 
     with pytest.warns(UserWarning):
         push_bundle(bundle, REPO, revision="v1")
@@ -301,7 +301,6 @@ def test_load_vitask_on_a_4bit_base(trained_bundle):
     model, processor, task = load_vitask(trained_bundle, load_in_4bit=True)
     assert is_quantized(model) and model.is_peft and model.connector is not None
     from hf_vitask import predict_classes
-    from hf_vitask.data.sources import load_digits_dataset
 
     images = load_digits_dataset(max_samples=48)["test"]["image"][:2]
     for use_tsm in (False, True):
@@ -310,7 +309,7 @@ def test_load_vitask_on_a_4bit_base(trained_bundle):
 
 
 def test_card_of_a_multi_task_bundle(bundle):
-    from hf_vitask.task import TaskSpec, digits_task
+    from hf_vitask.task import TaskSpec
 
     (bundle / "task.json").unlink()
     tasks = [digits_task(), TaskSpec(class_names=["normal", "pneumonia"], name="cxr")]
@@ -331,8 +330,8 @@ def test_trainer_push_to_hub_uploads_the_bundle(tmp_path, fake_hub):
         rda_weight=0, per_device_train_batch_size=2, hub_model_id="me/vitask-digits", hub_private_repo=True,
     )
     trainer = hf_vitask.VITaskTrainer(model=model, args=args, processing_class=processor,
-                                      train_dataset=hf_vitask.load_digits_dataset(max_samples=48)["train"],
-                                      task=hf_vitask.digits_task())
+                                      train_dataset=load_digits_dataset(max_samples=48)["train"],
+                                      task=digits_task())
     trainer.train()
     url = trainer.push_to_hub(revision="v1")
     assert url.endswith("abc123")
@@ -367,11 +366,10 @@ def test_export_merged_is_a_plain_model(trained_bundle, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     adapter = VITaskModel.from_pretrained(trained_bundle, load_tsm=False).eval()
-    import hf_vitask
 
-    image = hf_vitask.load_digits_dataset(max_samples=48)["test"][0]["image"]
+    image = load_digits_dataset(max_samples=48)["test"][0]["image"]
     from hf_vitask.data.collator import build_prompts
 
-    batch = build_prompts(processor, hf_vitask.digits_task(), [image])
+    batch = build_prompts(processor, digits_task(), [image])
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, adapter(**batch).logits, atol=1e-4)

@@ -11,32 +11,22 @@ import pytest
 import torch
 
 from hf_vitask.config import DEFAULT_INSTRUCTION, InstructionFreeConfig
-from hf_vitask.data.instruction_free import (
+from hf_vitask.data.digits import (
     DIGIT_QUESTION_WORDINGS,
-    PROXY_SLOT_MASK,
-    InstructionFreeCollator,
     add_digit_descriptions,
     digit_attributes,
     digit_descriptions,
     digits_stroke_threshold,
     make_mc_questions,
-    mc_prompt,
-    parse_letter,
-    shuffle_segments,
     stroke_intensity,
 )
+from hf_vitask.data.instruction_free import PROXY_SLOT_MASK, InstructionFreeCollator, shuffle_segments
+from hf_vitask.evaluation import _drop_common_suffix, mc_evaluate, mc_prompt, parse_letter
 from hf_vitask.losses import IGNORE_INDEX
 from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.models.proxy import PROXY_FILE, ProxyInstruction, load_proxy, resize_tokens
 from hf_vitask.models.tiny import build_tiny_vlm
-from hf_vitask.trainers.instruction_free import (
-    PROXY_FILE,
-    InstructionFreeTrainer,
-    ProxyInstruction,
-    _drop_common_suffix,
-    load_proxy,
-    mc_evaluate,
-    resize_tokens,
-)
+from hf_vitask.trainers.instruction_free import InstructionFreeTrainer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "instruction_free.md"
 
@@ -242,7 +232,7 @@ def test_forward_feeds_the_chosen_copy_and_gradient_reaches_the_proxy(tmp_path, 
         # straight-through: the raw proxy gets exactly the gradient of the vectors that were fed
         leaf = want.detach().clone().requires_grad_(True)
         inputs = {k: v for k, v in batch.items() if k != PROXY_SLOT_MASK}
-        with trainer._injector.inject(slots, leaf.unsqueeze(0).expand(2, -1, -1)):
+        with trainer.model.inject(slots, leaf.unsqueeze(0).expand(2, -1, -1)):
             out = model(**inputs)
         token_ce(out.response_logits, out.response_targets).mean().backward()
         assert torch.allclose(grad, leaf.grad, atol=1e-6), feed

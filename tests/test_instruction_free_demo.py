@@ -11,7 +11,7 @@ import pytest
 from hf_vitask.cli import main as cli_main
 from hf_vitask.cli import parse
 from hf_vitask.config import InstructionFreeConfig
-from hf_vitask.data.instruction_free import DIGIT_QUESTION_WORDINGS
+from hf_vitask.data.digits import DIGIT_QUESTION_WORDINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "instruction_free_digits.py"
@@ -44,8 +44,12 @@ def test_training_wordings_are_disjoint_from_held_out(demo):
 
 
 def test_canonical_options_keep_the_answer(demo):
-    from hf_vitask.data.instruction_free import add_digit_descriptions, digit_attributes, make_mc_questions
-    from hf_vitask.data.sources import load_digits_dataset
+    from hf_vitask.data.digits import (
+        add_digit_descriptions,
+        digit_attributes,
+        load_digits_dataset,
+        make_mc_questions,
+    )
 
     test = add_digit_descriptions(load_digits_dataset(max_samples=40, seed=0))["test"]
     shuffled = make_mc_questions(test, seed=3, num_value_options=10)

@@ -22,7 +22,7 @@ from hf_vitask.models.loading import (
     lora_target_names,
     prepare_for_training,
 )
-from hf_vitask.models.tiny import build_tiny_vlm, save_tiny_vlm
+from hf_vitask.models.tiny import build_tiny_vlm, save_tiny_vlm, tiny_family
 
 BNB_OK, BNB_REASON = bitsandbytes_available()
 needs_bnb = pytest.mark.skipif(not BNB_OK, reason=f"4-bit cannot run here: {BNB_REASON}")
@@ -49,7 +49,8 @@ def batches(tiny_dirs):
     """One collated 2-row digits batch per family (model inputs only)."""
     from transformers import AutoProcessor
 
-    from hf_vitask import VITaskCollator, digits_task, load_digits_dataset
+    from hf_vitask import VITaskCollator
+    from hf_vitask.data.digits import digits_task, load_digits_dataset
 
     rows = load_digits_dataset(max_samples=48)["train"].select(range(2))
     out = {}
@@ -149,9 +150,9 @@ def test_full_precision_load_passes_options_and_keeps_remote_code_off(monkeypatc
 
 
 def test_tiny_names_accept_both_spellings():
-    assert loading._tiny_family("tiny-qwen2_vl") == loading._tiny_family("tiny-qwen2-vl") == "qwen2_vl"
+    assert tiny_family("tiny-qwen2_vl") == tiny_family("tiny-qwen2-vl") == "qwen2_vl"
     with pytest.raises(ValueError, match="Unknown tiny model"):
-        loading._tiny_family("tiny-gpt")
+        tiny_family("tiny-gpt")
 
 
 # -- LoRA targets ----------------------------------------------------------------------------------
@@ -229,7 +230,8 @@ def test_qlora_vitask_trainer_three_steps(tmp_path, tiny_dirs):
     from peft import get_peft_model
     from transformers import AutoProcessor
 
-    from hf_vitask import VITaskConfig, VITaskTrainer, digits_task, load_digits_dataset
+    from hf_vitask import VITaskConfig, VITaskTrainer
+    from hf_vitask.data.digits import digits_task, load_digits_dataset
 
     model, _ = load_vlm("tiny-llava", load_in_4bit=True)  # the saved-to-temp-dir path for tiny names
     assert model.name_or_path == "tiny-llava"
@@ -256,7 +258,8 @@ def test_qlora_vitask_trainer_three_steps(tmp_path, tiny_dirs):
 
 def test_a_checkpoint_without_chat_template_gets_its_family_default(tmp_path):
     """PaliGemma checkpoints ship no chat template: load_vlm gives the processor the family's."""
-    from hf_vitask import VITaskCollator, digits_task, load_digits_dataset
+    from hf_vitask import VITaskCollator
+    from hf_vitask.data.digits import digits_task, load_digits_dataset
     from hf_vitask.models.families import PALIGEMMA_CHAT_TEMPLATE
 
     model, processor = build_tiny_vlm("paligemma")

@@ -47,7 +47,7 @@ def test_exemplar_tokens_sit_after_the_image_block(tiny, task, tsm):
     batch = _batch(processor, task, tsm)
     wrapped = VITaskModel.from_vlm(model, processor, tsm=tsm, num_exemplar_tokens=2)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    expanded, slots = wrapped._with_exemplar(inputs, torch.zeros(3, 2, 1))
+    expanded, slots = wrapped.open_exemplar_slots(inputs, torch.zeros(3, 2, 1))
     ids = expanded["input_ids"]
     for row in range(3):
         where = slots[row].nonzero().flatten()

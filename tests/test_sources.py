@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 
-from hf_vitask.data.sources import DIGIT_NAMES, class_names_of, load_digits_dataset
+from hf_vitask.data.digits import DIGIT_NAMES, load_digits_dataset
+from hf_vitask.data.sources import class_names_of
 
 N_DIGITS = 1797
 

@@ -1,6 +1,7 @@
 import pytest
 
-from hf_vitask.task import TaskSpec, digits_task, normalize_answer
+from hf_vitask.data.digits import digits_task
+from hf_vitask.task import TaskSpec, normalize_answer
 
 
 @pytest.fixture()

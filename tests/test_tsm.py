@@ -10,7 +10,7 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from hf_vitask.data.sources import load_digits_dataset
+from hf_vitask.data.digits import load_digits_dataset
 from hf_vitask.models.tsm import CONFIG_NAME, WEIGHTS_NAME, TaskSpecificModel, tsm_predict
 from hf_vitask.trainers.tsm import train_tsm
 

@@ -255,10 +255,15 @@ def image_token_id_of(processor) -> int | None:
 
 
 def build_prompts(processor, task: TaskSpec, images: list, complete: bool = True) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch (image + instruction + generation prompt) for generation."""
+    """Left-padded prompt batch (image + the task's instruction + generation prompt) for generation."""
+    return generation_prompts(processor, images, [task.instruction(complete) for _ in images])
+
+
+def generation_prompts(processor, images: list, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch: each image with its own instruction and the generation prompt."""
     texts = [
-        processor.apply_chat_template(user_message(task.instruction(complete)), add_generation_prompt=True, tokenize=False)
-        for _ in images
+        processor.apply_chat_template(user_message(text), add_generation_prompt=True, tokenize=False)
+        for text in instructions
     ]
     images = [[load_image(img, f" at index {i}")] for i, img in enumerate(images)]
     return processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
@@ -268,6 +273,7 @@ __all__ = [
     "VITaskCollator",
     "assistant_message",
     "build_prompts",
+    "generation_prompts",
     "image_token_id_of",
     "load_image",
     "pick_negatives",

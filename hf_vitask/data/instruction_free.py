@@ -6,18 +6,14 @@
   description, whose segments are randomly permuted each time a row is seen (*response
   shuffling*). Tokenisation and masking are trl's VLM collator, as in
   :class:`~hf_vitask.VITaskCollator`: labels are -100 on the prompt, the slots and padding.
-* Multiple-choice evaluation helpers: :func:`mc_prompt` and :func:`parse_letter`.
-* A demo task on the bundled digits: :func:`digit_descriptions` ("value: seven, parity: odd,
-  stroke: thick"), :func:`add_digit_descriptions` and :func:`make_mc_questions` (held-out
-  question wordings about the same attributes).
+
+Multiple-choice evaluation lives in :mod:`hf_vitask.evaluation`, the digits demo task in
+:mod:`hf_vitask.data.digits`.
 """
 
 from __future__ import annotations
 
-import functools
 import random
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +26,6 @@ from hf_vitask.data.collator import (
     user_message,
     validate_batch,
 )
-from hf_vitask.data.sources import DIGIT_NAMES
 from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.losses import IGNORE_INDEX
 
@@ -216,194 +211,10 @@ class InstructionFreeCollator:
 
 # -- multiple-choice questions -----------------------------------------------------------------------
 
-LETTERS = "ABCDEFGHIJ"
-ANSWER_INSTRUCTION = "Answer with the letter."
-
-
-def mc_prompt(question: str, options: Sequence[str], answer_instruction: str = ANSWER_INSTRUCTION) -> str:
-    """``question``, one ``"A. option"`` line per option, then ``answer_instruction``."""
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"a question needs 2 to {len(LETTERS)} options, got {len(options)}")
-    lines = [question.strip(), *(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))]
-    if answer_instruction:
-        lines.append(answer_instruction)
-    return "\n".join(lines)
-
-
-def parse_letter(text: str, num_options: int) -> int | None:
-    """Index of the first stand-alone option letter (``A``.. for ``num_options``) in ``text``, or None.
-
-    A letter counts when no other letter touches it ("B", "B.", "(C)", "Answer: D"), so the
-    capital starting a word ("Because") is not an answer. Case-sensitive: "a" is not "A".
-    """
-    valid = LETTERS[:num_options]
-    for match in re.finditer(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text):
-        if match.group(1) in valid:
-            return valid.index(match.group(1))
-    return None
-
-
-def check_question(q: dict, i: int) -> None:
-    """Fail naming the question when a key is missing or the answer is out of range."""
-    missing = [k for k in ("image", "question", "options", "answer") if k not in q]
-    if missing:
-        raise KeyError(f"Question {i} lacks {missing}; a question is {{image, question, options, answer}}")
-    n = len(q["options"])
-    if not 2 <= n <= len(LETTERS):
-        raise ValueError(f"Question {i} has {n} options; 2 to {len(LETTERS)} are supported")
-    if not isinstance(q["answer"], int) or not 0 <= q["answer"] < n:
-        raise ValueError(f"Question {i}: answer must be an option index in [0, {n}), got {q['answer']!r}")
-
-
-# -- the digits demo: attribute descriptions and held-out questions -------------------------------------
-
-DIGIT_ATTRIBUTES = ("value", "parity", "stroke")
-
-#: Held-out question wordings, never shown in training (which has no instruction text at all).
-DIGIT_QUESTION_WORDINGS: dict[str, tuple[str, ...]] = {
-    "value": (
-        "Which digit is written in this image?",
-        "What number does the handwritten character show?",
-        "Read the numeral in the picture. Which one is it?",
-    ),
-    "parity": (
-        "Is the number in this image odd or even?",
-        "What is the parity of the handwritten digit?",
-    ),
-    "stroke": (
-        "Is the pen stroke of this digit thick or thin?",
-        "How heavy is the handwriting in this image?",
-    ),
-}
-
-
-def stroke_intensity(image) -> float:
-    """Mean grey level of the image in [0, 1]: more ink (white strokes on black) = thicker strokes."""
-    img = load_image(image, "").convert("L")
-    data = img.tobytes()
-    return sum(data) / (255.0 * len(data))
-
-
-@functools.lru_cache(maxsize=8)
-def digits_stroke_threshold(image_size: int = 32) -> float:
-    """Median :func:`stroke_intensity` of all 1,797 bundled digits rendered at ``image_size`` pixels,
-    as :func:`~hf_vitask.data.sources.load_digits_dataset` renders them (computed once, cached)."""
-    import statistics
-
-    from sklearn.datasets import load_digits
-
-    from hf_vitask.data.sources import _to_image
-
-    images = load_digits().images
-    return float(statistics.median(stroke_intensity(_to_image(px, image_size)) for px in images))
-
-
-def digit_attributes(label: int, image, threshold: float | None = None) -> dict[str, str]:
-    """``{"value": "seven", "parity": "odd", "stroke": "thick"|"thin"}`` for a bundled digit.
-
-    Stroke is "thick" when the image's mean grey level is above ``threshold`` (default: the
-    median over all bundled digits at this image size, :func:`digits_stroke_threshold`), so the
-    two stroke classes are balanced over the whole set.
-    """
-    label = int(label)
-    if not 0 <= label <= 9:
-        raise ValueError(f"a digit label is 0..9, got {label}")
-    img = load_image(image, "")
-    if threshold is None:
-        threshold = digits_stroke_threshold(img.width)
-    return {
-        "value": DIGIT_NAMES[label],
-        "parity": "even" if label % 2 == 0 else "odd",
-        "stroke": "thick" if stroke_intensity(img) > threshold else "thin",
-    }
-
-
-def digit_descriptions(label: int, image, threshold: float | None = None, separator: str = ", ") -> str:
-    """The description of a digit: ``"value: seven, parity: odd, stroke: thick"``
-    (attributes as in :func:`digit_attributes`, joined by ``separator``)."""
-    attrs = digit_attributes(label, image, threshold)
-    return separator.join(f"{k}: {attrs[k]}" for k in DIGIT_ATTRIBUTES)
-
-
-def add_digit_descriptions(data, threshold: float | None = None, *, label_column: str = "label",
-                           image_column: str = "image", description_column: str = "description"):
-    """Add a ``description`` column (:func:`digit_descriptions`) to a digits ``Dataset`` or ``DatasetDict``.
-    The same threshold serves every split."""
-    def describe(row):
-        return {description_column: digit_descriptions(row[label_column], row[image_column], threshold)}
-
-    return data.map(describe)
-
-
-def make_mc_questions(
-    dataset,
-    seed: int = 0,
-    *,
-    attributes: Sequence[str] = DIGIT_ATTRIBUTES,
-    wordings: dict[str, Sequence[str]] | None = None,
-    num_value_options: int = 4,
-    threshold: float | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-) -> list[dict]:
-    """Multiple-choice questions about the bundled digits, one per (row, attribute).
-
-    Each question is ``{"image", "question", "options", "answer", "attribute", "wording"}``:
-    the wording is drawn from ``wordings[attribute]`` (default :data:`DIGIT_QUESTION_WORDINGS`,
-    phrasings never used in training), ``options`` are the attribute's values in the words of
-    the descriptions ("seven"; "odd"/"even"; "thick"/"thin"), shuffled, with ``num_value_options``
-    digit names (the true one and random others) for ``value``; ``answer`` indexes ``options``.
-    Seeded: the same ``seed`` gives the same questions.
-    """
-    wordings = dict(DIGIT_QUESTION_WORDINGS if wordings is None else wordings)
-    unknown = [a for a in attributes if a not in DIGIT_ATTRIBUTES or a not in wordings]
-    if unknown:
-        raise ValueError(f"unknown attributes {unknown}; known: {list(DIGIT_ATTRIBUTES)} (with wordings)")
-    if not 2 <= num_value_options <= 10:
-        raise ValueError(f"num_value_options must be in [2, 10], got {num_value_options}")
-    rng = random.Random(seed)
-    questions = []
-    for i in range(len(dataset)):
-        row = dataset[i]
-        image = load_image(row[image_column], f" in row {i}")
-        truth = digit_attributes(row[label_column], image, threshold)
-        for attr in attributes:
-            if attr == "value":
-                others = [n for n in DIGIT_NAMES if n != truth["value"]]
-                options = [truth["value"], *rng.sample(others, num_value_options - 1)]
-            elif attr == "parity":
-                options = ["odd", "even"]
-            else:
-                options = ["thick", "thin"]
-            rng.shuffle(options)
-            wording = rng.randrange(len(wordings[attr]))
-            questions.append({
-                "image": image,
-                "question": wordings[attr][wording],
-                "options": options,
-                "answer": options.index(truth[attr]),
-                "attribute": attr,
-                "wording": wording,
-            })
-    return questions
-
-
 __all__ = [
-    "DIGIT_ATTRIBUTES",
-    "DIGIT_QUESTION_WORDINGS",
     "InstructionFreeCollator",
-    "LETTERS",
     "PROXY_SLOT_MASK",
-    "add_digit_descriptions",
-    "check_question",
-    "digit_attributes",
-    "digit_descriptions",
-    "digits_stroke_threshold",
     "find_proxy_slots",
-    "make_mc_questions",
-    "mc_prompt",
-    "parse_letter",
     "shuffle_segments",
     "slot_token_of",
-    "stroke_intensity",
 ]

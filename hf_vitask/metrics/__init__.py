@@ -14,6 +14,7 @@ touching the network, and caches the loaded objects.
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -41,6 +42,12 @@ def load_metric(name: str):
     import evaluate  # imported lazily: ``import hf_vitask`` should not pay for it
 
     return evaluate.load(metric_path(name), keep_in_memory=True)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation over seeds (0 for a single seed)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
 def softmax(scores, axis: int = -1) -> np.ndarray:

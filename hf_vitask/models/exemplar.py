@@ -11,6 +11,7 @@ the no-exemplar path is the unmodified model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -152,56 +153,44 @@ def insert_exemplar_slots(
 
 
 class ExemplarInjector:
-    """Forward hook on the LLM input embedding that writes exemplar embeddings into slot positions.
+    """Writes exemplar (or proxy) embeddings into slot positions of the LLM input embedding.
 
-    Use :meth:`inject` as a context manager around one model call. The hook fires once, on the
-    first embedding call whose shape matches the slot mask (the prefill when generating) and
-    raises if it never fired, so an exemplar is never silently dropped.
+    :meth:`inject` is a context manager around one model call: it adds a forward hook to the
+    embedding on entry and removes it on exit, so a model carries no hook between calls, however
+    often it is wrapped or evaluated. The hook fires once, on the first embedding call whose shape
+    matches the slot mask (the prefill when generating), and the context raises if it never fired,
+    so an exemplar is never silently dropped.
     """
 
     def __init__(self, embedding: nn.Module):
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fired = False
-        self.handle = embedding.register_forward_hook(self._hook)
+        self.embedding = embedding
 
-    def _hook(self, module, args, output):
-        if self._pending is None:
-            return output
-        mask, values = self._pending
-        if output.shape[:2] != mask.shape:
-            return output
-        self._pending = None
-        self._fired = True
-        values = values.to(dtype=output.dtype, device=output.device)
-        return output.masked_scatter(mask.to(output.device).unsqueeze(-1), values)
-
-    def inject(self, mask: torch.Tensor, values: torch.Tensor) -> _Injection:
+    def inject(self, mask: torch.Tensor, values: torch.Tensor) -> contextlib.AbstractContextManager:
         """``mask`` (B, L) marks the slots; ``values`` (B, k, D) are written there in order."""
         expected = int(mask.sum())
         if values.shape[0] * values.shape[1] != expected:
             raise ValueError(f"{values.shape[0] * values.shape[1]} exemplar tokens for {expected} slots")
-        return _Injection(self, mask, values)
-
-    def remove(self) -> None:
-        self.handle.remove()
+        return _injection(self.embedding, mask, values)
 
 
-class _Injection:
-    def __init__(self, injector: ExemplarInjector, mask: torch.Tensor, values: torch.Tensor):
-        self.injector, self.mask, self.values = injector, mask, values
+@contextlib.contextmanager
+def _injection(embedding: nn.Module, mask: torch.Tensor, values: torch.Tensor):
+    fired = []
 
-    def __enter__(self):
-        self.injector._pending = (self.mask, self.values)
-        self.injector._fired = False
-        return self
+    def hook(module, args, output):
+        if fired or output.shape[:2] != mask.shape:
+            return output
+        fired.append(True)
+        written = values.to(dtype=output.dtype, device=output.device)
+        return output.masked_scatter(mask.to(output.device).unsqueeze(-1), written)
 
-    def __exit__(self, exc_type, exc, tb):
-        fired = self.injector._fired
-        self.injector._pending = None
-        self.injector._fired = False
-        if exc_type is None and not fired:
-            raise RuntimeError(
-                "The exemplar tokens were never written: the model did not embed input_ids of the expected "
-                "shape through get_input_embeddings(). This VLM family needs an entry in hf_vitask.models.families."
-            )
-        return False
+    handle = embedding.register_forward_hook(hook, prepend=True)  # before any hook of the user's
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not fired:
+        raise RuntimeError(
+            "The exemplar tokens were never written: the model did not embed input_ids of the expected "
+            "shape through get_input_embeddings(). This VLM family needs an entry in hf_vitask.models.families."
+        )

@@ -144,15 +144,6 @@ def is_quantized(model) -> bool:
 
 
 # -- loading --------------------------------------------------------------------------------------------
-def _tiny_family(name: str) -> str:
-    from hf_vitask.models.tiny import TINY_FAMILIES
-
-    family = name[len(TINY_PREFIX) :].replace("-", "_")  # "tiny-qwen2-vl" (its name_or_path) works too
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"Unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
-    return family
-
-
 def load_vlm(
     model_name_or_path: str,
     *,
@@ -235,10 +226,15 @@ def _map_device(device_map: Any) -> str:
 
 def _load_tiny(name: str, *, torch_dtype, load_in_4bit: bool, device_map, attn_implementation, **kwargs):
     """Tiny random VLM. In 4-bit it is saved to a temporary directory and loaded back quantised, so
-    the real ``from_pretrained`` + bitsandbytes path runs (tests and CPU demos of QLoRA)."""
-    from hf_vitask.models.tiny import build_tiny_vlm, save_tiny_vlm
+    the real ``from_pretrained`` + bitsandbytes path runs (tests and CPU demos of QLoRA).
 
-    family = _tiny_family(name)
+    The one place production code reaches the test and demo models of :mod:`hf_vitask.models.tiny`:
+    a name starting with ``TINY_PREFIX`` ("tiny-llava") comes here, any other name goes to the Hub
+    or a local path.
+    """
+    from hf_vitask.models.tiny import build_tiny_vlm, save_tiny_vlm, tiny_family
+
+    family = tiny_family(name)
     for key in _HUB_ONLY_KWARGS:
         kwargs.pop(key, None)
     if not load_in_4bit:

@@ -40,7 +40,8 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def _is_peft(model) -> bool:
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (imports peft only when it is installed)."""
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -91,7 +92,6 @@ class VITaskModel(nn.Module):
         self.image_token_id = int(image_token_id)
         self.image_end_token_id = None if image_end_token_id is None else int(image_end_token_id)
         self.slot_token_id = int(slot_token_id)
-        self._injector = ExemplarInjector(self.vlm.get_input_embeddings())
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -181,7 +181,7 @@ class VITaskModel(nn.Module):
 
     @property
     def is_peft(self) -> bool:
-        return _is_peft(self.vlm)
+        return is_peft_model(self.vlm)
 
     # -- exemplar --------------------------------------------------------------------------------
     def exemplar_embeds(
@@ -205,12 +205,18 @@ class VITaskModel(nn.Module):
                 )
         return conn(tsm_features.to(device=conn.fc1.weight.device, dtype=conn.fc1.weight.dtype))
 
-    def _with_exemplar(self, inputs: dict, exemplar: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def open_exemplar_slots(self, inputs: dict, exemplar: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Insert ``exemplar.shape[1]`` slot tokens after each row's image block: the new token
+        tensors and the ``(B, L + k)`` slot mask that :meth:`inject` fills."""
         positions = exemplar_positions(inputs["input_ids"], self.image_token_id, self.image_end_token_id)
         return insert_exemplar_slots(
             inputs, positions, exemplar.shape[1], self.slot_token_id, self.family.per_token_keys,
             dict(self.family.slot_fill),
         )
+
+    def inject(self, mask: torch.Tensor, values: torch.Tensor):
+        """Context manager: write ``values`` (B, k, D) at ``mask`` in the input embedding during one call."""
+        return ExemplarInjector(self.vlm.get_input_embeddings()).inject(mask, values)
 
     # -- forward / generate ----------------------------------------------------------------------
     def forward(
@@ -248,9 +254,9 @@ class VITaskModel(nn.Module):
         if exemplar_embeds is None:
             context = contextlib.nullcontext()
         else:
-            inputs, slots = self._with_exemplar(inputs, exemplar_embeds)
+            inputs, slots = self.open_exemplar_slots(inputs, exemplar_embeds)
             labels_used = inputs["labels"]
-            context = self._injector.inject(slots, exemplar_embeds)
+            context = self.inject(slots, exemplar_embeds)
         inputs.pop("labels")  # we compute the loss on response positions ourselves
         with context:
             out = self.vlm(**{k: v for k, v in inputs.items() if v is not None})
@@ -278,8 +284,8 @@ class VITaskModel(nn.Module):
         context = contextlib.nullcontext()
         if tsm_pixel_values is not None or tsm_features is not None:
             exemplar = self.exemplar_embeds(tsm_pixel_values, tsm_features)
-            inputs, slots = self._with_exemplar(inputs, exemplar)
-            context = self._injector.inject(slots, exemplar)
+            inputs, slots = self.open_exemplar_slots(inputs, exemplar)
+            context = self.inject(slots, exemplar)
         with context:
             out = self.vlm.generate(**{k: v for k, v in inputs.items() if v is not None})
         return out[:, inputs["input_ids"].shape[1] :]
@@ -385,7 +391,7 @@ class VITaskModel(nn.Module):
         if (path / ADAPTER_CONFIG_FILE).is_file():
             from peft import PeftModel
 
-            if _is_peft(base_model):
+            if is_peft_model(base_model):
                 base_model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
                 vlm = base_model
             else:

@@ -250,7 +250,7 @@ def _pass_parts(model, inputs, exemplar, negative_index, neg_rows, positions=Non
     parts, sources = [_rows(tokens, rows)], [rows]
     slot_parts = [torch.zeros_like(parts[0]["input_ids"], dtype=torch.bool)]
     if exemplar is not None:
-        ep, slots = model._with_exemplar(_token_tensors(inputs, fam), exemplar)
+        ep, slots = model.open_exemplar_slots(_token_tensors(inputs, fam), exemplar)
         ep["position_ids"] = fam.positions(vlm, {**inputs, **ep})
         parts.append(_rows(ep, rows))
         slot_parts.append(slots[rows])
@@ -286,7 +286,7 @@ def _run_stacked(model, parts, slot_parts, exemplar_rows, dense_features, counts
         else:
             mask = image_mask
         values = dense[mask]
-    context = contextlib.nullcontext() if mask is None else model._injector.inject(mask, values[None])
+    context = contextlib.nullcontext() if mask is None else model.inject(mask, values[None])
     with context:
         logits = model.vlm(**batch, **kwargs, logits_to_keep=keep).logits
     return _assemble(_split(logits, labels, keep, counts), exemplar, neg_rows, mode)
@@ -423,7 +423,7 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
 def _injection(model, slots: torch.Tensor | None, exemplar: torch.Tensor | None):
     if exemplar is None:
         return contextlib.nullcontext()
-    return model._injector.inject(slots, exemplar)
+    return model.inject(slots, exemplar)
 
 
 def _assemble(outs: list[PassOutput], exemplar, neg_rows, mode: str) -> Passes:
@@ -463,7 +463,7 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
     options = _token_tensors(candidates, fam)
     slots = None
     if exemplar is not None:
-        tokens, slots = model._with_exemplar(tokens, exemplar)
+        tokens, slots = model.open_exemplar_slots(tokens, exemplar)
     q, qc = _first_response(tokens["labels"]), _first_response(options["labels"])
     if q is None or qc is None or q - qc != (0 if exemplar is None else exemplar.shape[1]):
         return None

@@ -84,8 +84,10 @@ from transformers.models.mllama.image_processing_mllama import get_all_supported
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
 from hf_vitask.models.families import PALIGEMMA_CHAT_TEMPLATE, get_family
+from hf_vitask.models.loading import TINY_PREFIX
 
 __all__ = [
+    "tiny_family",
     "DEFAULT_CORPUS",
     "INTERNVL_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
@@ -97,6 +99,14 @@ __all__ = [
 ]
 
 TINY_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl", "smolvlm", "paligemma", "mllama")
+
+
+def tiny_family(name: str) -> str:
+    """The family of a demo model name: "tiny-qwen2-vl" / "tiny-qwen2_vl" -> "qwen2_vl"."""
+    family = name[len(TINY_PREFIX) :].replace("-", "_")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
+    return family
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

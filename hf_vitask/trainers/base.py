@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
-from hf_vitask.models.modeling import VITaskModel, _is_peft
+from hf_vitask.models.modeling import VITaskModel, is_peft_model
 from hf_vitask.trainers.bundles import OutputDirLock, publish_bundle, staging_dir
 from hf_vitask.trainers.checkpoints import (
     MANIFEST_FILE,
@@ -37,7 +37,7 @@ def wrap_lora(model, args: VLMTuningArguments, peft_config=None):
         from hf_vitask.models.loading import load_vlm
 
         model = load_vlm(model)[0]
-    if isinstance(model, VITaskModel) or _is_peft(model):
+    if isinstance(model, VITaskModel) or is_peft_model(model):
         return model
     quantized = is_quantized(model)
     if peft_config is None and not args.use_lora:
