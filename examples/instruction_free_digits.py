@@ -14,7 +14,7 @@ momentum proxy + response shuffling, from one instruction-following base, on hel
    - momentum proxy + response shuffling (the full method: the defaults).
 3. **Evaluation.** The base and every arm answer multiple-choice questions about the test digits in the
    HELD-OUT wordings (``DIGIT_QUESTION_WORDINGS``, never used in any training), with
-   :func:`~hf_vitask.trainers.instruction_free.mc_evaluate`, by letter likelihood and by greedy
+   :func:`~hf_vitask.evaluation.mc_evaluate`, by letter likelihood and by greedy
    generation: accuracy overall and per attribute, and the parse-failure rate (no letter generated).
 
 Options are in a fixed canonical order (value: all ten digit names, ``A. zero`` .. ``J. nine``; parity

@@ -21,15 +21,24 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hf_vitask.jsonfile import read_json
-from hf_vitask.models.modeling import (
+from hf_vitask.files import (
     ADAPTER_CONFIG_FILE,
+    BUNDLE_LIST_FILE,
     CONNECTOR_FILE,
+    EVAL_RESULTS_FILE,
+    MANIFEST_FILE,
+    README_FILE,
+    TASK_FILE,
+    TASKS_FILE,
+    TRAINING_CONFIG_FILE,
+    TSM_CONFIG_FILE,
     TSM_DIR,
+    TSM_WEIGHTS_FILE,
     VITASK_CONFIG_FILE,
-    VITaskModel,
 )
-from hf_vitask.task import TaskSpec
+from hf_vitask.jsonfile import read_json
+from hf_vitask.models.modeling import VITaskModel
+from hf_vitask.task import TaskSpec, load_tasks
 from hf_vitask.version import __version__
 
 __all__ = [
@@ -44,11 +53,6 @@ __all__ = [
     "render_model_card",
 ]
 
-TRAINING_CONFIG_FILE = "training_config.json"
-EVAL_RESULTS_FILE = "eval_results.json"
-TASK_FILE = "task.json"
-TASKS_FILE = "tasks.json"  # a multi-task bundle: a list of TaskSpec dicts
-README_FILE = "README.md"
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_TAGS = ("hf_vitask", "vitask", "lora", "image-text-to-text")
 
@@ -61,14 +65,15 @@ IGNORE_PATTERNS = (
     "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy", "*.npz",
     "optimizer*", "scheduler*", "rng_state*", "trainer_state.json", "training_args*",
     "checkpoint-*", "runs/*", ".*", "*/.*",
-    "hf_vitask_bundle.json", "hf_vitask_checkpoint.json",  # local bookkeeping of saves
+    BUNDLE_LIST_FILE, MANIFEST_FILE,  # local bookkeeping of saves
 )  # fmt: skip
 
 
 class LoadedVITask(NamedTuple):
     model: VITaskModel
     processor: Any
-    task: TaskSpec | None
+    task: TaskSpec | list[TaskSpec] | None
+    """The bundle's TaskSpec; a list of them for a multi-task bundle (the order of ``tasks.json``)."""
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -98,6 +103,9 @@ def load_vitask(
 ) -> LoadedVITask:
     """Restore ``(model, processor, task)`` from a bundle written by ``VITaskTrainer.save_model``.
 
+    ``task`` is the bundle's :class:`TaskSpec`, the list of them for a multi-task bundle, or None
+    (an instruction-free bundle has no task).
+
     ``path`` is a local directory or a Hub repo id (``user/name``, downloaded with
     ``huggingface_hub.snapshot_download`` at ``revision``). The base VLM is loaded from the
     adapter's ``base_model_name_or_path`` unless ``base_model`` is given; ``model_kwargs`` go to
@@ -117,8 +125,7 @@ def load_vitask(
             f"Cannot load the processor saved in {bundle} (tokenizer / processor files missing or damaged: "
             f"{' '.join(str(err).split())[:300]})"
         ) from err
-    task = TaskSpec.from_pretrained(bundle) if (bundle / TASK_FILE).is_file() else None
-    return LoadedVITask(model, processor, task)
+    return LoadedVITask(model, processor, load_tasks(bundle))
 
 
 # -- which files go up ---------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ _FILE_NOTES = {
     TASKS_FILE: "the TaskSpecs of a multi-task run",
     TRAINING_CONFIG_FILE: "VITaskConfig used for training",
     EVAL_RESULTS_FILE: "last evaluation",
-    f"{TSM_DIR}/model.safetensors": "task-specific model (timm) weights",
+    f"{TSM_DIR}/{TSM_WEIGHTS_FILE}": "task-specific model (timm) weights",
     f"{TSM_DIR}/tsm_config.json": "timm architecture of the TSM",
     "chat_template.jinja": "chat template",
     README_FILE: "this card",
@@ -252,9 +259,10 @@ def render_model_card(
     if metrics is None:
         metrics = _read_json(bundle / EVAL_RESULTS_FILE)
     flat = flatten_metrics(metrics)
-    task = TaskSpec.from_pretrained(bundle) if (bundle / TASK_FILE).is_file() else None
-    tasks = [task] if task is not None else [TaskSpec.from_dict(d) for d in _read_json(bundle / TASKS_FILE, list) or []]
-    tsm_cfg = _read_json(bundle / TSM_DIR / "tsm_config.json")
+    loaded = load_tasks(bundle)
+    tasks = loaded if isinstance(loaded, list) else [] if loaded is None else [loaded]
+    task = tasks[0] if len(tasks) == 1 else None
+    tsm_cfg = _read_json(bundle / TSM_DIR / TSM_CONFIG_FILE)
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
 
     base = base_model or vitask_cfg.get("base_model_name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
@@ -317,8 +325,8 @@ def render_model_card(
         classes = "; ".join(f"`{t.name}`: {t.num_classes}" for t in tasks)
         task_row = f"{len(tasks)} tasks in `{TASKS_FILE}`: " + ", ".join(f"`{t.name}`" for t in tasks)
         usage_note = (
-            f"\nThis bundle holds several tasks, so `load_vitask` returns `task=None`: pick one with "
-            f"`hf_vitask.task.load_tasks(path)[i]` (the order of `{TASKS_FILE}`) and pass it as `task`.\n"
+            f"\nThis bundle holds several tasks, so `load_vitask` returns `task` as a list: pick one with "
+            f"`task[i]` (the order of `{TASKS_FILE}`).\n"
         )
     else:
         classes, task_row, usage_note = "see `task.json`", f"`{task_name}`", ""

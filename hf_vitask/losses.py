@@ -117,11 +117,3 @@ def reduce_tokens(per_token: torch.Tensor, num_items_in_batch: int | torch.Tenso
     if num_items_in_batch is None:
         return per_token.sum() / max(per_token.numel(), 1)
     return per_token.sum() / num_items_in_batch
-
-
-def response_ce(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Masked response cross-entropy of a full ``(B, L, V)`` logit tensor: the SFT loss."""
-    resp, targets = response_logits(logits, labels)
-    return reduce_tokens(token_ce(resp, targets), num_items_in_batch)

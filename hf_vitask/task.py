@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
+from hf_vitask.files import TASK_FILE, TASKS_FILE
 from hf_vitask.jsonfile import read_json
-
-TASK_FILE = "task.json"
-TASKS_FILE = "tasks.json"
 
 
 def normalize_answer(text: str) -> str:

@@ -316,8 +316,10 @@ def test_card_of_a_multi_task_bundle(bundle):
     (bundle / "tasks.json").write_text(json.dumps([t.to_dict() for t in tasks]))
     card = render_model_card(bundle, repo_id=REPO, base_model=HUB_BASE)
     assert {"digits", "cxr", "hf_vitask"} <= set(front_matter(card)["tags"])
-    assert "2 tasks in `tasks.json`" in card and "load_tasks(path)" in card
+    assert "2 tasks in `tasks.json`" in card and "returns `task` as a list" in card
     assert "tasks.json" in bundle_files(bundle)
+    loaded = load_vitask(bundle).task  # every task, in the order of tasks.json
+    assert [t.to_dict() for t in loaded] == [t.to_dict() for t in tasks]
 
 
 def test_trainer_push_to_hub_uploads_the_bundle(tmp_path, fake_hub):

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_vitask"
 
 #: lowest first; a module may import from its own layer or any layer below
 LAYERS = [
-    {"version", "config", "losses", "task", "metrics", "jsonfile", "distributed"},
+    {"version", "files", "config", "losses", "task", "metrics", "jsonfile", "distributed"},
     {"models", "data"},
     {"evaluation", "hub"},
     {"trainers"},
@@ -22,7 +22,9 @@ LAYERS = [
 
 def _layer(module: str) -> int:
     top = module.split(".")[1]
-    return next(i for i, names in enumerate(LAYERS) if top in names)
+    found = [i for i, names in enumerate(LAYERS) if top in names]
+    assert found, f"{module} belongs to no layer: add it to LAYERS"
+    return found[0]
 
 
 def _module_name(path: Path) -> str:

@@ -10,7 +10,6 @@ from hf_vitask.losses import (
     rda_kl,
     rda_kl_cached,
     reduce_tokens,
-    response_ce,
     response_logits,
     response_row_ids,
     token_ce,
@@ -106,7 +105,8 @@ def test_reduce_tokens():
     assert out.item() == 0.0
 
 
-def test_response_ce_matches_manual():
+def test_response_cross_entropy_matches_manual():
+    """The SFT loss as the model computes it: response logits, token CE, reduced over the tokens."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
@@ -114,8 +114,9 @@ def test_response_ce_matches_manual():
         torch.stack([logits[0, 1], logits[0, 2], logits[0, 3], logits[1, 0], logits[1, 1]]),
         torch.tensor([3, 4, 5, 7, 8]),
     )
-    assert response_ce(logits, labels).item() == pytest.approx(manual.item(), abs=1e-6)
-    assert response_ce(logits, labels, num_items_in_batch=10).item() == pytest.approx(manual.item() / 2, abs=1e-6)
+    per_token = token_ce(*response_logits(logits, labels))
+    assert reduce_tokens(per_token).item() == pytest.approx(manual.item(), abs=1e-6)
+    assert reduce_tokens(per_token, num_items_in_batch=10).item() == pytest.approx(manual.item() / 2, abs=1e-6)
 
 
 def test_rda_kl_cached_full_distribution_equals_rda_kl():

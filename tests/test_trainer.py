@@ -173,15 +173,23 @@ def test_configuration_errors(tmp_path, digits, task, tsm):
         _args(tmp_path, van_weight=0, ep_weight=0, rda_weight=0)
 
 
-def test_custom_collator_without_negative_index_uses_in_batch_negatives(tmp_path, digits, task, tsm):
+def test_a_collator_given_without_negatives_is_copied_not_changed(tmp_path, digits, task, tsm):
+    """The trainer configures a copy of the user's collator (CRT negatives, picked by the collator
+    alone); the object the user passed is left as it was."""
     model, processor = build_tiny_vlm("llava")
+    given = VITaskCollator(processor, task, tsm=tsm)
     trainer = VITaskTrainer(
         model=model, args=_args(tmp_path, stage=2, max_steps=2, freeze_connector=False), processing_class=processor,
-        train_dataset=digits["train"], task=task, tsm=tsm,
-        data_collator=VITaskCollator(processor, task, tsm=tsm),
+        train_dataset=digits["train"], task=task, tsm=tsm, data_collator=given,
     )
+    assert trainer.data_collator is not given and trainer.data_collator.with_negatives
+    assert not given.with_negatives and not given.return_images
     trainer.train()
     assert len(_logged(trainer, "loss_crt")) == 2
+    # a collator of the user's own that picks no negatives is named, not silently given some
+    batch = given([digits["train"][i] for i in range(4)])
+    with pytest.raises(ValueError, match="CRT .* needs crt_negative_index"):
+        trainer.compute_loss(trainer.model, batch)
 
 
 def test_trainer_evaluate_reports_classification_metrics(tmp_path, digits, task, tsm):

@@ -89,6 +89,10 @@ class VITaskCollator:
     batch with another class, or, when the batch has none, an extra row drawn from the dataset
     and appended with all labels at -100 (it only lends its image).
 
+    CRT negatives are chosen here and nowhere else, from one random stream per batch: a
+    ``random.Random`` seeded with a digest of ``seed`` and the batch's rows, so the same rows get
+    the same negatives after a resume and in any process (the trainer passes ``seed + process_index``).
+
     Several tasks: pass a list of TaskSpecs; each row then names its task index in
     ``task_column``, its label is a class of that task, and the batch carries ``task_ids``.
     """

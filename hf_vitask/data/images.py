@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+#: The image files ``hf-vitask predict`` picks up in a directory.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 __all__ = ["to_rgb"]
 
 

@@ -139,7 +139,7 @@ class InstructionFreeCollator:
     description_column: str = "description"
     seed: int = 0
     training: bool = True
-    """Shuffle responses; the trainer sets it to False while evaluating."""
+    """Shuffle responses (the trainer evaluates with a copy that has False)."""
     batch_index: int = 0
     """Batches collated so far in training (the shuffling stream position)."""
     _trl: Any = field(init=False, repr=False, default=None)

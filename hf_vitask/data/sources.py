@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("digits", "textures", "imagefolder", "npz", "medmnist", "hf")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # Split names seen in the wild, mapped to the three this package uses.
 _SPLIT_ALIASES = {

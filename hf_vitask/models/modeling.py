@@ -19,8 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from hf_vitask.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CONNECTOR_FILE,
+    TSM_DIR,
+    VITASK_CONFIG_FILE,
+)
 from hf_vitask.jsonfile import check_fields, read_json
-from hf_vitask.losses import response_logits, token_ce
+from hf_vitask.losses import reduce_tokens, response_logits, token_ce
 from hf_vitask.models.exemplar import (
     ConnectorConfig,
     ExemplarConnector,
@@ -32,12 +39,6 @@ from hf_vitask.models.families import VLMFamily, get_family
 from hf_vitask.models.passes import Passes, run_passes
 from hf_vitask.models.tsm import TaskSpecificModel
 from hf_vitask.version import __version__
-
-VITASK_CONFIG_FILE = "vitask_config.json"
-CONNECTOR_FILE = "exemplar_connector.safetensors"
-TSM_DIR = "tsm"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def is_peft_model(model) -> bool:
@@ -264,9 +265,7 @@ class VITaskModel(nn.Module):
         if labels_used is not None:
             resp, targets = response_logits(out.logits, labels_used)
             result.response_logits, result.response_targets = resp, targets
-            per_token = token_ce(resp, targets)
-            denom = num_items_in_batch if num_items_in_batch is not None else max(per_token.numel(), 1)
-            result.loss = per_token.sum() / denom
+            result.loss = reduce_tokens(token_ce(resp, targets), num_items_in_batch)
         return result
 
     @torch.no_grad()

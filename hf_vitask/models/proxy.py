@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hf_vitask.config import PROXY_FEEDS, PROXY_INIT_RESIZES
-
-PROXY_FILE = "proxy.safetensors"
+from hf_vitask.files import PROXY_FILE
 
 
 def resize_tokens(embeds: torch.Tensor, k: int, mode: str = "linear") -> torch.Tensor:

@@ -21,10 +21,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from hf_vitask.data.images import to_rgb
+from hf_vitask.files import TSM_CONFIG_FILE as CONFIG_NAME
+from hf_vitask.files import TSM_WEIGHTS_FILE as WEIGHTS_NAME
 from hf_vitask.jsonfile import check_fields, read_json
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "tsm_config.json"
 FEATURE_KINDS = ("pooled", "patch")
 
 

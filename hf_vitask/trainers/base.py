@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
+from hf_vitask.files import TRAINING_CONFIG_FILE
 from hf_vitask.models.modeling import VITaskModel, is_peft_model
 from hf_vitask.trainers.bundles import OutputDirLock, publish_bundle, staging_dir
 from hf_vitask.trainers.checkpoints import (
@@ -23,8 +24,6 @@ from hf_vitask.trainers.checkpoints import (
     is_checkpoint_dir,
     last_complete_checkpoint,
 )
-
-TRAINING_CONFIG_FILE = "training_config.json"
 
 
 def wrap_lora(model, args: VLMTuningArguments, peft_config=None):

@@ -18,14 +18,27 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hf_vitask.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    BUNDLE_LIST_FILE,
+    CONNECTOR_FILE,
+    PROXY_FILE,
+    README_FILE,
+    TASK_FILE,
+    TASKS_FILE,
+    TRAINING_CONFIG_FILE,
+    TSM_DIR,
+    VITASK_CONFIG_FILE,
+)
+
 __all__ = ["BUNDLE_LIST_FILE", "OutputDirLock", "publish_bundle", "staging_dir"]
 
-MARKER = "vitask_config.json"
-BUNDLE_LIST_FILE = "hf_vitask_bundle.json"
+MARKER = VITASK_CONFIG_FILE
 #: Names an hf_vitask bundle may hold (removed from a directory whose bundle predates the list).
 KNOWN_ENTRIES = (
-    MARKER, "adapter_config.json", "adapter_model.safetensors", "exemplar_connector.safetensors", "tsm",
-    "task.json", "tasks.json", "training_config.json", "proxy.safetensors", "README.md", "config.json",
+    MARKER, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONNECTOR_FILE, TSM_DIR,
+    TASK_FILE, TASKS_FILE, TRAINING_CONFIG_FILE, PROXY_FILE, README_FILE, "config.json",
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "chat_template.jinja",
     "chat_template.json", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",

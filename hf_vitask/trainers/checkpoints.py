@@ -18,9 +18,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_vitask.files import MANIFEST_FILE
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "hf_vitask_checkpoint.json"
 
 __all__ = [
     "MANIFEST_FILE",

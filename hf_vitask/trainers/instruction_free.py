@@ -11,6 +11,8 @@ step) in every checkpoint, and resumes exactly. The collator is
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -169,22 +171,24 @@ class InstructionFreeTrainer(VLMTrainer):
         loss = self.scale_for_devices(loss, num_items_in_batch)
         return (loss, out) if return_outputs else loss
 
-    def _unshuffled(self, fn, *a, **kw):
-        collator = self.data_collator
-        was = getattr(collator, "training", None)
-        if was is not None:
-            collator.training = False  # evaluation loss on the descriptions as written
+    # -- evaluation reads the descriptions as written: a configured copy of the collator, never a flag flip --
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._collating_without_shuffling():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._collating_without_shuffling():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collating_without_shuffling(self):
+        training = self.data_collator
+        if isinstance(training, InstructionFreeCollator) and training.training:
+            self.data_collator = dataclasses.replace(training, training=False, batch_index=0)
         try:
-            return fn(*a, **kw)
+            yield
         finally:
-            if was is not None:
-                collator.training = was
-
-    def evaluate(self, *args, **kwargs):
-        return self._unshuffled(super().evaluate, *args, **kwargs)
-
-    def predict(self, *args, **kwargs):
-        return self._unshuffled(super().predict, *args, **kwargs)
+            self.data_collator = training
 
     # -- saving / loading: the proxy (raw + EMA + step) next to the adapter -----------------------------------
     def save_extras(self, output_dir: Path, state_dict: dict | None = None) -> None:

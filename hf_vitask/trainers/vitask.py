@@ -12,14 +12,14 @@ The losses themselves are the pure functions of :mod:`hf_vitask.losses`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 from pathlib import Path
 
 import torch
 
 from hf_vitask.config import VITaskConfig
-from hf_vitask.data.collator import VITaskCollator, pick_negatives
+from hf_vitask.data.collator import VITaskCollator
 from hf_vitask.losses import (
     IGNORE_INDEX,
     crt_loss,
@@ -147,6 +147,10 @@ class VITaskTrainer(VLMTrainer):
         model = build_model(model, args, processing_class, tsm=tsm, peft_config=peft_config)
         if args.uses_exemplar and model.connector is None:
             raise ValueError("This model has no exemplar connector (it was built without a TSM); EP cannot run")
+        needs = {
+            "return_sample_keys": bool(frozen_teacher and args.rda_teacher_cache),  # the teacher-output cache key
+            "return_images": kwargs.get("compute_metrics") is not None,  # prediction_step scores every class option
+        }
         if data_collator is None:
             if task is None:
                 raise ValueError("task (a TaskSpec) is required to build the default VITaskCollator")
@@ -162,11 +166,13 @@ class VITaskTrainer(VLMTrainer):
                 image_column=args.image_column,
                 label_column=args.label_column,
                 seed=args.seed + args.process_index,  # each process draws its own negatives
+                **{flag: True for flag, needed in needs.items() if needed},
             )
-        if frozen_teacher and args.rda_teacher_cache and isinstance(data_collator, VITaskCollator):
-            data_collator.return_sample_keys = True  # names each sample for the teacher-output cache
-        if kwargs.get("compute_metrics") is not None and isinstance(data_collator, VITaskCollator):
-            data_collator.return_images = True  # prediction_step scores every class option per image
+        elif isinstance(data_collator, VITaskCollator):
+            needs["with_negatives"] = args.crt_weight > 0  # CRT negatives are picked by the collator only
+            missing = {flag: True for flag, needed in needs.items() if needed and not getattr(data_collator, flag)}
+            if missing:  # a configured copy: the caller's collator is left as it was given
+                data_collator = dataclasses.replace(data_collator, **missing)
         super().__init__(
             model=model,
             args=args,
@@ -326,21 +332,19 @@ class VITaskTrainer(VLMTrainer):
         args: VITaskConfig = self.args
         unwrapped: VITaskModel = self.accelerator.unwrap_model(model)
         inputs = dict(inputs)
-        class_ids = inputs.pop("class_ids", None)
+        inputs.pop("class_ids", None)
         tsm_pixel_values = inputs.pop("tsm_pixel_values", None)
         negative_index = inputs.pop("crt_negative_index", None)
-        task_ids = inputs.pop("task_ids", None)
+        inputs.pop("task_ids", None)
         sample_keys = inputs.pop("sample_keys", None)
         inputs.pop("images", None)
 
         if args.uses_exemplar and tsm_pixel_values is None:
             raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
         if args.crt_weight > 0 and negative_index is None:
-            if class_ids is None:
-                raise ValueError("CRT needs class_ids (or crt_negative_index) in the batch")
-            groups = None if task_ids is None else task_ids.tolist()
-            negative_index = torch.tensor(
-                pick_negatives(class_ids.tolist(), self._negative_rng(class_ids), groups), device=inputs["labels"].device
+            raise ValueError(
+                "CRT (crt_weight > 0) needs crt_negative_index in the batch: the collator picks the negatives "
+                "(VITaskCollator(..., with_negatives=True), the default collator of this trainer)"
             )
         # one forward for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes),
         # through the distributed wrapper when there is one
@@ -382,11 +386,6 @@ class VITaskTrainer(VLMTrainer):
         if return_outputs:
             return loss, VITaskOutput(loss=loss, response_logits=student.response_logits, response_targets=targets)
         return loss
-
-    def _negative_rng(self, class_ids) -> random.Random:
-        """A function of the seed, the process, the step and the batch (exact on resume, like the collator's)."""
-        args = self.args
-        return random.Random(f"{args.seed + args.process_index}:{self.state.global_step}:{class_ids.tolist()}")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss with the same terms as training (logged as ``eval_loss_*``).

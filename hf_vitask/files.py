@@ -1,0 +1,31 @@
+"""The file names of a bundle (what ``save_model`` writes and ``load_vitask`` reads), in one place.
+
+A bundle directory holds the peft adapter, the package's own files and, optionally, the TSM::
+
+    adapter_config.json, adapter_model.safetensors     peft (the LoRA adapter)
+    vitask_config.json                                 family, token ids, connector settings
+    exemplar_connector.safetensors                     the EP connector (VITask runs)
+    proxy.safetensors                                  the proxy instruction (instruction-free runs)
+    task.json | tasks.json                             the TaskSpec(s)
+    training_config.json, eval_results.json, README.md the run's settings, metrics and model card
+    tsm/model.safetensors, tsm/tsm_config.json         the task-specific model
+    hf_vitask_bundle.json                              which files make the bundle (local bookkeeping)
+
+Checkpoints carry the same files plus ``hf_vitask_checkpoint.json``, the manifest that marks them complete.
+"""
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+VITASK_CONFIG_FILE = "vitask_config.json"
+CONNECTOR_FILE = "exemplar_connector.safetensors"
+PROXY_FILE = "proxy.safetensors"
+TASK_FILE = "task.json"
+TASKS_FILE = "tasks.json"  # a multi-task bundle: a list of TaskSpec dicts
+TRAINING_CONFIG_FILE = "training_config.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+README_FILE = "README.md"
+TSM_DIR = "tsm"
+TSM_WEIGHTS_FILE = "model.safetensors"
+TSM_CONFIG_FILE = "tsm_config.json"
+BUNDLE_LIST_FILE = "hf_vitask_bundle.json"
+MANIFEST_FILE = "hf_vitask_checkpoint.json"
