@@ -25,8 +25,9 @@ import time
 import torch
 
 from hf_vitask import TaskSpecificModel, VITaskCollator, VITaskConfig, VITaskTrainer
+from hf_vitask.data.collator import build_prompts
 from hf_vitask.data.digits import digits_task, load_digits_dataset
-from hf_vitask.evaluation import build_prompts, generate_answers, score_options
+from hf_vitask.evaluation import generate_answers, score_options
 from hf_vitask.losses import rda_kl, rda_kl_cached
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.tiny import build_tiny_vlm
