@@ -180,8 +180,9 @@ def train_arms(arms, root: Path, model_args, data_args, tsm_args, train_args: VI
 
 
 def _settings(args: VITaskConfig) -> tuple:
-    """What a training run depends on (everything but where it is written)."""
-    values = dataclasses.asdict(args)
+    """What a training run depends on (everything but where it is written; a stage default and the same
+    value set explicitly are one run)."""
+    values = args.effective_dict()
     values.pop("output_dir", None)
     values.pop("logging_dir", None)
     return tuple(sorted((k, repr(v)) for k, v in values.items()))
@@ -193,7 +194,7 @@ def run_seed(out: Path, seed: int, configs, *, arms=ARMS, sweep=(), generate: bo
     from hf_vitask.evaluation import evaluate_tsm
 
     model_args, data_args, tsm_args, train_args, eval_args = configs
-    train_args = train_args.for_stage(1, seed=seed)  # (dataclasses.replace would freeze the stage-1 defaults)
+    train_args = train_args.for_stage(1, seed=seed)
     tsm_args = dataclasses.replace(tsm_args, tsm_path=str(out / "tsm"))
     tsm, _ = pipeline.run_train_tsm(data_args, tsm_args, str(out), seed=seed, progress=False)
     test = pipeline.load_data(data_args)[eval_args.eval_split]
@@ -315,7 +316,7 @@ def run_ablation(
         "steps_per_stage": train_args.max_steps,
         "learning_rate": train_args.learning_rate,
         "rda_weight": train_args.rda_weight,
-        "crt_weight": train_args.for_stage(2).crt_weight,
+        "crt_weight": train_args.for_stage(2).effective_crt_weight,
         "seeds": list(seeds),
         "per_seed": per_seed,
         "summary": _as_json(summary),

@@ -16,6 +16,7 @@ that is not a field is an error, so typos never pass silently.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shutil
 import sys
@@ -242,7 +243,7 @@ def parse(argv: list[str], command: str | None = None):
             raise UsageError(f"{path} must hold a mapping of field: value")
     method = _method(argv, values)
     classes = _dataclasses(method)
-    parser = HfArgumentParser(classes)
+    parser = HfArgumentParser(classes, exit_on_error=False)  # a bad flag value: one line, as other errors
     if path is not None:
         known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
@@ -265,7 +266,7 @@ def parse(argv: list[str], command: str | None = None):
     explicit |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     try:
         return parser.parse_args_into_dataclasses(args=argv), explicit
-    except (ValueError, TypeError) as err:  # a field's own validation (__post_init__)
+    except (argparse.ArgumentError, ValueError, TypeError) as err:  # argparse's checks, then the fields' own
         raise UsageError(str(err)) from err
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+# Fields with a fixed set of values name it in their metadata (``choices``): argparse checks it on
+# the command line, :func:`check_choices` when a config is created. The sets other modules use too:
 RDA_TEACHERS = ("self", "frozen")
 PROXY_FEEDS = ("ema", "raw")
 PROXY_INIT_RESIZES = ("linear", "repeat")
@@ -25,12 +27,26 @@ DEFAULT_OPTION_SCORE = "mean"
 #: (alpha x beta sweep, docs/ablation.md); the differences were within the seed spread.
 DEFAULT_RDA_WEIGHT = 0.3
 DEFAULT_CRT_WEIGHT = 0.1
+#: VITaskConfig fields whose default depends on the stage: left None, they take ``{stage: value}``.
+STAGE_DEFAULTS = {
+    "crt_weight": {1: 0.0, 2: DEFAULT_CRT_WEIGHT},
+    "freeze_connector": {1: False, 2: True},
+}
 logger = logging.getLogger(__name__)
 
 
-def _check_option_score(value: str, name: str) -> None:
-    if value not in OPTION_SCORES:
-        raise ValueError(f"{name} must be one of {OPTION_SCORES}, got {value!r}")
+def check_choices(config) -> None:
+    """Every field of the dataclass ``config`` whose metadata names ``choices`` holds one of them (each
+    item, for a list field). None passes where it is the field's default."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is None or (value is None and f.default is None):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                what = f"{f.name} entries" if isinstance(value, list) else f.name
+                raise ValueError(f"{what} must be one of {list(choices)}, got {item!r}")
 
 
 @dataclass
@@ -57,6 +73,11 @@ class VLMTuningArguments(TrainingArguments):
         default=False, metadata={"help": "Keep raw columns: the collator needs the images and their targets."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X updates steps."})
+
+    def effective_dict(self) -> dict:
+        """``to_dict()`` with every field as training uses it: what a bundle's training_config.json
+        records. ``to_dict()`` itself keeps the fields as given, so that it round-trips."""
+        return self.to_dict()
 
     def __post_init__(self):
         _cpu_processes_use_gloo(self)
@@ -98,10 +119,19 @@ class VITaskConfig(VLMTuningArguments):
     connector and LoRA trainable. Stage 2 freezes the connector and adds ``crt_weight * L_CRT``.
     Setting ``ep_weight = rda_weight = crt_weight = 0`` gives plain instruction tuning (the
     "vanilla" baseline), which needs no TSM.
+
+    ``crt_weight`` and ``freeze_connector`` hold what was set, None for the stage's default
+    (:data:`STAGE_DEFAULTS`), so that copies for another stage (``for_stage``, ``dataclasses.replace``)
+    take that stage's default; ``effective_crt_weight`` and ``effective_freeze_connector`` are the
+    values the stage trains with.
     """
 
     # -- method ----------------------------------------------------------------------------------
-    stage: int = field(default=1, metadata={"help": "VITask stage: 1 (EP + RDA, connector trains) or 2 (adds CRT, connector frozen)."})
+    stage: int = field(
+        default=1,
+        metadata={"help": "VITask stage: 1 (EP + RDA, connector trains) or 2 (adds CRT, connector frozen).",
+                  "choices": [1, 2]},
+    )
     van_weight: float = field(default=1.0, metadata={"help": "Weight of the plain response cross-entropy without the exemplar (L_van)."})
     ep_weight: float = field(default=1.0, metadata={"help": "Weight of the response cross-entropy with the exemplar token (L_EP)."})
     rda_weight: float = field(
@@ -118,7 +148,8 @@ class VITaskConfig(VLMTuningArguments):
         default="self",
         metadata={
             "help": "RDA teacher: 'self' (the same model run with the exemplar, detached; the paper) or 'frozen' "
-            "(a saved stage-1 model passed to the trainer as `teacher`, kept frozen)."
+            "(a saved stage-1 model passed to the trainer as `teacher`, kept frozen).",
+            "choices": list(RDA_TEACHERS),
         },
     )
     rda_detach: bool = field(
@@ -158,7 +189,8 @@ class VITaskConfig(VLMTuningArguments):
             "help": "How a step runs its no-EP, EP and CRT-negative passes: 'prefix' (the image prefix once into a KV "
             "cache, the continuations as one batched forward; falls back to 'batch' under gradient checkpointing), "
             "'batch' (vision tower once, the passes stacked in one forward) or 'none' (one forward per pass). "
-            "All three give the same losses and gradients; the fused ones compute logits only at response tokens."
+            "All three give the same losses and gradients; the fused ones compute logits only at response tokens.",
+            "choices": list(PASS_MODES),
         },
     )
     rda_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the RDA KL (scaled by T^2)."})
@@ -166,7 +198,8 @@ class VITaskConfig(VLMTuningArguments):
         default="batch+dataset",
         metadata={
             "help": "Where CRT negatives (an image of another class) come from: 'batch' (rows without an in-batch "
-            "negative are left out of L_CRT) or 'batch+dataset' (such rows get one drawn from the training set)."
+            "negative are left out of L_CRT) or 'batch+dataset' (such rows get one drawn from the training set).",
+            "choices": list(CRT_NEGATIVES),
         },
     )
     freeze_connector: bool | None = field(
@@ -175,7 +208,9 @@ class VITaskConfig(VLMTuningArguments):
     # -- exemplar --------------------------------------------------------------------------------
     num_exemplar_tokens: int = field(default=1, metadata={"help": "Number of exemplar tokens inserted after the image."})
     exemplar_feature: str = field(
-        default="pooled", metadata={"help": "TSM feature fed to the connector: 'pooled' (CLS / pre-logits) or 'patch'."}
+        default="pooled",
+        metadata={"help": "TSM feature fed to the connector: 'pooled' (CLS / pre-logits) or 'patch'.",
+                  "choices": ["pooled", "patch"]},
     )
     connector_hidden_dim: int | None = field(
         default=None, metadata={"help": "Hidden width of the connector MLP (default: the LLM hidden size)."}
@@ -183,7 +218,8 @@ class VITaskConfig(VLMTuningArguments):
     # -- data ------------------------------------------------------------------------------------
     instruction: str = field(
         default="complete",
-        metadata={"help": "Instruction variant used for training: 'complete' (lists the classes) or 'incomplete'."},
+        metadata={"help": "Instruction variant used for training: 'complete' (lists the classes) or 'incomplete'.",
+                  "choices": ["complete", "incomplete"]},
     )
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the class id or name."})
     metric_use_tsm: bool = field(
@@ -192,36 +228,19 @@ class VITaskConfig(VLMTuningArguments):
     )
     metric_option_score: str = field(
         default=DEFAULT_OPTION_SCORE,
-        metadata={"help": "With compute_metrics, score each class's answer by the 'sum' or the 'mean' of its token log-probs."},
+        metadata={"help": "With compute_metrics, score each class's answer by the 'sum' or the 'mean' of its token log-probs.",
+                  "choices": list(OPTION_SCORES)},
     )
 
     def __post_init__(self):
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
-        _check_option_score(self.metric_option_score, "metric_option_score")
-        # what the user set, so that for_stage() can re-derive the stage defaults
-        self._given = {"crt_weight": self.crt_weight, "freeze_connector": self.freeze_connector}
-        if self.crt_weight is None:
-            self.crt_weight = DEFAULT_CRT_WEIGHT if self.stage == 2 else 0.0
-        if self.freeze_connector is None:
-            self.freeze_connector = self.stage == 2
+        check_choices(self)
         for name in ("van_weight", "ep_weight", "rda_weight", "crt_weight"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.van_weight + self.ep_weight + self.rda_weight + self.crt_weight == 0:
+        if self.van_weight + self.ep_weight + self.rda_weight + self.effective_crt_weight == 0:
             raise ValueError("All loss weights are 0: nothing to train")
-        if self.rda_teacher not in RDA_TEACHERS:
-            raise ValueError(f"rda_teacher must be one of {RDA_TEACHERS}, got {self.rda_teacher!r}")
-        if self.pass_fusion not in PASS_MODES:
-            raise ValueError(f"pass_fusion must be one of {PASS_MODES}, got {self.pass_fusion!r}")
         if self.rda_teacher_topk < 0:
             raise ValueError(f"rda_teacher_topk must be >= 0, got {self.rda_teacher_topk}")
-        if self.crt_negatives not in CRT_NEGATIVES:
-            raise ValueError(f"crt_negatives must be one of {CRT_NEGATIVES}, got {self.crt_negatives!r}")
-        if self.instruction not in ("complete", "incomplete"):
-            raise ValueError(f"instruction must be 'complete' or 'incomplete', got {self.instruction!r}")
-        if self.exemplar_feature not in ("pooled", "patch"):
-            raise ValueError(f"exemplar_feature must be 'pooled' or 'patch', got {self.exemplar_feature!r}")
         if self.num_exemplar_tokens < 1:
             raise ValueError(f"num_exemplar_tokens must be >= 1, got {self.num_exemplar_tokens}")
         if self.rda_temperature <= 0:
@@ -229,9 +248,25 @@ class VITaskConfig(VLMTuningArguments):
         super().__post_init__()
 
     def for_stage(self, stage: int, **changes) -> VITaskConfig:
-        """A copy for another stage, with the stage-dependent defaults derived again."""
-        given = getattr(self, "_given", {})
-        return dataclasses.replace(self, stage=stage, **{**given, **changes})
+        """A copy for another stage; fields left to their stage's default (None) take the new stage's."""
+        return dataclasses.replace(self, stage=stage, **changes)
+
+    def _stage_value(self, name: str):
+        value = getattr(self, name)
+        return STAGE_DEFAULTS[name][self.stage] if value is None else value
+
+    @property
+    def effective_crt_weight(self) -> float:
+        """``crt_weight`` as this stage trains with it: the value given, else the stage's default."""
+        return self._stage_value("crt_weight")
+
+    @property
+    def effective_freeze_connector(self) -> bool:
+        """``freeze_connector`` as this stage trains with it: the value given, else the stage's default."""
+        return self._stage_value("freeze_connector")
+
+    def effective_dict(self) -> dict:
+        return {**super().effective_dict(), **{name: self._stage_value(name) for name in STAGE_DEFAULTS}}
 
     @property
     def uses_exemplar(self) -> bool:
@@ -240,7 +275,7 @@ class VITaskConfig(VLMTuningArguments):
 
     @property
     def is_vanilla(self) -> bool:
-        return self.ep_weight == 0 and self.rda_weight == 0 and self.crt_weight == 0
+        return self.ep_weight == 0 and self.rda_weight == 0 and self.effective_crt_weight == 0
 
 
 @dataclass
@@ -267,7 +302,8 @@ class InstructionFreeConfig(VLMTuningArguments):
     proxy_init_resize: str = field(
         default="linear",
         metadata={"help": "How the init text's n token embeddings become K vectors: 'linear' (linear interpolation "
-                  "along the token axis, first and last token kept) or 'repeat' (the tokens cycled, then cut to K)."},
+                  "along the token axis, first and last token kept) or 'repeat' (the tokens cycled, then cut to K).",
+                  "choices": list(PROXY_INIT_RESIZES)},
     )
     proxy_momentum: float = field(
         default=0.99,
@@ -277,7 +313,8 @@ class InstructionFreeConfig(VLMTuningArguments):
     proxy_feed: str = field(
         default="ema",
         metadata={"help": "Copy fed to the model: 'ema' (the EMA, gradients reach the raw proxy straight-through: "
-                  "t_ema.detach() + t - t.detach()) or 'raw'."},
+                  "t_ema.detach() + t - t.detach()) or 'raw'.",
+                  "choices": list(PROXY_FEEDS)},
     )
     proxy_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the proxy vectors (default: learning_rate). No weight decay."}
@@ -306,6 +343,7 @@ class InstructionFreeConfig(VLMTuningArguments):
         default="description", metadata={"help": "Dataset column holding the target description."}
     )
     def __post_init__(self):
+        check_choices(self)
         if self.use_proxy:
             if self.num_proxy_tokens < 1:
                 raise ValueError(f"num_proxy_tokens must be >= 1, got {self.num_proxy_tokens}")
@@ -315,10 +353,6 @@ class InstructionFreeConfig(VLMTuningArguments):
             self.instruction_text = self.proxy_init_text
         if not 0 <= self.proxy_momentum < 1:
             raise ValueError(f"proxy_momentum must be in [0, 1), got {self.proxy_momentum}")
-        if self.proxy_feed not in PROXY_FEEDS:
-            raise ValueError(f"proxy_feed must be one of {PROXY_FEEDS}, got {self.proxy_feed!r}")
-        if self.proxy_init_resize not in PROXY_INIT_RESIZES:
-            raise ValueError(f"proxy_init_resize must be one of {PROXY_INIT_RESIZES}, got {self.proxy_init_resize!r}")
         if self.proxy_learning_rate is not None and self.proxy_learning_rate <= 0:
             raise ValueError(f"proxy_learning_rate must be > 0, got {self.proxy_learning_rate}")
         if not 0 <= self.shuffle_prob <= 1:
@@ -441,16 +475,23 @@ class EvalArguments:
     eval_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     eval_methods: list[str] = field(
         default_factory=lambda: ["likelihood", "generate"],
-        metadata={"help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse)."},
+        metadata={"help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse).",
+                  "choices": ["likelihood", "generate"]},
     )
     option_score: str = field(
         default=DEFAULT_OPTION_SCORE,
         metadata={"help": "Likelihood scoring of a class's answer: 'sum' of its token log-probs (its log-likelihood) "
-                          "or 'mean' per token (no preference for short class names)."},
+                          "or 'mean' per token (no preference for short class names).",
+                  "choices": list(OPTION_SCORES)},
     )
-    eval_use_tsm: str = field(default="both", metadata={"help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'."})
+    eval_use_tsm: str = field(
+        default="both",
+        metadata={"help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'.", "choices": ["yes", "no", "both"]},
+    )
     eval_instructions: str = field(
-        default="both", metadata={"help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'."}
+        default="both",
+        metadata={"help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'.",
+                  "choices": ["complete", "incomplete", "both"]},
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch."})
     eval_max_samples: int | None = field(default=None, metadata={"help": "Evaluate at most this many images."})
@@ -463,11 +504,4 @@ class EvalArguments:
     predictions_file: str = field(default="predictions.csv", metadata={"help": "predict: CSV file written."})
 
     def __post_init__(self):
-        for m in self.eval_methods:
-            if m not in ("likelihood", "generate"):
-                raise ValueError(f"eval_methods entries must be 'likelihood' or 'generate', got {m!r}")
-        _check_option_score(self.option_score, "option_score")
-        if self.eval_use_tsm not in ("yes", "no", "both"):
-            raise ValueError(f"eval_use_tsm must be 'yes', 'no' or 'both', got {self.eval_use_tsm!r}")
-        if self.eval_instructions not in ("complete", "incomplete", "both"):
-            raise ValueError(f"eval_instructions must be 'complete', 'incomplete' or 'both', got {self.eval_instructions!r}")
+        check_choices(self)

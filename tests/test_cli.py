@@ -60,7 +60,7 @@ def test_info_and_usage(capsys):
 def test_yaml_and_flags_fill_the_dataclasses(config):
     (model, data, tsm, train, evaluation, run), explicit = parse([str(config), "--learning_rate", "0.01", "--stage", "2"])
     assert model.model_name_or_path == "tiny-llava" and data.max_samples == 48 and tsm.tsm_epochs == 2
-    assert train.learning_rate == 0.01 and train.stage == 2 and train.crt_weight == DEFAULT_CRT_WEIGHT  # flag beats the file
+    assert train.learning_rate == 0.01 and train.stage == 2 and train.effective_crt_weight == DEFAULT_CRT_WEIGHT  # flag beats the file
     assert evaluation.eval_max_samples == 6 and run.method == "vitask"
     assert {"stage", "learning_rate", "max_samples"} <= explicit
 
@@ -96,6 +96,9 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     assert (run / "tsm" / "model.safetensors").is_file()
     assert main(["train", str(config)]) == 0
     assert (run / "stage1" / "adapter_model.safetensors").is_file() and (run / "stage2" / "task.json").is_file()
+    for stage, values in ((1, (0.0, False)), (2, (DEFAULT_CRT_WEIGHT, True))):  # what each stage trained with
+        recorded = json.loads((run / f"stage{stage}" / "training_config.json").read_text())
+        assert (recorded["stage"], recorded["crt_weight"], recorded["freeze_connector"]) == (stage, *values)
     assert main(["train", str(config), "--stage", "2", "--max_steps", "1"]) == 0  # stage 2 alone, from stage1/
     assert main(["train", str(config), "--method", "vanilla"]) == 0
     assert (run / "vanilla" / "adapter_model.safetensors").is_file()
@@ -171,9 +174,17 @@ def test_cli_errors_are_one_line_with_usage_exit_code_2(tmp_path, config, capsys
     bad.write_text(yaml.safe_dump({"learning_rat": 0.1}))
     assert main(["train", str(bad)]) == 2
     assert capsys.readouterr().err.strip().startswith("hf-vitask: error: unknown keys")
-    assert main(["evaluate", str(config), "--eval_use_tsm", "sometimes"]) == 2
+    assert main(["evaluate", str(config), "--eval_use_tsm", "sometimes"]) == 2  # a flag: argparse's choices
     err = capsys.readouterr().err.strip()
-    assert err.startswith("hf-vitask: error: eval_use_tsm must be") and len(err.splitlines()) == 1
+    assert err.startswith("hf-vitask: error: argument --eval_use_tsm") and len(err.splitlines()) == 1
+    assert "invalid choice" in err and all(choice in err for choice in ("yes", "no", "both"))
+    assert main(["evaluate", str(config), "--learning_rate", "fast"]) == 2  # argparse's own errors: one line too
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-vitask: error: argument --learning_rate") and len(err.splitlines()) == 1
+    config.write_text(config.read_text() + "eval_use_tsm: sometimes\n")  # a file: the config's own check
+    assert main(["evaluate", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "hf-vitask: error: eval_use_tsm must be one of ['yes', 'no', 'both'], got 'sometimes'"
 
 
 def test_quickstart_fast(tmp_path):

@@ -73,7 +73,7 @@ def test_stage2_freezes_connector_and_adds_crt(tmp_path, digits, task, tsm):
     connector_before = _snapshot(model.connector)
     lora_before = _snapshot(model.vlm, "lora_")
     stage2 = _trainer(tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class, stage=2)
-    assert stage2.args.crt_weight == DEFAULT_CRT_WEIGHT and stage2.args.freeze_connector
+    assert stage2.args.effective_crt_weight == DEFAULT_CRT_WEIGHT and stage2.args.effective_freeze_connector
     stage2.train()
     assert len(_logged(stage2, "loss_crt")) == 3
     assert all(torch.equal(p, connector_before[n]) for n, p in model.connector.named_parameters())

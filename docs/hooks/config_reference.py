@@ -2,7 +2,8 @@
 
 ``docs/configuration.md`` holds prose and one placeholder per dataclass, ``<!-- config-fields: NAME -->``;
 :func:`on_page_markdown` replaces each by a table of that class's fields (name, type, default, help
-from ``metadata["help"]``). :func:`render_config_reference` renders every table in one string, for tests.
+from ``metadata["help"]``, the values allowed from ``metadata["choices"]``). :func:`render_config_reference`
+renders every table in one string, for tests.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def render_fields_table(name: str) -> str:
         default = _default(f)
         shown = "required" if default is dataclasses.MISSING else f"`{default!r}`"
         meaning = md_text(f.metadata.get("help", ""))
+        if "choices" in f.metadata:
+            meaning += " Choices: " + ", ".join(f"`{choice!r}`" for choice in f.metadata["choices"]) + "."
         if base_default is not dataclasses.MISSING:
             meaning += f" (`TrainingArguments` default: `{base_default!r}`)"
         lines.append(f"| `{f.name}` | `{_type_name(f.type)}` | {shown} | {meaning} |")

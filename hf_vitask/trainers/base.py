@@ -4,6 +4,7 @@ saving / resuming the trainable state (adapter + package extras) as safetensors.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 from collections import defaultdict
@@ -262,7 +263,7 @@ class VLMTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(target))
             self.save_extras(target, state_dict)
-            (target / TRAINING_CONFIG_FILE).write_text(self.args.to_json_string())
+            (target / TRAINING_CONFIG_FILE).write_text(json.dumps(self.args.effective_dict(), indent=2))
             self._write_model_card(target)
         except BaseException:
             if not checkpoint:

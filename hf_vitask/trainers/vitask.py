@@ -62,13 +62,13 @@ def build_model(model, args: VITaskConfig, processor, tsm=None, peft_config=None
     if model.tsm is not None:
         model.tsm.requires_grad_(False)
     if model.connector is not None:
-        if args.freeze_connector and args.uses_exemplar and not model.connector.trained:
+        if args.effective_freeze_connector and args.uses_exemplar and not model.connector.trained:
             raise ValueError(
                 "This configuration freezes the exemplar connector (stage 2), but the model's connector was never "
                 "trained: stage 2 starts from a stage-1 model (the stage-1 trainer's model, or a saved stage-1 "
                 "bundle). Train stage 1 first, or set freeze_connector=False to train the connector here."
             )
-        model.connector.requires_grad_(not args.freeze_connector)
+        model.connector.requires_grad_(not args.effective_freeze_connector)
     return model
 
 
@@ -154,7 +154,7 @@ class VITaskTrainer(VLMTrainer):
         if data_collator is None:
             if task is None:
                 raise ValueError("task (a TaskSpec) is required to build the default VITaskCollator")
-            crt = args.crt_weight > 0
+            crt = args.effective_crt_weight > 0
             data_collator = VITaskCollator(
                 processing_class,
                 task,
@@ -169,7 +169,7 @@ class VITaskTrainer(VLMTrainer):
                 **{flag: True for flag, needed in needs.items() if needed},
             )
         elif isinstance(data_collator, VITaskCollator):
-            needs["with_negatives"] = args.crt_weight > 0  # CRT negatives are picked by the collator only
+            needs["with_negatives"] = args.effective_crt_weight > 0  # CRT negatives are picked by the collator only
             missing = {flag: True for flag, needed in needs.items() if needed and not getattr(data_collator, flag)}
             if missing:  # a configured copy: the caller's collator is left as it was given
                 data_collator = dataclasses.replace(data_collator, **missing)
@@ -341,7 +341,7 @@ class VITaskTrainer(VLMTrainer):
 
         if args.uses_exemplar and tsm_pixel_values is None:
             raise ValueError("The batch has no tsm_pixel_values: give the collator the TSM (tsm=...)")
-        if args.crt_weight > 0 and negative_index is None:
+        if args.effective_crt_weight > 0 and negative_index is None:
             raise ValueError(
                 "CRT (crt_weight > 0) needs crt_negative_index in the batch: the collator picks the negatives "
                 "(VITaskCollator(..., with_negatives=True), the default collator of this trainer)"
@@ -350,7 +350,7 @@ class VITaskTrainer(VLMTrainer):
         # through the distributed wrapper when there is one
         passes = model(**inputs, tsm_pixel_values=tsm_pixel_values if args.uses_exemplar else None,
                        passes={"mode": args.pass_fusion,
-                               "negative_index": negative_index if args.crt_weight > 0 else None})
+                               "negative_index": negative_index if args.effective_crt_weight > 0 else None})
         exemplar = passes.exemplar
         student = passes.plain
         targets = student.response_targets
@@ -366,14 +366,14 @@ class VITaskTrainer(VLMTrainer):
             else:
                 terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
         scale = {}
-        if args.crt_weight > 0:
+        if args.effective_crt_weight > 0:
             keep = (negative_index >= 0)[response_row_ids(inputs["labels"])]
             terms["crt"] = crt_loss(student.response_logits[keep], passes.negative.response_logits, targets[keep])
             self._log_crt_coverage(model, inputs["labels"], negative_index)
             if num_items_in_batch is not None and keep.any():  # sum / all tokens -> mean over the covered ones
                 scale["crt"] = keep.numel() / keep.sum().item()
 
-        weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.crt_weight}
+        weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.effective_crt_weight}
         loss = sum(
             weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
             for k, v in terms.items() if weights[k] > 0
