@@ -53,6 +53,31 @@ def make_image(seed: int = 0, size: int = 32) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+def sklearn_metrics(predictions, references, scores=None) -> dict:
+    """The classification metrics recomputed with scikit-learn, independently of ``hf_vitask.metrics``:
+    accuracy; macro-F1 over the classes in the references or the predictions; one-vs-rest macro AUC of
+    the softmax of ``scores`` (N, C) over the classes in the references. ``None`` predictions (parse
+    failures) are wrong answers; ``parse_failure_rate`` is added when there are any."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    references = np.asarray([int(r) for r in references])
+    failures = sum(p is None for p in predictions)
+    ids = np.asarray([-1 if p is None else int(p) for p in predictions])
+    labels = sorted(set(references.tolist()) | {int(p) for p in ids if p >= 0})
+    out = {
+        "accuracy": float((ids == references).mean()),
+        "macro_f1": float(f1_score(references, ids, labels=labels, average="macro", zero_division=0)),
+    }
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out["auc"] = float(np.mean([roc_auc_score(references == c, probs[:, c]) for c in np.unique(references)]))
+    if failures:
+        out["parse_failure_rate"] = failures / len(references)
+    return out
+
+
 @pytest.fixture(scope="session")
 def random_image():
     """``random_image(seed, size=32)`` -> a random RGB PIL image."""

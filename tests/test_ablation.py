@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vitask.ablation import ARMS, crt_separation
+from hf_vitask.ablation import ARMS, COLUMNS, crt_separation
 from hf_vitask.cli import main
 from hf_vitask.config import DEFAULT_CRT_WEIGHT as B
 from hf_vitask.config import DEFAULT_RDA_WEIGHT as A
+from hf_vitask.quickstart import FAST
+from tests.conftest import sklearn_metrics
 
 
 def test_crt_separation_by_hand():
@@ -72,14 +74,28 @@ def test_report_has_every_arm_instruction_and_metric(ablation):
             metrics = arms[arm.name][instruction]
             assert set(metrics) >= {"sum_accuracy", "mean_accuracy", "sum_macro_f1", "sum_auc", "gen_accuracy",
                                     "gen_parse_failure_rate", "separation"}
-            assert all(0 <= metrics[k] <= 1 for k in ("sum_accuracy", "mean_accuracy", "gen_accuracy"))
-            assert math.isfinite(metrics["separation"])
-    assert set(results["per_seed"][0]["sweep"]) == {f"alpha={A:g}, beta={B:g}", f"alpha=1, beta={B:g}"}
-    summary = results["summary"]["RDA"]["complete"]["sum_accuracy"]
-    assert summary == {"mean": arms["RDA"]["complete"]["sum_accuracy"], "std": 0.0}
+            # generation: counts out of the evaluated images; a parse failure is a wrong answer
+            correct, failed = (metrics[k] * FAST.eval_samples for k in ("gen_accuracy", "gen_parse_failure_rate"))
+            assert correct == pytest.approx(round(correct)) and failed == pytest.approx(round(failed))
+            assert round(correct) + round(failed) <= FAST.eval_samples
+    sweep = results["per_seed"][0]["sweep"]
+    assert set(sweep) == {f"alpha={A:g}, beta={B:g}", f"alpha=1, beta={B:g}"}
+    # the sweep's default point is the RDA+CRT run, evaluated alike (without generation)
+    full = arms["RDA+CRT"]["complete"]
+    assert sweep[f"alpha={A:g}, beta={B:g}"]["complete"] == {k: v for k, v in full.items() if not k.startswith("gen_")}
+    assert sweep[f"alpha=1, beta={B:g}"]["complete"] != sweep[f"alpha={A:g}, beta={B:g}"]["complete"]
+    # one seed: the summary is that seed's numbers, and the table shows them
     table = (out / "results.md").read_text()
+    for arm, by_instruction in arms.items():
+        for instruction, metrics in by_instruction.items():
+            summary = results["summary"][arm][instruction]
+            assert summary == {k: {"mean": v, "std": 0.0} for k, v in metrics.items()}, (arm, instruction)
+            if arm == "TSM":
+                continue
+            cells = " | ".join("–" if k not in metrics else f"{metrics[k]:.3f}" for k, _ in COLUMNS)
+            assert f"| {arm} | {instruction} | {cells} |" in table, (arm, instruction)
     assert table.count("| RDA+CRT, RDA not detached |") == 2 and f"| alpha=1, beta={B:g} |" in table
-    assert "CRT separation" in table and (out / "results.png").stat().st_size > 0
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_ablate_command_passes_the_config_seeds_and_sweep(tmp_path, monkeypatch):
@@ -97,20 +113,37 @@ def test_the_ablate_command_passes_the_config_seeds_and_sweep(tmp_path, monkeypa
 
 
 def test_reported_scores_are_log_likelihoods_whatever_the_default(ablation):
-    """The sum columns and the separation come from summed log-probs, the mean columns from per-token ones."""
+    """Every arm's likelihood metrics, recomputed from its saved bundle: the sum columns and the separation
+    come from summed log-probs, the mean columns from per-token ones, with the arm's TSM setting and
+    instruction; the TSM row is the saved TSM."""
     from hf_vitask import load_vitask
     from hf_vitask.data.collator import VITaskCollator
-    from hf_vitask.evaluation import response_lengths, score_options
+    from hf_vitask.evaluation import evaluate_tsm, response_lengths, score_options
+    from hf_vitask.models.tsm import TaskSpecificModel
     from hf_vitask.pipeline import load_data
-    from hf_vitask.quickstart import FAST, _configs
+    from hf_vitask.quickstart import _configs
 
-    _, results = ablation
-    model, processor, task = load_vitask(results["per_seed"][0]["bundles"]["vanilla"])
+    out, results = ablation
+    seed = results["per_seed"][0]
     _, data_args, _, _, eval_args = _configs(Path("unused"), FAST, 0)
-    test = load_data(data_args)["test"].select(range(FAST.eval_samples))
-    summed = score_options(model, processor, task, list(test["image"]), option_score="sum")
-    reported = results["per_seed"][0]["arms"]["vanilla"]["complete"]
-    assert reported["separation"] == pytest.approx(crt_separation(summed, test["label"]), rel=1e-4)
-    lengths = response_lengths(VITaskCollator(processor, task), task, test[0]["image"])
-    mean_acc = float((summed / lengths).argmax(-1).eq(torch.tensor(test["label"])).float().mean())
-    assert reported["mean_accuracy"] == pytest.approx(mean_acc)
+    test = load_data(data_args)[eval_args.eval_split].select(range(FAST.eval_samples))
+    images, labels = list(test["image"]), test["label"]
+    loaded = {}
+    for arm in ARMS:
+        path = seed["bundles"][arm.name]
+        if path not in loaded:
+            loaded[path] = load_vitask(path)
+        model, processor, task = loaded[path]
+        lengths = response_lengths(VITaskCollator(processor, task), task, images[0])
+        for instruction in ("complete", "incomplete"):
+            summed = score_options(model, processor, task, images, use_tsm=arm.use_tsm, option_score="sum",
+                                   complete_instruction=instruction == "complete")
+            reported = seed["arms"][arm.name][instruction]
+            expected = sklearn_metrics(summed.argmax(-1).tolist(), labels, summed)
+            assert {k: reported[f"sum_{k}"] for k in expected} == pytest.approx(expected, abs=1e-6), arm.name
+            mean_acc = float((summed / lengths).argmax(-1).eq(torch.tensor(labels)).float().mean())
+            assert reported["mean_accuracy"] == pytest.approx(mean_acc), arm.name
+            assert reported["separation"] == pytest.approx(crt_separation(summed, labels), rel=1e-4), arm.name
+    tsm = TaskSpecificModel.from_pretrained(out / f"seed{results['seeds'][0]}" / "tsm")
+    expected = {f"sum_{k}": v for k, v in evaluate_tsm(tsm, test).items() if k != "num_samples"}
+    assert seed["arms"]["TSM"]["complete"] == pytest.approx(expected)

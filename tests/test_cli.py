@@ -52,9 +52,14 @@ def test_info_and_usage(capsys):
     for row in rows:  # one printed line per family, with its fusion modes and 4-bit exclusions
         line = next(ln for ln in out.splitlines() if ln.split()[:1] == [row["family"]])
         assert row["pass_fusion"] in line and row["4-bit (kept full precision)"] in line
-    assert main([]) == 0 and "train-tsm" in capsys.readouterr().out
-    assert main(["--version"]) == 0 and "hf_vitask" in capsys.readouterr().out
+    assert main([]) == 0  # no command: the command list
+    usage = capsys.readouterr().out
+    assert "\n  train-tsm " in usage and main(["--help"]) == 0 and capsys.readouterr().out == usage
+    from hf_vitask.version import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"hf_vitask {__version__}\n"
     assert main(["no-such-command"]) == 2
+    assert capsys.readouterr().err == f"hf-vitask: unknown command 'no-such-command'\n\n{usage}"
 
 
 def test_yaml_and_flags_fill_the_dataclasses(config):
@@ -120,6 +125,17 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     test = load_data(DataArguments(max_samples=48))["test"]
     expected = evaluate_tsm(TaskSpecificModel.from_pretrained(run / "tsm"), test, max_samples=6)
     assert results["tsm"] == pytest.approx(expected)
+    # the likelihood rows are the saved stage-2 bundle's option scores on those images (scikit-learn metrics)
+    from hf_vitask import load_vitask
+    from hf_vitask.evaluation import score_options
+    from tests.conftest import sklearn_metrics
+
+    model, processor, task = load_vitask(run / "stage2")
+    for use_tsm in (False, True):
+        scores = score_options(model, processor, task, test["image"][:6], use_tsm=use_tsm)  # option_score "mean"
+        expected = sklearn_metrics(scores.argmax(-1).tolist(), test["label"][:6], scores)
+        reported = results[f"{'with' if use_tsm else 'without'}_tsm/complete"]["likelihood"]
+        assert reported == pytest.approx(expected, abs=1e-6), use_tsm
 
     # plug-in TSM: evaluation with a TSM other than the one trained with
     assert main(["evaluate", str(config), "--plugin_tsm", str(run / "tsm"), "--eval_use_tsm", "yes",
@@ -140,9 +156,16 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     csv_path = tmp_path / "preds.csv"
     assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
     rows = list(csv.reader(csv_path.open()))
-    assert rows[0][:2] == ["path", "prediction"] and rows[0][-1] == "error" and len(rows[0]) == 13 and len(rows) == 4
-    assert all(r[1] in rows[0][2:12] and r[-1] == "" for r in rows[1:])
-    assert abs(sum(float(p) for p in rows[1][2:12]) - 1) < 1e-4
+    assert rows[0] == ["path", "prediction", *task.class_names, "error"] and len(rows) == 4
+    # each row: the softmax of the bundle's option scores for that file, and the most probable class
+    from hf_vitask.data.collator import load_image
+
+    files = [images / f"digit{i}.png" for i in range(3)]
+    probs = score_options(model, processor, task, [load_image(str(f), "") for f in files]).softmax(-1)
+    assert [r[0] for r in rows[1:]] == [str(f) for f in files] and all(r[-1] == "" for r in rows[1:])
+    for r, p in zip(rows[1:], probs):
+        assert [float(x) for x in r[2:12]] == pytest.approx(p.tolist(), abs=2e-6)
+        assert r[1] == task.class_names[int(p.argmax())]
     good = csv_path.read_text()
 
     # an unreadable input is listed (CSV + log) and the others are still predicted
@@ -229,9 +252,13 @@ def test_the_quickstart_prints_no_third_party_warning(tmp_path):
     assert not [line for line in lines if "warn" in line.lower() or "Failed" in line], lines[:10]
 
 
-def test_console_script_module_entry():
-    result = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "quickstart" in result.stdout
+def test_console_script_module_entry(capsys):
+    """``python -m hf_vitask.cli`` is the same command line as ``main``: the same command list, exit code 0."""
+    result = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert main(["--help"]) == 0
+    assert result.returncode == 0 and result.stdout == capsys.readouterr().out
+    assert all(f"\n  {c} " in result.stdout for c in ("train-tsm", "train", "evaluate", "predict", "quickstart"))
 
 
 # -- per-command help --------------------------------------------------------------------------------

@@ -12,10 +12,17 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     code = blocks[0]
     assert len([line for line in code.splitlines() if line.strip()]) <= 14
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), namespace)
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     predictions = eval(printed)  # the example prints a list of class ids
-    assert len(predictions) == 4 and all(0 <= p < 10 for p in predictions)
+    # they are the trained model's best-scoring classes for the first four test digits
+    from hf_vitask import score_options
+
+    trainer, data = namespace["trainer"], namespace["data"]
+    assert trainer.state.global_step == 10
+    scores = score_options(trainer.model, namespace["processor"], namespace["task"], data["test"]["image"][:4])
+    assert predictions == scores.argmax(-1).tolist()
     assert (tmp_path / "vitask-digits").is_dir()
 
 

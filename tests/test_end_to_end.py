@@ -53,17 +53,20 @@ def test_vitask_pipeline(tmp_path, family):
     model, processor2, task2 = load_vitask(out)
     assert task2 == task and model.tsm is not None and model.connector is not None
     images = data["test"]["image"][:4]
-    for use_tsm in (True, False):
-        preds = predict_classes(model, processor2, task2, images, use_tsm=use_tsm)
-        assert len(preds) == 4 and all(0 <= p < 10 for p in preds)
-        generated = predict_classes(model, processor2, task2, images, use_tsm=use_tsm, method="generate")
-        assert len(generated) == 4 and all(p is None or 0 <= p < 10 for p in generated)
-
-    # The reloaded model predicts exactly what the trained one did, and the adapter alone is the no-TSM model.
+    # The reloaded model (its TSM and connector too) scores, predicts and answers as the trained one did,
+    # and the adapter alone is the no-TSM model.
     from hf_vitask import score_options
+    from hf_vitask.evaluation import generate_answers
 
-    trained = score_options(stage2.model, processor, task, images)
-    assert torch.allclose(score_options(model, processor2, task2, images), trained, atol=1e-4)
+    for use_tsm in (True, False):
+        trained = score_options(stage2.model, processor, task, images, use_tsm=use_tsm)
+        assert torch.allclose(score_options(model, processor2, task2, images, use_tsm=use_tsm), trained, atol=1e-4)
+        preds = predict_classes(model, processor2, task2, images, use_tsm=use_tsm)
+        assert preds == trained.argmax(-1).tolist()
+        answers = generate_answers(stage2.model, processor, task, images, use_tsm=use_tsm)
+        assert generate_answers(model, processor2, task2, images, use_tsm=use_tsm) == answers
+        generated = predict_classes(model, processor2, task2, images, use_tsm=use_tsm, method="generate")
+        assert generated == [task.parse(a) for a in answers]
     plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), str(out))
     from hf_vitask.models.modeling import VITaskModel
 

@@ -1,13 +1,13 @@
 """evaluate_vlm / evaluate_tsm / compute_classification_metrics on tiny models and hand-made scores."""
 
 import contextlib
-import math
 
 import numpy as np
 import pytest
 import torch
 from transformers import EvalPrediction
 
+from hf_vitask import evaluation
 from hf_vitask.evaluation import (
     compute_classification_metrics,
     evaluate_tsm,
@@ -18,12 +18,21 @@ from hf_vitask.evaluation import (
 )
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
+from tests.conftest import sklearn_metrics
 
 N = 4  # the first 4 test digits are classes 5, 6, 0, 9: enough classes for a defined AUC
 
 
-def _in_unit(x):
-    return math.isfinite(x) and 0.0 <= x <= 1.0
+def _spy(monkeypatch, name):
+    """Record what ``hf_vitask.evaluation.<name>`` returns while it keeps working."""
+    real, returned = getattr(evaluation, name), []
+
+    def spy(*args, **kwargs):
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(evaluation, name, spy)
+    return returned
 
 
 @contextlib.contextmanager
@@ -37,12 +46,19 @@ def _count_calls(tsm):
         handle.remove()
 
 
-def test_evaluate_vlm_keys_and_ranges(tiny, task, digits, tsm):
+def test_evaluate_vlm_metrics_are_those_of_its_scores_and_answers(tiny, task, digits, tsm, monkeypatch):
+    """Each method's metrics, recomputed with scikit-learn from the option scores and the generated
+    texts evaluate_vlm produced; the TSM and the instruction reach both methods."""
     vlm, processor = tiny
     model = VITaskModel.from_vlm(vlm, processor, tsm=tsm).train()
     test = digits["test"]
+    references = test["label"][:N]
+    scores, texts = _spy(monkeypatch, "score_options"), _spy(monkeypatch, "generate_answers")
+    seen = {}
     for use_tsm in (False, True):
         for complete in (True, False):
+            scores.clear()
+            texts.clear()
             with _count_calls(tsm) as calls:
                 out = evaluate_vlm(model, processor, task, test, use_tsm=use_tsm, complete_instruction=complete,
                                    batch_size=N, max_samples=N)
@@ -50,7 +66,17 @@ def test_evaluate_vlm_keys_and_ranges(tiny, task, digits, tsm):
             assert out.keys() == {"num_samples", "likelihood", "generate"} and out["num_samples"] == N
             assert out["likelihood"].keys() == {"accuracy", "macro_f1", "auc"}
             assert out["generate"].keys() == {"accuracy", "macro_f1", "parse_failure_rate"}
-            assert all(_in_unit(v) for m in ("likelihood", "generate") for v in out[m].values()), out
+            (option_scores,), (generated,) = scores, texts
+            answers = [task.parse(t) for t in generated]
+            assert option_scores.shape == (N, task.num_classes) and len(answers) == N
+            expected = sklearn_metrics(option_scores.argmax(-1).tolist(), references, option_scores)
+            assert out["likelihood"] == pytest.approx(expected, abs=1e-9), (out, expected)
+            expected = {"parse_failure_rate": 0.0, **sklearn_metrics(answers, references)}
+            assert out["generate"] == pytest.approx(expected, abs=1e-9), (out, expected)
+            seen[use_tsm, complete] = option_scores
+    # the exemplar and the instruction change what the model is asked, so its scores
+    for a, b in (((False, True), (True, True)), ((False, True), (False, False)), ((True, True), (True, False))):
+        assert (seen[a] - seen[b]).abs().max() > 1e-3, (a, b)
     # The likelihood accuracy is exactly that of predict_classes.
     preds = predict_classes(model, processor, task, test["image"][:N], use_tsm=True, complete_instruction=False)
     expected = np.mean(np.array(preds) == np.array(test["label"][:N]))
@@ -75,7 +101,11 @@ def test_plug_in_tsm_is_used_and_restored(tiny, task, digits, tsm):
         out = evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=other, methods=("likelihood",),
                            max_samples=N, batch_size=N)
     assert other_calls and not own_calls and model.tsm is tsm
-    assert out.keys() == {"num_samples", "likelihood"} and _in_unit(out["likelihood"]["auc"])
+    assert out.keys() == {"num_samples", "likelihood"}
+    with plugged_tsm(model, other):  # the metrics of the plug-in TSM's scores, not of the model's own TSM
+        plugged = score_options(model, processor, task, digits["test"]["image"][:N], use_tsm=True)
+    expected = sklearn_metrics(plugged.argmax(-1).tolist(), digits["test"]["label"][:N], plugged)
+    assert out["likelihood"] == pytest.approx(expected, abs=1e-6)
 
     # Restored after an error too; a TSM of the wrong feature size is refused before anything runs.
     with pytest.raises(RuntimeError), plugged_tsm(model, other):
@@ -96,9 +126,12 @@ def test_evaluate_tsm_matches_its_predictions(tsm, digits):
     test = digits["test"]
     out = evaluate_tsm(tsm, test, max_samples=12)
     assert out.keys() == {"num_samples", "accuracy", "macro_f1", "auc"} and out["num_samples"] == 12
-    assert all(_in_unit(v) for k, v in out.items() if k != "num_samples")
     probs = tsm_predict(tsm, test.select(range(12)))
     assert out["accuracy"] == pytest.approx((probs.argmax(-1) == torch.tensor(test["label"][:12])).float().mean())
+    # AUC ranks the probabilities themselves: the softmax of their logs gives them back
+    expected = sklearn_metrics(probs.argmax(-1).tolist(), test["label"][:12], probs.double().log())
+    assert {k: v for k, v in out.items() if k != "num_samples"} == pytest.approx(expected, abs=1e-6)
+    assert out["accuracy"] > 0.3  # well above chance (0.1): 0.75 to 0.92 over five initialisations of the TSM
     assert evaluate_tsm(tsm, test)["num_samples"] == len(test)
 
 

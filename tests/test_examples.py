@@ -24,15 +24,33 @@ def test_medmnist_config_asks_for_qlora():
 
 
 def test_quickstart_script_runs(tmp_path):
+    """The script runs, and the accuracies it prints are those of the bundle it saves on its test split."""
+    import re
+
+    import torch
+
+    from hf_vitask import load_vitask, predict_classes, tsm_predict
+    from hf_vitask.data.digits import load_digits_dataset
+
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart_digits.py"), "--steps", "2", "--samples", "80",
          "--output-dir", str(tmp_path / "qs")],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for row in ("TSM", "vanilla", "VITask w/o EP", "VITask w/ EP"):
-        assert row in result.stdout
-    assert (tmp_path / "qs" / "vitask" / "adapter_model.safetensors").is_file()
+    printed = dict(re.findall(r"^  (\S.*?)\s+([01]\.\d{3})$", result.stdout, flags=re.M))
+    assert list(printed) == ["TSM", "vanilla", "VITask w/o EP", "VITask w/ EP"]
+    test = load_digits_dataset(max_samples=80, seed=0)["test"]
+    assert f"test {len(test)} images" in result.stdout
+    labels = torch.tensor(test["label"])
+    for accuracy in printed.values():  # counts out of the test images
+        assert float(accuracy) * len(test) == pytest.approx(round(float(accuracy) * len(test)), abs=0.01)
+    model, processor, task = load_vitask(tmp_path / "qs" / "vitask")
+    again = {"TSM": (tsm_predict(model.tsm, test).argmax(-1) == labels).float().mean().item()}
+    for row, use_tsm in (("VITask w/o EP", False), ("VITask w/ EP", True)):
+        predictions = torch.tensor(predict_classes(model, processor, task, test["image"], use_tsm=use_tsm))
+        again[row] = (predictions == labels).float().mean().item()
+    assert {row: printed[row] for row in again} == {row: f"{value:.3f}" for row, value in again.items()}
 
 
 def test_the_distributed_configs_fit_together():

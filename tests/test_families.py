@@ -9,7 +9,6 @@ different numbers of image tokens.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from hf_vitask import (
 from hf_vitask.config import PASS_MODES
 from hf_vitask.data.collator import VITaskCollator
 from hf_vitask.data.digits import add_digit_descriptions
+from hf_vitask.evaluation import generate_answers
 from hf_vitask.losses import IGNORE_INDEX, crt_loss, rda_kl, token_ce
 from hf_vitask.models import passes as passes_module
 from hf_vitask.models.families import get_family
@@ -221,8 +221,11 @@ def test_train_save_load_score_generate(name, tmp_path, tsm, task, digits):
             score_options(model, processor2, task2, images, use_tsm=use_tsm),
             score_options(trained, processor, task, images, use_tsm=use_tsm), atol=1e-4, rtol=1e-4,
         )
+        # greedy answers too: the reloaded bundle answers as the trained model did
+        answers = generate_answers(trained, processor, task, images, use_tsm=use_tsm)
+        assert generate_answers(model, processor2, task2, images, use_tsm=use_tsm) == answers
         generated = predict_classes(model, processor2, task2, images, use_tsm=use_tsm, method="generate")
-        assert len(generated) == 4 and all(p is None or 0 <= p < task.num_classes for p in generated)
+        assert generated == [task.parse(a) for a in answers]
 
 
 def test_instruction_free_trains(name, tmp_path, digits):
@@ -235,7 +238,11 @@ def test_instruction_free_trains(name, tmp_path, digits):
     trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor, train_dataset=train)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
+    # the loss is the description cross-entropy; the second epoch over the same 8 rows is cheaper than the first
+    # (seed 0: by 1.3% for PaliGemma, 1.6% for InternVL, 10% to 23% for the others)
+    assert len(losses) == 4 and losses == pytest.approx([e["loss_ce"] for e in trainer.state.log_history
+                                                         if "loss_ce" in e], rel=1e-5)
+    assert losses[2] + losses[3] < 0.995 * (losses[0] + losses[1]), losses
     assert int(trainer.proxy.step) == 4
 
 

@@ -301,11 +301,17 @@ def test_load_vitask_on_a_4bit_base(trained_bundle):
     model, processor, task = load_vitask(trained_bundle, load_in_4bit=True)
     assert is_quantized(model) and model.is_peft and model.connector is not None
     from hf_vitask import predict_classes
+    from hf_vitask.evaluation import score_options
 
     images = load_digits_dataset(max_samples=48)["test"]["image"][:2]
+    full, full_processor, _ = load_vitask(trained_bundle)
     for use_tsm in (False, True):
-        predictions = predict_classes(model, processor, task, images, use_tsm=use_tsm)
-        assert len(predictions) == 2 and all(0 <= p < 10 for p in predictions)
+        scores = score_options(model, processor, task, images, use_tsm=use_tsm)
+        assert predict_classes(model, processor, task, images, use_tsm=use_tsm) == scores.argmax(-1).tolist()
+        # the same model up to 4-bit rounding: its option scores follow the full-precision bundle's (r = 0.99)
+        reference = score_options(full, full_processor, task, images, use_tsm=use_tsm)
+        assert torch.corrcoef(torch.stack([scores.flatten(), reference.flatten()]))[0, 1] > 0.9
+        assert not torch.equal(scores, reference)
 
 
 def test_card_of_a_multi_task_bundle(bundle):

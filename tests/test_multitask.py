@@ -113,7 +113,23 @@ def test_cli_multitask_round_trip(tmp_path, digits):
     assert set(results["per_task"]) == {"lowdigits", "highdigits"}
     per = [results["per_task"][t]["without_tsm/complete"]["likelihood"]["accuracy"] for t in ("lowdigits", "highdigits")]
     assert results["without_tsm/complete"]["likelihood"]["accuracy"] == pytest.approx(sum(per) / 2)
-    assert 0 <= results["tsm"]["accuracy"] <= 1 and results["per_task"]["lowdigits"]["tsm"]["num_samples"] == 4
+    # each task's TSM row: the saved TSM's logits of that task's first 4 test digits, softmax over its own 5 classes
+    from hf_vitask.cli import parse
+    from hf_vitask.pipeline import load_data_and_tasks
+    from tests.conftest import sklearn_metrics
+
+    (_, data_args, *_), _ = parse([str(config)])
+    test = load_data_and_tasks(data_args)[0]["test"]
+    tsm = TaskSpecificModel.from_pretrained(tmp_path / "run" / "tsm").eval()
+    for index, name in enumerate(("lowdigits", "highdigits")):
+        rows = test.filter(lambda t, i=index: t == i, input_columns="task").select(range(4))
+        with torch.no_grad():
+            logits = tsm(tsm.preprocess(rows["image"]))[:, 5 * index : 5 * index + 5]
+        reported = results["per_task"][name]["tsm"]
+        assert reported == pytest.approx({"num_samples": 4, **sklearn_metrics(logits.argmax(-1).tolist(), rows["label"],
+                                                                               logits)}, abs=1e-6), name
+    per = [results["per_task"][t]["tsm"] for t in ("lowdigits", "highdigits")]
+    assert results["tsm"] == pytest.approx({k: (per[0][k] + per[1][k]) / 2 for k in per[0]})
 
 
 def test_crt_averages_over_rows_with_a_negative_and_logs_coverage(tmp_path, digits, caplog):

@@ -29,12 +29,29 @@ PROPERTY = settings(max_examples=12, deadline=None, derandomize=True, database=N
 @PROPERTY
 @given(rows=st.integers(1, 21), batch_size=st.integers(1, 9), epochs=st.integers(1, 2))
 def test_train_tsm_takes_any_split_and_batch_size(digits, rows, batch_size, epochs):
+    from hf_vitask.trainers.tsm import TSMTrainer
+
     tsm = TaskSpecificModel("test_resnet", num_classes=10, img_size=16)
     before = {k: v.clone() for k, v in tsm.state_dict().items()}
-    history = train_tsm(tsm, digits["train"].select(range(rows)), epochs=epochs, batch_size=batch_size,
-                        learning_rate=1e-3, progress=False)
+    steps = []  # (rows, loss) of every training step
+    compute_loss = TSMTrainer.compute_loss
+
+    def recorded(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        if model.training:
+            steps.append((len(inputs["labels"]), loss.item()))
+        return loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TSMTrainer, "compute_loss", recorded)
+        history = train_tsm(tsm, digits["train"].select(range(rows)), epochs=epochs, batch_size=batch_size,
+                            learning_rate=1e-3, progress=False)
+    # every row once per epoch, the last batch short; each epoch's loss is the mean of its steps' losses
+    sizes = [batch_size] * (rows // batch_size) + ([rows % batch_size] if rows % batch_size else [])
+    assert [n for n, _ in steps] == sizes * epochs
+    per_epoch = [[loss for _, loss in steps[e * len(sizes) : (e + 1) * len(sizes)]] for e in range(epochs)]
+    assert history["train_loss"] == pytest.approx([sum(v) / len(v) for v in per_epoch], rel=1e-5)
     assert len(history["train_loss"]) == epochs and history["best_epoch"] == epochs - 1
-    assert all(torch.isfinite(torch.tensor(history["train_loss"])))
     assert any(not torch.equal(before[k], v) for k, v in tsm.state_dict().items()), "no optimizer step was taken"
 
 

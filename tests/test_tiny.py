@@ -72,12 +72,15 @@ def test_forward_backward(tiny, images):
     _, model, processor = tiny
     model.train()
     model.zero_grad()
-    out = model(**_train_batch(processor, images))
-    assert torch.isfinite(out.loss)
+    batch = _train_batch(processor, images)
+    out = model(**batch)
+    # the loss is the next-token cross-entropy over the labelled tokens
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
+                                                 batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     out.loss.backward()
-    lm_grads = [p.grad for n, p in model.named_parameters() if "language_model" in n and "layers" in n]
-    assert lm_grads and all(g is not None and torch.isfinite(g).all() for g in lm_grads)
-    assert any(g.abs().sum() > 0 for g in lm_grads)
+    lm_grads = {n: p.grad for n, p in model.named_parameters() if "language_model" in n and "layers" in n}
+    assert lm_grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lm_grads.values())
     model.zero_grad()
 
 
