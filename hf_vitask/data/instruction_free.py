@@ -141,7 +141,8 @@ class InstructionFreeCollator:
     training: bool = True
     """Shuffle responses (the trainer evaluates with a copy that has False)."""
     batch_index: int = 0
-    """Batches collated so far in training (the shuffling stream position)."""
+    """Where the shuffling stream starts (the trainer starts a resumed run at its first untrained
+    batch); counts up as batches are collated."""
     _trl: Any = field(init=False, repr=False, default=None)
 
     def __post_init__(self):

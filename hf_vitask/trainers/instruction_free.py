@@ -27,16 +27,24 @@ from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
 
 
 class ProxyEMACallback(TrainerCallback):
-    """Updates the proxy EMA after every optimizer step; on train begin, points the collator's
-    shuffling stream at the first batch still to be trained (exact resume)."""
+    """Updates the proxy EMA after every optimizer step. On train begin, the training dataloader
+    gets a copy of the collator whose shuffling stream starts at the first batch still to be
+    trained (exact resume); the collator the trainer was given is left as it is."""
 
     def __init__(self, trainer: InstructionFreeTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         collator = self.trainer.data_collator
-        if isinstance(collator, InstructionFreeCollator) and train_dataloader is not None:
-            collator.batch_index = _batches_consumed(args, state.global_step, len(train_dataloader))
+        if not isinstance(collator, InstructionFreeCollator) or train_dataloader is None:
+            return
+        if train_dataloader.collate_fn is not collator:
+            raise TypeError(
+                "The training dataloader does not collate with the trainer's InstructionFreeCollator "
+                f"(it uses {type(train_dataloader.collate_fn).__name__}); keep remove_unused_columns=False"
+            )
+        start = _batches_consumed(args, state.global_step, len(train_dataloader))
+        train_dataloader.collate_fn = dataclasses.replace(collator, batch_index=start)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.proxy is not None:
