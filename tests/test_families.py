@@ -30,6 +30,7 @@ from hf_vitask.data.digits import add_digit_descriptions
 from hf_vitask.evaluation import generate_answers
 from hf_vitask.losses import IGNORE_INDEX, crt_loss, rda_kl, token_ce
 from hf_vitask.models import passes as passes_module
+from hf_vitask.models.checkpointing import checkpointed_layers
 from hf_vitask.models.families import get_family
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import run_passes
@@ -164,16 +165,23 @@ def test_fused_passes_equal_the_reference_or_fall_back_once(name, tsm, task, dig
     _assert_same(got, reference)
 
 
-def test_gradient_checkpointing_gives_the_same_step(name, tsm, task, digits):
+@pytest.mark.parametrize("mixed", [False, True], ids=["same-size", "mixed-size"])
+def test_gradient_checkpointing_keeps_the_fused_step_exact(name, tsm, task, digits, mixed):
+    """Under activation checkpointing the shared prefix still runs once (its KV cache passes through
+    the checkpointed layers), with the logits, losses and gradients of separate passes."""
     model, processor = _model(name, tsm)
-    batch = VITaskCollator(processor, task, tsm=tsm, with_negatives=True, seed=1)(_rows(digits))
+    batch = VITaskCollator(processor, task, tsm=tsm, with_negatives=True, seed=1)(_rows(digits, mixed=mixed))
     reference = _losses(model, batch, "none")
     model.gradient_checkpointing_enable()
     try:
         got = _losses(model, batch, "prefix")
+        layers = checkpointed_layers(model.vlm)
     finally:
         model.gradient_checkpointing_disable()
-    assert got[0].mode != "prefix"  # no KV cache under checkpointing in training
+    assert layers, "checkpointing is on for the decoder layers"
+    assert all(not layer.__dict__.get("_can_checkpoint_with_cache", False) for layer, _ in layers), "left as it was"
+    if not mixed and "prefix" in get_family(name).fusion_modes:
+        assert got[0].mode == "prefix"
     _assert_same(got, reference)
 
 

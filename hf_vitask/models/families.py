@@ -132,8 +132,8 @@ class VLMFamily:
     @property
     def fusion_modes(self) -> tuple[str, ...]:
         """The ``pass_fusion`` modes this family can run (``"none"`` always can). ``"prefix"``
-        also needs every row of a batch to share the image prefix (same-size images) and no
-        gradient checkpointing; otherwise it falls back to the next mode, with one warning."""
+        also needs every row of a batch to share the image prefix (same-size images); otherwise it
+        falls back to the next mode, with one warning."""
         modes = []
         if self.prefix_fusion:
             modes.append("prefix")
@@ -476,12 +476,11 @@ def support_matrix() -> list[dict[str, str]]:
     runs, the modules kept out of 4-bit quantisation (``hf-vitask info`` prints it)."""
     rows = []
     for family in FAMILIES.values():
-        fused = [m for m in family.fusion_modes if m != "prefix"]
         rows.append({
             "family": family.name,
             "model_type": ", ".join(family.model_types),
             "pass_fusion": ", ".join(family.fusion_modes),
-            "gradient_checkpointing": fused[0],
+            "gradient_checkpointing": family.fusion_modes[0],
             "4-bit (kept full precision)": ", ".join(family.vision_modules),
         })
     return rows

@@ -12,8 +12,9 @@ gradients, for less:
   sequences (576 of ~600 in LLaVA-1.5), so a step costs about one prefix plus three short
   suffixes. Gradients flow through the cache into the prefix, so nothing is approximated.
 * ``"batch"``: the vision tower runs once and the passes are stacked into one language-model
-  forward that reuses the image features. Used where the prefix cannot be shared: gradient
-  checkpointing drops KV caches during training, or rows differ before the image.
+  forward that reuses the image features. Used where the prefix cannot be shared: rows differ
+  before the image (images of different sizes). Under gradient checkpointing the prefix is still
+  shared: :mod:`hf_vitask.models.checkpointing` keeps the KV cache through checkpointed layers.
 * ``"none"``: separate forwards of the :class:`VITaskModel`, the reference the others are tested
   against.
 
@@ -35,6 +36,7 @@ import torch
 
 from hf_vitask.config import PASS_MODES
 from hf_vitask.losses import IGNORE_INDEX
+from hf_vitask.models.checkpointing import cache_through_checkpointing
 from hf_vitask.models.exemplar import exemplar_positions
 
 logger = logging.getLogger(__name__)
@@ -175,8 +177,11 @@ def _forward_parameters(model_class) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
-def _cache_kwargs(vlm, cache) -> dict:
-    return {"cache" if _accepts(vlm, "cache") else "past_key_values": cache, "use_cache": True}
+def _cache_kwargs(vlm, cache, use_cache: bool = True) -> dict:
+    """``cache`` under the keyword this VLM's forward takes. ``use_cache=False`` with a given cache:
+    layers still read and write it (what gradient checkpointing in training needs, where
+    transformers would turn ``use_cache`` off with a warning)."""
+    return {"cache" if _accepts(vlm, "cache") else "past_key_values": cache, "use_cache": use_cache}
 
 
 def _cache_of(output):
@@ -378,9 +383,6 @@ def _prefix_blocker(model, inputs) -> str | None:
     """Why the shared-prefix form cannot run on this batch (None: it can)."""
     if not model.family.prefix_fusion:
         return f"the {model.family.name} family cannot continue from a shared image prefix"
-    base = _base(model.vlm)
-    if _checkpointing(base) and model.training and torch.is_grad_enabled():
-        return "gradient checkpointing drops the KV cache in training"
     ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
     try:
         pos = exemplar_positions(ids, model.image_token_id, model.image_end_token_id)
@@ -406,18 +408,32 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows,
                                                      positions=tokens["position_ids"])
     prefix = {k: (v[..., :p] if k == "position_ids" else v[:, :p]) for k, v in tokens.items() if k != "labels"}
-    cache = _cache_of(model.vlm(**prefix, **fam.image_inputs(inputs), use_cache=True, logits_to_keep=1))
-    if cache is None or cache.get_seq_length() != p:
-        raise RuntimeError("The prefix forward returned no KV cache; use pass_fusion='batch'")
-    cache_index = torch.cat(sources)
-    cache.reorder_cache(cache_index)  # index_select per layer: differentiable, shared rows fan out
+    checkpointed = _checkpointing(_base(model.vlm)) and model.training and torch.is_grad_enabled()
+    # under checkpointing, transformers turns use_cache off in training: hand the model a cache instead
+    given = _new_cache(model.vlm) if checkpointed else None
+    context = cache_through_checkpointing(model.vlm) if checkpointed else contextlib.nullcontext()
+    with context:
+        kwargs = _cache_kwargs(model.vlm, given, use_cache=False) if given is not None else {"use_cache": True}
+        cache = _cache_of(model.vlm(**prefix, **fam.image_inputs(inputs), **kwargs, logits_to_keep=1))
+        cache = given if given is not None else cache
+        if cache is None or cache.get_seq_length() != p:
+            raise RuntimeError("The prefix forward returned no KV cache; use pass_fusion='batch'")
+        cache_index = torch.cat(sources)
+        cache.reorder_cache(cache_index)  # index_select per layer: differentiable, shared rows fan out
 
-    parts = [_from(part, p) for part in parts]
-    slot_parts = [s[:, p:] for s in slot_parts]
-    prefix_mask = torch.ones(len(cache_index), p, dtype=inputs["attention_mask"].dtype, device=ids.device)
-    rows = _rows_with_response(inputs["labels"])
-    return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], None, counts,
-                        "prefix", exemplar, neg_rows, attention_mask=prefix_mask, **_cache_kwargs(model.vlm, cache))
+        parts = [_from(part, p) for part in parts]
+        slot_parts = [s[:, p:] for s in slot_parts]
+        prefix_mask = torch.ones(len(cache_index), p, dtype=inputs["attention_mask"].dtype, device=ids.device)
+        rows = _rows_with_response(inputs["labels"])
+        return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], None, counts,
+                            "prefix", exemplar, neg_rows, attention_mask=prefix_mask,
+                            **_cache_kwargs(model.vlm, cache, use_cache=not checkpointed))
+
+
+def _new_cache(vlm):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=_base(vlm).config)
 
 
 def _injection(model, slots: torch.Tensor | None, exemplar: torch.Tensor | None):
