@@ -47,8 +47,14 @@ def worker(cli) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = load_digits_dataset(max_samples=600, image_size=image_size)
     tsm = TaskSpecificModel("test_resnet", num_classes=10, img_size=32)
-    model, processor = build_tiny_vlm("llava", hidden_size=cli.hidden, num_layers=cli.layers, num_heads=4,
-                                      image_size=image_size, image_tokens=cli.image_tokens)
+    model, processor = build_tiny_vlm(
+        "llava",
+        hidden_size=cli.hidden,
+        num_layers=cli.layers,
+        num_heads=4,
+        image_size=image_size,
+        image_tokens=cli.image_tokens,
+    )
     model.resize_token_embeddings(cli.vocab, mean_resizing=False)
     times: list[float] = []
 
@@ -59,12 +65,31 @@ def worker(cli) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    args = VITaskConfig(output_dir=cli.out, stage=2, freeze_connector=False, pass_fusion=cli.pass_fusion,
-                        max_steps=cli.steps + 2, per_device_train_batch_size=cli.batch, learning_rate=2e-3,
-                        lora_r=16, lora_dropout=0.0, report_to="none", save_strategy="no", logging_steps=1000,
-                        disable_tqdm=True, dataloader_num_workers=0)
-    trainer = VITaskTrainer(model=model, args=args, processing_class=processor, train_dataset=data["train"],
-                            task=digits_task(), tsm=tsm, callbacks=[Clock()])
+    args = VITaskConfig(
+        output_dir=cli.out,
+        stage=2,
+        freeze_connector=False,
+        pass_fusion=cli.pass_fusion,
+        max_steps=cli.steps + 2,
+        per_device_train_batch_size=cli.batch,
+        learning_rate=2e-3,
+        lora_r=16,
+        lora_dropout=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = VITaskTrainer(
+        model=model,
+        args=args,
+        processing_class=processor,
+        train_dataset=data["train"],
+        task=digits_task(),
+        tsm=tsm,
+        callbacks=[Clock()],
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         Path(cli.out, "times.json").write_text(json.dumps({"times": times[2:], "world_size": world}))
@@ -91,15 +116,35 @@ def main(argv: list[str] | None = None) -> None:
     if cli.worker:
         return worker(cli)
 
-    shapes = ["--hidden", str(cli.hidden), "--layers", str(cli.layers), "--image-tokens", str(cli.image_tokens),
-              "--vocab", str(cli.vocab), "--batch", str(cli.batch), "--steps", str(cli.steps)]
+    shapes = [
+        "--hidden",
+        str(cli.hidden),
+        "--layers",
+        str(cli.layers),
+        "--image-tokens",
+        str(cli.image_tokens),
+        "--vocab",
+        str(cli.vocab),
+        "--batch",
+        str(cli.batch),
+        "--steps",
+        str(cli.steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     medians = {}
     for name, processes, fusion in RUNS:
         with tempfile.TemporaryDirectory() as out:
-            launcher = [sys.executable] if processes == 1 else [
-                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                f"--master_port={_free_port()}"]
+            launcher = (
+                [sys.executable]
+                if processes == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={processes}",
+                    f"--master_port={_free_port()}",
+                ]
+            )
             command = [*launcher, __file__, "--worker", "--out", out, "--pass-fusion", fusion, *shapes]
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             result = json.loads(Path(out, "times.json").read_text())

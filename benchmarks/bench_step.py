@@ -42,7 +42,9 @@ VARIANTS = {  # name: VITaskConfig overrides (None: the plain SFT step)
     "stage 2, naive (pass_fusion none)": dict(stage=2, pass_fusion="none"),
     "stage 2, passes stacked (batch)": dict(stage=2, pass_fusion="batch"),
     "stage 2 (EP + RDA + CRT)": dict(stage=2),
-    "RDA frozen teacher, uncached": dict(stage=1, ep_weight=0.0, rda_teacher="frozen", rda_teacher_cache=False),
+    "RDA frozen teacher, uncached": dict(
+        stage=1, ep_weight=0.0, rda_teacher="frozen", rda_teacher_cache=False
+    ),
     "RDA frozen teacher, cached": dict(stage=1, ep_weight=0.0, rda_teacher="frozen"),
     "stage 2, frozen teacher cached": dict(stage=2, rda_teacher="frozen"),
 }
@@ -87,7 +89,9 @@ def saved_for_backward_mb(trainer: VITaskTrainer, batch: dict, sft: bool) -> flo
     return sum(storages.values()) / 2**20
 
 
-def train_step(trainer: VITaskTrainer, optimizer, batch: dict, device: torch.device, sft: bool = False) -> float:
+def train_step(
+    trainer: VITaskTrainer, optimizer, batch: dict, device: torch.device, sft: bool = False
+) -> float:
     """Forward + backward + optimizer step, as Trainer.training_step does it; seconds."""
     trainer.model.train()
     if device.type == "cuda":
@@ -106,14 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=256, help="LLM hidden size of the tiny LLaVA")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--image-tokens", type=int, default=144, help="image tokens per image (a square number)")
+    parser.add_argument(
+        "--image-tokens", type=int, default=144, help="image tokens per image (a square number)"
+    )
     parser.add_argument("--vocab", type=int, default=8192, help="output vocabulary (the tokenizer's, padded)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--teacher-steps", type=int, default=60, help="stage-1 steps of the frozen teacher")
     parser.add_argument("--eval-images", type=int, default=24)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--output-dir", default="/tmp/bench-vitask")
     cli = parser.parse_args(argv)
     if cli.threads:
@@ -127,19 +135,41 @@ def main(argv: list[str] | None = None) -> None:
     rows = [data["train"][i] for i in range(cli.batch * (cli.steps + 1))]
 
     def fresh(teacher=None, **overrides) -> VITaskTrainer:
-        model, processor = build_tiny_vlm("llava", hidden_size=cli.hidden, num_layers=cli.layers, num_heads=cli.heads,
-                                          image_size=image_size, image_tokens=cli.image_tokens)
+        model, processor = build_tiny_vlm(
+            "llava",
+            hidden_size=cli.hidden,
+            num_layers=cli.layers,
+            num_heads=cli.heads,
+            image_size=image_size,
+            image_tokens=cli.image_tokens,
+        )
         if cli.vocab > model.get_output_embeddings().weight.shape[0]:
             model.resize_token_embeddings(cli.vocab, mean_resizing=False)  # real-sized lm_head cost
-        args = VITaskConfig(output_dir=cli.output_dir, report_to="none", save_strategy="no", lora_r=16,
-                            lora_dropout=0.0, use_cpu=device.type == "cpu", learning_rate=2e-3,
-                            per_device_train_batch_size=cli.batch, disable_tqdm=True, logging_steps=1000,
-                            **overrides)
+        args = VITaskConfig(
+            output_dir=cli.output_dir,
+            report_to="none",
+            save_strategy="no",
+            lora_r=16,
+            lora_dropout=0.0,
+            use_cpu=device.type == "cpu",
+            learning_rate=2e-3,
+            per_device_train_batch_size=cli.batch,
+            disable_tqdm=True,
+            logging_steps=1000,
+            **overrides,
+        )
         if args.stage == 2:  # timing only: the random connector stands in for a stage-1 one
             model = VITaskModel.from_vlm(wrap_lora(model, args), processor, tsm=tsm)
             model.connector.trained = True
-        trainer = VITaskTrainer(model=model.to(device), args=args, processing_class=processor,
-                                train_dataset=data["train"], task=task, tsm=tsm, teacher=teacher)
+        trainer = VITaskTrainer(
+            model=model.to(device),
+            args=args,
+            processing_class=processor,
+            train_dataset=data["train"],
+            task=task,
+            tsm=tsm,
+            teacher=teacher,
+        )
         trainer.model.to(device)
         return trainer
 
@@ -156,8 +186,13 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = {}
     for name, overrides in VARIANTS.items():
-        trainer = fresh(teacher_dir if "frozen" in name else None, **(overrides or VARIANTS["vanilla (VITaskTrainer)"]))
-        batches = [to_device(trainer.data_collator(rows[i * cli.batch : (i + 1) * cli.batch])) for i in range(cli.steps + 1)]
+        trainer = fresh(
+            teacher_dir if "frozen" in name else None, **(overrides or VARIANTS["vanilla (VITaskTrainer)"])
+        )
+        batches = [
+            to_device(trainer.data_collator(rows[i * cli.batch : (i + 1) * cli.batch]))
+            for i in range(cli.steps + 1)
+        ]
         optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-4)
         if name.endswith("cached"):  # the cache is filled in the first epoch; time a later one
             with torch.no_grad():
@@ -177,13 +212,19 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: (statistics.median(t), max(m)) for name, (_, _, _, t, m) in runs.items()}
     sft = results[SFT][0]
     sequence = runs[SFT][2][0]["input_ids"].shape[1]
-    print(f"\ndevice {device}, tiny LLaVA hidden {cli.hidden} x {cli.layers} layers, vocab {cli.vocab}, batch "
-          f"{cli.batch}, {sequence}-token sequences ({cli.image_tokens} image tokens), median of {cli.steps} steps")
+    print(
+        f"\ndevice {device}, tiny LLaVA hidden {cli.hidden} x {cli.layers} layers, vocab {cli.vocab}, batch "
+        f"{cli.batch}, {sequence}-token sequences ({cli.image_tokens} image tokens), median of {cli.steps} steps"
+    )
     vanilla = results["vanilla (VITaskTrainer)"][0]
     memory_title = "peak MB" if device.type == "cuda" else "saved for backward MB"
-    print(f"| {'variant':<36} | {'step (ms)':>9} | {'vs SFT':>7} | {'vs vanilla':>10} | {memory_title:>8} |\n|---|---|---|---|---|")
+    print(
+        f"| {'variant':<36} | {'step (ms)':>9} | {'vs SFT':>7} | {'vs vanilla':>10} | {memory_title:>8} |\n|---|---|---|---|---|"
+    )
     for name, (median, memory) in results.items():
-        print(f"| {name:<36} | {median * 1e3:>9.1f} | {median / sft:>6.2f}x | {median / vanilla:>9.2f}x | {memory:>8.1f} |")
+        print(
+            f"| {name:<36} | {median * 1e3:>9.1f} | {median / sft:>6.2f}x | {median / vanilla:>9.2f}x | {memory:>8.1f} |"
+        )
 
     # collator throughput vs training step rate
     collator = runs[SFT][0].data_collator
@@ -193,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         plain_collator(rows[i * cli.batch : (i + 1) * cli.batch])
     collate = (time.perf_counter() - start) / cli.steps
     stage2 = results["stage 2 (EP + RDA + CRT)"][0]
-    print(f"\ncollator (stage 2, negatives + TSM pixels): {collate * 1e3:.1f} ms/batch, {stage2 / collate:.1f}x the "
-          f"stage-2 step rate ({sft / collate:.1f}x the SFT step rate)")
+    print(
+        f"\ncollator (stage 2, negatives + TSM pixels): {collate * 1e3:.1f} ms/batch, {stage2 / collate:.1f}x the "
+        f"stage-2 step rate ({sft / collate:.1f}x the SFT step rate)"
+    )
 
     # what a top-k teacher cache would change: L_RDA from the top-k vs the full teacher distribution
     full = runs["RDA frozen teacher, uncached"][0]
@@ -208,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
             for k in diffs:
                 values, index = torch.log_softmax(teacher.float(), dim=-1).topk(k, dim=-1)
                 diffs[k].append(abs(rda_kl_cached(student, values, index).mean().item() - exact) / exact)
-    print("teacher cache, top-k instead of the full distribution: L_RDA differs by " + ", ".join(
-        f"{statistics.fmean(d) * 100:.2f}% (k={k})" for k, d in diffs.items()) + f" of {cli.vocab} tokens")
+    print(
+        "teacher cache, top-k instead of the full distribution: L_RDA differs by "
+        + ", ".join(f"{statistics.fmean(d) * 100:.2f}% (k={k})" for k, d in diffs.items())
+        + f" of {cli.vocab} tokens"
+    )
 
     # option likelihood vs generate-and-parse, on the trained teacher without its TSM
     model, processor = teacher_trainer.model.eval(), teacher_trainer.processing_class
@@ -218,13 +264,24 @@ def main(argv: list[str] | None = None) -> None:
     longest = max(len(processor.tokenizer(task.response(c))["input_ids"]) for c in range(task.num_classes))
     timings = {}
     for name, fn in {
-        "likelihood, shared prompt": lambda: score_options(model, processor, task, images, batch_size=8).argmax(1).tolist(),
-        "likelihood, full sequences": lambda: score_options(model, processor, task, images, batch_size=8,
-                                                            shared_prompt=False).argmax(1).tolist(),
-        "generate-and-parse": lambda: [task.parse(t) for t in generate_answers(
-            model, processor, task, images, batch_size=8, max_new_tokens=longest + 1)],
-        "generate-and-parse, 16 new tokens": lambda: [task.parse(t) for t in generate_answers(
-            model, processor, task, images, batch_size=8, max_new_tokens=16)],
+        "likelihood, shared prompt": lambda: (
+            score_options(model, processor, task, images, batch_size=8).argmax(1).tolist()
+        ),
+        "likelihood, full sequences": lambda: (
+            score_options(model, processor, task, images, batch_size=8, shared_prompt=False)
+            .argmax(1)
+            .tolist()
+        ),
+        "generate-and-parse": lambda: [
+            task.parse(t)
+            for t in generate_answers(
+                model, processor, task, images, batch_size=8, max_new_tokens=longest + 1
+            )
+        ],
+        "generate-and-parse, 16 new tokens": lambda: [
+            task.parse(t)
+            for t in generate_answers(model, processor, task, images, batch_size=8, max_new_tokens=16)
+        ],
     }.items():
         fn()  # warm-up
         start = time.perf_counter()
@@ -238,10 +295,12 @@ def main(argv: list[str] | None = None) -> None:
             prompts = build_prompts(processor, task, images[i : i + 8])
             model.vlm(**{k: v.to(device) for k, v in prompts.items()}, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    print(f"likelihood (shared prompt) is {timings['generate-and-parse'] / timings['likelihood, shared prompt']:.2f}x "
-          f"faster than generate-and-parse ({longest + 1} new tokens), "
-          f"{timings['likelihood, full sequences'] / timings['likelihood, shared prompt']:.1f}x faster than full-sequence "
-          f"scoring; the prompt prefill alone takes {prefill:.3f} s")
+    print(
+        f"likelihood (shared prompt) is {timings['generate-and-parse'] / timings['likelihood, shared prompt']:.2f}x "
+        f"faster than generate-and-parse ({longest + 1} new tokens), "
+        f"{timings['likelihood, full sequences'] / timings['likelihood, shared prompt']:.1f}x faster than full-sequence "
+        f"scoring; the prompt prefill alone takes {prefill:.3f} s"
+    )
 
 
 if __name__ == "__main__":

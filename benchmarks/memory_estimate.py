@@ -147,20 +147,49 @@ class Base:
 QWEN2_VL_2B = Base(
     name="Qwen2-VL-2B-Instruct",
     advertised=2.2e9,
-    text=TextDecoder(vocab=151936, embed_rows=151936, hidden=1536, intermediate=8960, layers=28, heads=12,
-                     kv_heads=2, qkv_bias=True, tied_embeddings=True),
-    vision=QwenVision(depth=32, embed_dim=1280, mlp_ratio=4, patch=14, temporal_patch=2, merge=2,
-                      out_dim=1536, tokens=1024),
+    text=TextDecoder(
+        vocab=151936,
+        embed_rows=151936,
+        hidden=1536,
+        intermediate=8960,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        qkv_bias=True,
+        tied_embeddings=True,
+    ),
+    vision=QwenVision(
+        depth=32, embed_dim=1280, mlp_ratio=4, patch=14, temporal_patch=2, merge=2, out_dim=1536, tokens=1024
+    ),
 )
 
 LLAMA32_11B_VISION = Base(
     name="Llama-3.2-11B-Vision-Instruct",
     advertised=10.6e9,
-    text=TextDecoder(vocab=128256, embed_rows=128256 + 8, hidden=4096, intermediate=14336, layers=40,
-                     heads=32, kv_heads=8, qkv_bias=False, tied_embeddings=False,
-                     cross_attn_layers=(3, 8, 13, 18, 23, 28, 33, 38)),
-    vision=MllamaVision(hidden=1280, local_layers=32, global_layers=8, intermediate=5120, patch=14, image=560,
-                        max_tiles=4, aspect_ratios=9, intermediate_outputs=5, out_dim=4096),
+    text=TextDecoder(
+        vocab=128256,
+        embed_rows=128256 + 8,
+        hidden=4096,
+        intermediate=14336,
+        layers=40,
+        heads=32,
+        kv_heads=8,
+        qkv_bias=False,
+        tied_embeddings=False,
+        cross_attn_layers=(3, 8, 13, 18, 23, 28, 33, 38),
+    ),
+    vision=MllamaVision(
+        hidden=1280,
+        local_layers=32,
+        global_layers=8,
+        intermediate=5120,
+        patch=14,
+        image=560,
+        max_tiles=4,
+        aspect_ratios=9,
+        intermediate_outputs=5,
+        out_dim=4096,
+    ),
 )
 
 BASES = (QWEN2_VL_2B, LLAMA32_11B_VISION)
@@ -290,8 +319,9 @@ def activation_bytes(b: Base, vision_trains: bool, seq_len: int, batch: int, pas
     return {
         "act_checkpoints": tokens * t.hidden * BF16_B * t.layers,
         "act_layer": LAYER_ACTIVATION_B * tokens * t.hidden,
-        "act_vision": (vision_tokens * vision_hidden * (BF16_B * v.depth + LAYER_ACTIVATION_B)
-                       if vision_trains else 0),
+        "act_vision": (
+            vision_tokens * vision_hidden * (BF16_B * v.depth + LAYER_ACTIVATION_B) if vision_trains else 0
+        ),
         "act_logits": batch * passes * RESPONSE_TOKENS * t.vocab * FP32_B,
     }
 
@@ -303,8 +333,9 @@ def zero3_gather_bytes(b: Base) -> float:
     return BF16_B * max(t.embed_rows * t.hidden, 2 * largest_layer)
 
 
-def estimate(b: Base, method: str, strategy: str, gpus: int, lora_r: int, seq_len: int, batch: int,
-             passes: int = 3) -> Estimate:
+def estimate(
+    b: Base, method: str, strategy: str, gpus: int, lora_r: int, seq_len: int, batch: int, passes: int = 3
+) -> Estimate:
     """Per-GPU bytes for one combination (see the module docstring for the byte counts)."""
     if method == "QLoRA" and strategy != "DDP":
         raise ValueError("QLoRA is estimated under DDP only: ZeRO-3 does not shard the package's 4-bit base")
@@ -324,7 +355,10 @@ def estimate(b: Base, method: str, strategy: str, gpus: int, lora_r: int, seq_le
     shard_states = 1 if strategy == "DDP" else gpus
     shard_weights = gpus if strategy == "ZeRO-3" else 1
     return Estimate(
-        base=b.name, method=method, strategy=strategy, gpus=gpus,
+        base=b.name,
+        method=method,
+        strategy=strategy,
+        gpus=gpus,
         frozen_weights=frozen / shard_weights,
         trainable_weights=w_b * trainable / shard_weights,
         gather_buffer=zero3_gather_bytes(b) if strategy == "ZeRO-3" else 0.0,
@@ -344,8 +378,9 @@ def combinations(gpus: list[int]) -> list[tuple[Base, str, str, int]]:
     return rows
 
 
-def estimates(gpus: list[int], lora_r: int = 16, seq_len: int = 1024, batch: int = 1,
-              passes: int = 3) -> list[Estimate]:
+def estimates(
+    gpus: list[int], lora_r: int = 16, seq_len: int = 1024, batch: int = 1, passes: int = 3
+) -> list[Estimate]:
     return [estimate(b, m, s, n, lora_r, seq_len, batch, passes) for b, m, s, n in combinations(gpus)]
 
 
@@ -366,55 +401,81 @@ def param_lines(lora_r: int) -> list[str]:
         shown += " (tied to embeddings)" if b.text.tied_embeddings else ""
         off = total / b.advertised - 1
         verdict = "OK" if abs(off) < 0.10 else "MISMATCH"
-        lines.append(f"- {b.name}: {shown} = **{total / 1e9:.3f}B** "
-                     f"(advertised ~{b.advertised / 1e9:.1f}B, {off:+.1%}: {verdict})")
+        lines.append(
+            f"- {b.name}: {shown} = **{total / 1e9:.3f}B** "
+            f"(advertised ~{b.advertised / 1e9:.1f}B, {off:+.1%}: {verdict})"
+        )
         connector = connector_params(b.text.hidden)
-        lines.append(f"  trainable: LoRA r={lora_r} {lora_params(b.text, lora_r) / 1e6:.1f}M "
-                     f"+ exemplar connector {connector / 1e6:.1f}M; full {(total + connector) / 1e9:.3f}B; "
-                     f"QLoRA 4-bit share {parts['decoder linears'] / total:.0%} of the base")
+        lines.append(
+            f"  trainable: LoRA r={lora_r} {lora_params(b.text, lora_r) / 1e6:.1f}M "
+            f"+ exemplar connector {connector / 1e6:.1f}M; full {(total + connector) / 1e9:.3f}B; "
+            f"QLoRA 4-bit share {parts['decoder linears'] / total:.0%} of the base"
+        )
     return lines
 
 
 def table(rows: list[Estimate]) -> list[str]:
-    lines = ["| base | method | strategy | GPUs | weights | grads+optimizer | activations | total GiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {e.base} | {e.method} | {e.strategy} | {e.gpus} | {gib(e.weights)} "
-              f"| {gib(e.grads_optimizer)} | {gib(e.activations)} | {gib(e.total)} |" for e in rows]
+    lines = [
+        "| base | method | strategy | GPUs | weights | grads+optimizer | activations | total GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {e.base} | {e.method} | {e.strategy} | {e.gpus} | {gib(e.weights)} "
+        f"| {gib(e.grads_optimizer)} | {gib(e.activations)} | {gib(e.total)} |"
+        for e in rows
+    ]
     return lines
 
 
 def component_table(rows: list[Estimate]) -> list[str]:
     """Where the memory goes: every term of every row, GiB."""
-    cols = ("frozen_weights", "trainable_weights", "gather_buffer", "grads", "optimizer",
-            "act_checkpoints", "act_layer", "act_vision", "act_logits")
-    lines = ["| base | method | strategy | GPUs | " + " | ".join(cols) + " |",
-             "|---|---|---|---:|" + "---:|" * len(cols)]
-    lines += [f"| {e.base} | {e.method} | {e.strategy} | {e.gpus} | "
-              + " | ".join(gib(getattr(e, c)) for c in cols) + " |" for e in rows]
+    cols = (
+        "frozen_weights",
+        "trainable_weights",
+        "gather_buffer",
+        "grads",
+        "optimizer",
+        "act_checkpoints",
+        "act_layer",
+        "act_vision",
+        "act_logits",
+    )
+    lines = [
+        "| base | method | strategy | GPUs | " + " | ".join(cols) + " |",
+        "|---|---|---|---:|" + "---:|" * len(cols),
+    ]
+    lines += [
+        f"| {e.base} | {e.method} | {e.strategy} | {e.gpus} | "
+        + " | ".join(gib(getattr(e, c)) for c in cols)
+        + " |"
+        for e in rows
+    ]
     return lines
 
 
 def report(gpus: list[int], lora_r: int, seq_len: int, batch: int, passes: int) -> str:
     rows = estimates(gpus, lora_r, seq_len, batch, passes)
-    lines = ["Estimate from shapes, not a measurement",
-             "",
-             f"Per GPU, GiB. LoRA r={lora_r} on the decoder's q,k,v,o,gate,up,down + exemplar connector; "
-             f"{seq_len} tokens x {passes} stacked passes x {batch} sequence(s) per GPU; "
-             "gradient checkpointing on.",
-             "",
-             "Parameters counted from shapes:",
-             *param_lines(lora_r),
-             "",
-             *table(rows),
-             "",
-             "QLoRA: DDP only; ZeRO-3 does not shard the package's bnb 4-bit weights (quant storage uint8, "
-             "one full copy per rank).",
-             "Not counted: CUDA context (~0.5-1 GiB), DDP/DeepSpeed communication buckets, "
-             "allocator fragmentation, the frozen TSM.",
-             "",
-             "Components (GiB):",
-             "",
-             *component_table(rows)]
+    lines = [
+        "Estimate from shapes, not a measurement",
+        "",
+        f"Per GPU, GiB. LoRA r={lora_r} on the decoder's q,k,v,o,gate,up,down + exemplar connector; "
+        f"{seq_len} tokens x {passes} stacked passes x {batch} sequence(s) per GPU; "
+        "gradient checkpointing on.",
+        "",
+        "Parameters counted from shapes:",
+        *param_lines(lora_r),
+        "",
+        *table(rows),
+        "",
+        "QLoRA: DDP only; ZeRO-3 does not shard the package's bnb 4-bit weights (quant storage uint8, "
+        "one full copy per rank).",
+        "Not counted: CUDA context (~0.5-1 GiB), DDP/DeepSpeed communication buckets, "
+        "allocator fragmentation, the frozen TSM.",
+        "",
+        "Components (GiB):",
+        "",
+        *component_table(rows),
+    ]
     return "\n".join(lines)
 
 
@@ -422,11 +483,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[2, 8], help="GPU counts (default: 2 8)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--seq-len", type=int, default=1024,
-                        help="LM tokens per sequence, image + text (default 1024)")
+    parser.add_argument(
+        "--seq-len", type=int, default=1024, help="LM tokens per sequence, image + text (default 1024)"
+    )
     parser.add_argument("--batch-per-gpu", type=int, default=1, help="sequences per GPU (default 1)")
-    parser.add_argument("--passes", type=int, default=3,
-                        help="LM passes stacked per sequence: 3 VITask stage 2, 2 stage 1, 1 plain SFT")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=3,
+        help="LM passes stacked per sequence: 3 VITask stage 2, 2 stage 1, 1 plain SFT",
+    )
     args = parser.parse_args(argv)
     print(report(args.gpus, args.lora_r, args.seq_len, args.batch_per_gpu, args.passes))
 

@@ -123,7 +123,9 @@ def canonical(questions: list[dict]) -> list[dict]:
 
 def digit_questions(dataset, seed: int, wordings=None) -> list[dict]:
     """One canonical-order question per (digit, attribute); value questions list all ten digits."""
-    return canonical(make_mc_questions(dataset, seed=seed, wordings=wordings, num_value_options=len(DIGIT_NAMES)))
+    return canonical(
+        make_mc_questions(dataset, seed=seed, wordings=wordings, num_value_options=len(DIGIT_NAMES))
+    )
 
 
 class MCCollator:
@@ -151,8 +153,14 @@ def _args(out: Path, budget: Budget, seed: int, **kw) -> InstructionFreeConfig:
     kw.setdefault("max_steps", budget.steps)
     kw.setdefault("learning_rate", budget.learning_rate)
     return InstructionFreeConfig(
-        output_dir=str(out), per_device_train_batch_size=budget.batch_size, logging_steps=50,
-        save_strategy="no", report_to="none", seed=seed, data_seed=seed, **kw,
+        output_dir=str(out),
+        per_device_train_batch_size=budget.batch_size,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        **kw,
     )
 
 
@@ -160,10 +168,23 @@ def train_base(data, budget: Budget, seed: int, out: Path) -> tuple[Path, dict]:
     """Full fine-tune of the tiny LLaVA on letter answers to TRAINING-wording questions; saved to ``out``."""
     vlm, processor = build_tiny_vlm("llava", seed=seed)
     questions = digit_questions(data["train"], seed, TRAIN_WORDINGS)
-    args = _args(out, budget, seed, max_steps=budget.base_steps, learning_rate=budget.base_learning_rate,
-                 use_proxy=False, use_lora=False, shuffle_prob=0.0)
-    trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor, train_dataset=questions,
-                                     data_collator=MCCollator(processor))
+    args = _args(
+        out,
+        budget,
+        seed,
+        max_steps=budget.base_steps,
+        learning_rate=budget.base_learning_rate,
+        use_proxy=False,
+        use_lora=False,
+        shuffle_prob=0.0,
+    )
+    trainer = InstructionFreeTrainer(
+        model=vlm,
+        args=args,
+        processing_class=processor,
+        train_dataset=questions,
+        data_collator=MCCollator(processor),
+    )
     result = trainer.train()
     vlm.save_pretrained(out)  # the plain VLM: every arm loads it with load_vlm / from_pretrained
     processor.save_pretrained(out)
@@ -173,8 +194,12 @@ def train_base(data, budget: Budget, seed: int, out: Path) -> tuple[Path, dict]:
 def train_arm(base: Path, data, overrides: dict, budget: Budget, seed: int, out: Path):
     """LoRA on image -> description pairs, from the saved base; returns the trainer."""
     vlm, processor = load_vlm(str(base))
-    trainer = InstructionFreeTrainer(model=vlm, args=_args(out, budget, seed, **overrides), processing_class=processor,
-                                     train_dataset=data["train"])
+    trainer = InstructionFreeTrainer(
+        model=vlm,
+        args=_args(out, budget, seed, **overrides),
+        processing_class=processor,
+        train_dataset=data["train"],
+    )
     trainer.train()
     return trainer, processor
 
@@ -207,19 +232,27 @@ def run_seed(out: Path, budget: Budget, seed: int) -> dict:
     base, info = train_base(data, budget, seed, out / "base")
     vlm, processor = load_vlm(str(base))
     table["base"] = evaluate(vlm, processor, held_out, budget)
-    seen = mc_evaluate(vlm, processor, digit_questions(test, seed, TRAIN_WORDINGS), batch_size=budget.eval_batch_size)
+    seen = mc_evaluate(
+        vlm, processor, digit_questions(test, seed, TRAIN_WORDINGS), batch_size=budget.eval_batch_size
+    )
     table["base"]["training_wordings_likelihood_accuracy"] = seen["accuracy"]
     table["base"].update(info, seconds=round(time.time() - start, 1))
     for name, overrides in ARMS.items():
         start = time.time()
-        trainer, processor = train_arm(base, data, overrides, budget, seed, out / name.replace(" ", "_").replace(",", ""))
+        trainer, processor = train_arm(
+            base, data, overrides, budget, seed, out / name.replace(" ", "_").replace(",", "")
+        )
         losses = [log["loss_ce"] for log in trainer.state.log_history if "loss_ce" in log]
         # did the arm learn the descriptions? Cross-entropy of the test digits' descriptions, with the
         # arm's own training prompt (fixed text or its proxy), descriptions as written (not shuffled)
         description_ce = trainer.evaluate(eval_dataset=test)["eval_loss_ce"]
         table[name] = evaluate(trainer.model, processor, held_out, budget)
-        table[name].update(config=overrides, final_train_loss_ce=losses[-1] if losses else None,
-                           test_description_ce=description_ce, seconds=round(time.time() - start, 1))
+        table[name].update(
+            config=overrides,
+            final_train_loss_ce=losses[-1] if losses else None,
+            test_description_ce=description_ce,
+            seconds=round(time.time() - start, 1),
+        )
     (out / "metrics.json").write_text(json.dumps(table, indent=2) + "\n")
     return table
 
@@ -274,12 +307,17 @@ def markdown_table(summary: dict, n_seeds: int) -> str:
             return "–"
         return f"{mean:.3f}" + (f" ± {std:.3f}" if n_seeds > 1 else "")
 
-    lines = ["| model | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [
+        "| model | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for model in MODELS:
         lines.append(f"| {model} | " + " | ".join(cell(model, key) for key, _ in COLUMNS) + " |")
     chance = statistics.fmean(CHANCE.values())
-    lines.append(f"| *chance* | {chance:.3f} | {CHANCE['value']:.3f} | 0.500 | 0.500 | "
-                 f"{chance:.3f} | {CHANCE['value']:.3f} | 0.500 | 0.500 | – | – |")
+    lines.append(
+        f"| *chance* | {chance:.3f} | {CHANCE['value']:.3f} | 0.500 | 0.500 | "
+        f"{chance:.3f} | {CHANCE['value']:.3f} | 0.500 | 0.500 | – | – |"
+    )
     return "\n".join(lines)
 
 
@@ -302,14 +340,19 @@ def plot(summary: dict, path: Path, n_seeds: int) -> None:
             level = statistics.fmean(CHANCE.values()) if key == "accuracy" else CHANCE[key]
             ax.hlines(level, g - 0.45, g + 0.45, colors="grey", linestyles=":", linewidth=1)
         ax.set_xticks(range(len(groups)), [title for _, title in groups])
-        ax.set_title(f"{method} (parse failures: "
-                     + ", ".join(f"{summary[m][f'{method}_parse_failure_rate'][0]:.2f}" for m in MODELS) + ")",
-                     fontsize=8)
+        ax.set_title(
+            f"{method} (parse failures: "
+            + ", ".join(f"{summary[m][f'{method}_parse_failure_rate'][0]:.2f}" for m in MODELS)
+            + ")",
+            fontsize=8,
+        )
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("held-out-wording MC accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"instruction-free tuning, digits, tiny LLaVA ({n_seeds} seed{'s' if n_seeds > 1 else ''}; dotted: chance)",
-                 fontsize=10)
+    fig.suptitle(
+        f"instruction-free tuning, digits, tiny LLaVA ({n_seeds} seed{'s' if n_seeds > 1 else ''}; dotted: chance)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -324,12 +367,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default="instruction-free-digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, help=f"optimizer steps of every arm (default {FULL.steps})")
-    parser.add_argument("--base-steps", type=int, help=f"optimizer steps of the base (default {FULL.base_steps})")
-    parser.add_argument("--learning-rate", type=float, help=f"LoRA learning rate of every arm (default {FULL.learning_rate})")
+    parser.add_argument(
+        "--base-steps", type=int, help=f"optimizer steps of the base (default {FULL.base_steps})"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, help=f"LoRA learning rate of every arm (default {FULL.learning_rate})"
+    )
     parser.add_argument("--fast", action="store_true", help="a reduced run (seconds), for smoke tests")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: a model this small gains nothing from more, and loses a lot "
-                             "when other processes share the cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: a model this small gains nothing from more, and loses a lot "
+        "when other processes share the cores)",
+    )
     cli = parser.parse_args(argv)
     budget = FAST if cli.fast else FULL
     if cli.steps is not None:
@@ -359,7 +410,10 @@ def main(argv: list[str] | None = None) -> dict:
         "canonical_options": CANONICAL_OPTIONS,
         "chance": CHANCE,
         "per_seed": dict(zip(map(str, cli.seeds), per_seed)),
-        "summary": {m: {k: {"mean": _finite(a), "std": _finite(b)} for k, (a, b) in v.items()} for m, v in summary.items()},
+        "summary": {
+            m: {k: {"mean": _finite(a), "std": _finite(b)} for k, (a, b) in v.items()}
+            for m, v in summary.items()
+        },
         "runtime_seconds": runtime,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -369,7 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{table}\n"
     )
     plot(summary, out / "results.png", len(cli.seeds))
-    print("\n" + table + f"\n\n{runtime} s; written: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    print(
+        "\n"
+        + table
+        + f"\n\n{runtime} s; written: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}"
+    )
     return results
 
 

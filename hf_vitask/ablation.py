@@ -69,9 +69,13 @@ INSTRUCTIONS = ("complete", "incomplete")
 def sweep_arms(alphas, betas) -> list[Arm]:
     """RDA weight alpha x CRT weight beta, evaluated without the TSM."""
     return [
-        Arm(f"alpha={a:g}, beta={b:g}", stage1=(("rda_weight", float(a)),),
-            stage2=(("crt_weight", float(b)), ("rda_weight", float(a))))
-        for a in alphas for b in betas
+        Arm(
+            f"alpha={a:g}, beta={b:g}",
+            stage1=(("rda_weight", float(a)),),
+            stage2=(("crt_weight", float(b)), ("rda_weight", float(a))),
+        )
+        for a in alphas
+        for b in betas
     ]
 
 
@@ -96,12 +100,17 @@ def _likelihood_metrics(scores, references, num_classes: int, prefix: str) -> di
     from hf_vitask.metrics import classification_metrics, softmax
 
     metrics = classification_metrics(
-        scores.argmax(-1).tolist(), references, scores=softmax(scores.double().numpy()), num_classes=num_classes
+        scores.argmax(-1).tolist(),
+        references,
+        scores=softmax(scores.double().numpy()),
+        num_classes=num_classes,
     )
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
-def evaluate_arm(path: Path, dataset, *, use_tsm: bool, eval_args: EvalArguments, generate: bool = True) -> dict:
+def evaluate_arm(
+    path: Path, dataset, *, use_tsm: bool, eval_args: EvalArguments, generate: bool = True
+) -> dict:
     """``{instruction: metrics}`` of one trained bundle on ``dataset``."""
     from hf_vitask.data.collator import VITaskCollator
     from hf_vitask.evaluation import evaluate_vlm, response_lengths, score_options
@@ -114,8 +123,16 @@ def evaluate_arm(path: Path, dataset, *, use_tsm: bool, eval_args: EvalArguments
     out = {}
     for instruction in INSTRUCTIONS:
         complete = instruction == "complete"
-        scores = score_options(model, processor, task, images, use_tsm=use_tsm, complete_instruction=complete,
-                               batch_size=eval_args.eval_batch_size, option_score="sum")  # log-likelihoods
+        scores = score_options(
+            model,
+            processor,
+            task,
+            images,
+            use_tsm=use_tsm,
+            complete_instruction=complete,
+            batch_size=eval_args.eval_batch_size,
+            option_score="sum",
+        )  # log-likelihoods
         lengths = response_lengths(VITaskCollator(processor, task), task, images[0])
         metrics = {
             **_likelihood_metrics(scores, references, task.num_classes, "sum"),
@@ -123,9 +140,19 @@ def evaluate_arm(path: Path, dataset, *, use_tsm: bool, eval_args: EvalArguments
             "separation": crt_separation(scores, references),
         }
         if generate:
-            gen = evaluate_vlm(model, processor, task, rows, use_tsm=use_tsm, complete_instruction=complete,
-                               methods=("generate",), batch_size=eval_args.eval_batch_size)["generate"]
-            metrics.update({"gen_accuracy": gen["accuracy"], "gen_parse_failure_rate": gen["parse_failure_rate"]})
+            gen = evaluate_vlm(
+                model,
+                processor,
+                task,
+                rows,
+                use_tsm=use_tsm,
+                complete_instruction=complete,
+                methods=("generate",),
+                batch_size=eval_args.eval_batch_size,
+            )["generate"]
+            metrics.update(
+                {"gen_accuracy": gen["accuracy"], "gen_parse_failure_rate": gen["parse_failure_rate"]}
+            )
         out[instruction] = metrics
     return out
 
@@ -145,7 +172,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst)
 
 
-def train_arms(arms, root: Path, model_args, data_args, tsm_args, train_args: VITaskConfig) -> dict[tuple, Path]:
+def train_arms(
+    arms, root: Path, model_args, data_args, tsm_args, train_args: VITaskConfig
+) -> dict[tuple, Path]:
     """Train every distinct arm once (shared stage-1 runs once too); ``{arm.training_key: bundle dir}``."""
     from hf_vitask import pipeline
 
@@ -174,8 +203,9 @@ def train_arms(arms, root: Path, model_args, data_args, tsm_args, train_args: VI
         else:
             run.mkdir(parents=True, exist_ok=True)
             _link(stage1_dirs[key1], run / "stage1")
-        trained[key2] = bundles[arm.training_key] = pipeline.run_train(model_args, data_args, tsm_args, args2,
-                                                                      stages=(2,))
+        trained[key2] = bundles[arm.training_key] = pipeline.run_train(
+            model_args, data_args, tsm_args, args2, stages=(2,)
+        )
     return bundles
 
 
@@ -199,13 +229,20 @@ def run_seed(out: Path, seed: int, configs, *, arms=ARMS, sweep=(), generate: bo
     tsm, _ = pipeline.run_train_tsm(data_args, tsm_args, str(out), seed=seed, progress=False)
     test = pipeline.load_data(data_args)[eval_args.eval_split]
     tsm_metrics = evaluate_tsm(tsm, test, max_samples=eval_args.eval_max_samples)
-    table: dict = {"TSM": {i: {f"sum_{k}": v for k, v in tsm_metrics.items() if k != "num_samples"} for i in INSTRUCTIONS}}
+    table: dict = {
+        "TSM": {
+            i: {f"sum_{k}": v for k, v in tsm_metrics.items() if k != "num_samples"} for i in INSTRUCTIONS
+        }
+    }
     bundles = train_arms([*arms, *sweep], out, model_args, data_args, tsm_args, train_args)
     for arm in arms:
-        table[arm.name] = evaluate_arm(bundles[arm.training_key], test, use_tsm=arm.use_tsm, eval_args=eval_args,
-                                       generate=generate)
+        table[arm.name] = evaluate_arm(
+            bundles[arm.training_key], test, use_tsm=arm.use_tsm, eval_args=eval_args, generate=generate
+        )
     sweep_table = {
-        arm.name: evaluate_arm(bundles[arm.training_key], test, use_tsm=False, eval_args=eval_args, generate=False)
+        arm.name: evaluate_arm(
+            bundles[arm.training_key], test, use_tsm=False, eval_args=eval_args, generate=False
+        )
         for arm in sweep
     }
     where = {arm.name: str(bundles[arm.training_key]) for arm in [*arms, *sweep]}
@@ -245,7 +282,10 @@ def _cell(summary, arm, instruction, key, n_seeds) -> str:
 
 
 def markdown_tables(summary: dict, sweep: dict, n_seeds: int) -> str:
-    lines = ["| arm | instruction | " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    lines = [
+        "| arm | instruction | " + " | ".join(t for _, t in COLUMNS) + " |",
+        "|" + "---|" * (len(COLUMNS) + 2),
+    ]
     for arm in summary:
         for instruction in INSTRUCTIONS:
             if arm == "TSM" and instruction == "incomplete":
@@ -253,12 +293,18 @@ def markdown_tables(summary: dict, sweep: dict, n_seeds: int) -> str:
             cells = [_cell(summary, arm, instruction, key, n_seeds) for key, _ in COLUMNS]
             lines.append(f"| {arm} | {'–' if arm == 'TSM' else instruction} | " + " | ".join(cells) + " |")
     if sweep:
-        lines += ["", "Sweep (without the TSM, complete instructions):", "",
-                  "| RDA weight, CRT weight | acc (sum) | acc (mean) | macro-F1 (sum) | CRT separation |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Sweep (without the TSM, complete instructions):",
+            "",
+            "| RDA weight, CRT weight | acc (sum) | acc (mean) | macro-F1 (sum) | CRT separation |",
+            "|---|---|---|---|---|",
+        ]
         for arm in sweep:
             keys = ("sum_accuracy", "mean_accuracy", "sum_macro_f1", "separation")
-            lines.append(f"| {arm} | " + " | ".join(_cell(sweep, arm, "complete", k, n_seeds) for k in keys) + " |")
+            lines.append(
+                f"| {arm} | " + " | ".join(_cell(sweep, arm, "complete", k, n_seeds) for k in keys) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -272,10 +318,19 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.38
     for i, instruction in enumerate(INSTRUCTIONS):
-        values = [summary[a].get("complete" if a == "TSM" else instruction, {}).get("sum_accuracy", (0.0, 0.0)) for a in arms]
+        values = [
+            summary[a].get("complete" if a == "TSM" else instruction, {}).get("sum_accuracy", (0.0, 0.0))
+            for a in arms
+        ]
         xs = [x + (i - 0.5) * width for x in range(len(arms))]
-        ax.bar(xs, [m for m, _ in values], width, yerr=[s for _, s in values], label=f"{instruction} instruction",
-               capsize=3)
+        ax.bar(
+            xs,
+            [m for m, _ in values],
+            width,
+            yerr=[s for _, s in values],
+            label=f"{instruction} instruction",
+            capsize=3,
+        )
     ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (option likelihood, sum)")
     ax.set_ylim(0, 1)
@@ -305,7 +360,9 @@ def run_ablation(
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     sweep = sweep_arms(alphas, betas) if alphas and betas else []
-    per_seed = [run_seed(out / f"seed{seed}", seed, configs, sweep=sweep, generate=generate) for seed in seeds]
+    per_seed = [
+        run_seed(out / f"seed{seed}", seed, configs, sweep=sweep, generate=generate) for seed in seeds
+    ]
     summary, sweep_summary = summarize(per_seed, "arms"), (summarize(per_seed, "sweep") if sweep else {})
     table = markdown_tables(summary, sweep_summary, len(seeds))
     model_args, data_args, _, train_args, eval_args = configs
@@ -335,4 +392,7 @@ def run_ablation(
 
 
 def _as_json(summary: dict) -> dict:
-    return {a: {i: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for i, v in d.items()} for a, d in summary.items()}
+    return {
+        a: {i: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for i, v in d.items()}
+        for a, d in summary.items()
+    }

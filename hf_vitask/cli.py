@@ -48,15 +48,26 @@ class RunArguments:
         },
     )
     use_tsm: bool = field(default=False, metadata={"help": "predict: use the TSM exemplar (EP path)."})
-    predict_method: str = field(default="likelihood", metadata={"help": "predict: 'likelihood' or 'generate'."})
-    fast: bool = field(default=False, metadata={"help": "quickstart: a reduced run (seconds), for smoke tests."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "quickstart / ablate: seeds to run and average."})
-    ablation: bool = field(default=False, metadata={"help": "quickstart: run the ablation (hf-vitask ablate) on the digits instead."})
+    predict_method: str = field(
+        default="likelihood", metadata={"help": "predict: 'likelihood' or 'generate'."}
+    )
+    fast: bool = field(
+        default=False, metadata={"help": "quickstart: a reduced run (seconds), for smoke tests."}
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0], metadata={"help": "quickstart / ablate: seeds to run and average."}
+    )
+    ablation: bool = field(
+        default=False,
+        metadata={"help": "quickstart: run the ablation (hf-vitask ablate) on the digits instead."},
+    )
     sweep_rda_weights: list[float] = field(
-        default_factory=list, metadata={"help": "ablate: RDA weights (alpha) of the alpha x beta sweep (empty: no sweep)."}
+        default_factory=list,
+        metadata={"help": "ablate: RDA weights (alpha) of the alpha x beta sweep (empty: no sweep)."},
     )
     sweep_crt_weights: list[float] = field(
-        default_factory=list, metadata={"help": "ablate: CRT weights (beta) of the alpha x beta sweep (empty: no sweep)."}
+        default_factory=list,
+        metadata={"help": "ablate: CRT weights (beta) of the alpha x beta sweep (empty: no sweep)."},
     )
 
 
@@ -64,9 +75,22 @@ class RunArguments:
 # The fields each command reads (pipeline.run_*, quickstart, ablation), the most used first: the full
 # listing (--help-all) is ~900 lines, mostly TrainingArguments fields no command needs to be told about.
 MODEL = ("model_name_or_path", "torch_dtype", "load_in_4bit", "attn_implementation", "trust_remote_code")
-DATA = ("dataset", "dataset_path", "dataset_paths", "dataset_image_column", "dataset_label_column", "max_samples",
-        "train_split", "validation_split", "class_names", "question", "modality", "task_name", "image_size",
-        "data_seed_split")
+DATA = (
+    "dataset",
+    "dataset_path",
+    "dataset_paths",
+    "dataset_image_column",
+    "dataset_label_column",
+    "max_samples",
+    "train_split",
+    "validation_split",
+    "class_names",
+    "question",
+    "modality",
+    "task_name",
+    "image_size",
+    "data_seed_split",
+)
 #: evaluation reads the data source, not the training subset
 DATA_SOURCE = tuple(f for f in DATA if f not in ("max_samples", "train_split", "validation_split"))
 #: instruction-free tuning from the CLI reads the bundled digits only
@@ -74,49 +98,143 @@ DIGITS = ("dataset", "max_samples", "train_split", "image_size", "data_seed_spli
 TSM = ("tsm_model", "tsm_pretrained", "tsm_epochs", "tsm_batch_size", "tsm_learning_rate", "tsm_img_size")
 #: VITaskConfig fields beyond TrainingArguments that `train` reads (the frozen RDA teacher, its cache and
 #: the compute_metrics options are Python-API only: the CLI passes neither a teacher nor compute_metrics)
-VITASK = ("stage", "rda_weight", "crt_weight", "ep_weight", "van_weight", "num_exemplar_tokens", "exemplar_feature",
-          "connector_hidden_dim", "freeze_connector", "instruction", "max_length", "pass_fusion", "crt_negatives",
-          "rda_temperature", "rda_detach", "rda_teacher_dropout")
-INSTRUCTION_FREE = ("use_proxy", "num_proxy_tokens", "proxy_init_text", "proxy_init_resize", "proxy_momentum",
-                    "proxy_feed", "proxy_learning_rate", "proxy_slot_token", "instruction_text", "shuffle_prob",
-                    "shuffle_separator", "max_length")
-TRAINING = ("output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16", "gradient_checkpointing", "logging_steps",
-            "save_strategy", "save_steps", "eval_strategy", "report_to", "seed", "resume_from_checkpoint",
-            "push_to_hub", "hub_model_id", "deepspeed", "fsdp")
+VITASK = (
+    "stage",
+    "rda_weight",
+    "crt_weight",
+    "ep_weight",
+    "van_weight",
+    "num_exemplar_tokens",
+    "exemplar_feature",
+    "connector_hidden_dim",
+    "freeze_connector",
+    "instruction",
+    "max_length",
+    "pass_fusion",
+    "crt_negatives",
+    "rda_temperature",
+    "rda_detach",
+    "rda_teacher_dropout",
+)
+INSTRUCTION_FREE = (
+    "use_proxy",
+    "num_proxy_tokens",
+    "proxy_init_text",
+    "proxy_init_resize",
+    "proxy_momentum",
+    "proxy_feed",
+    "proxy_learning_rate",
+    "proxy_slot_token",
+    "instruction_text",
+    "shuffle_prob",
+    "shuffle_separator",
+    "max_length",
+)
+TRAINING = (
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "bf16",
+    "gradient_checkpointing",
+    "logging_steps",
+    "save_strategy",
+    "save_steps",
+    "eval_strategy",
+    "report_to",
+    "seed",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "hub_model_id",
+    "deepspeed",
+    "fsdp",
+)
 LORA = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 #: ablate sets the stage and the seed itself, and max_steps is each stage's budget (not num_train_epochs)
-ABLATE_TRAINING = tuple(f for f in TRAINING if f not in (
-    "num_train_epochs", "seed", "resume_from_checkpoint", "push_to_hub", "hub_model_id"))
+ABLATE_TRAINING = tuple(
+    f
+    for f in TRAINING
+    if f not in ("num_train_epochs", "seed", "resume_from_checkpoint", "push_to_hub", "hub_model_id")
+)
 #: help key ("command" or "command --method M") -> heading -> fields, in the order shown
 HELP_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "train-tsm": {"data": DATA, "TSM": (*TSM, "tsm_path"), "training": ("output_dir", "seed")},
-    "train": {"model": MODEL, "data": DATA, "TSM": ("tsm_path",), "VITask method": VITASK, "training": TRAINING,
-              "LoRA": LORA, "command options": ("method",)},
-    "train --method instruction-free": {"model": MODEL, "data": DIGITS, "instruction-free method": INSTRUCTION_FREE,
-                                        "training": TRAINING, "LoRA": LORA, "command options": ("method",)},
+    "train": {
+        "model": MODEL,
+        "data": DATA,
+        "TSM": ("tsm_path",),
+        "VITask method": VITASK,
+        "training": TRAINING,
+        "LoRA": LORA,
+        "command options": ("method",),
+    },
+    "train --method instruction-free": {
+        "model": MODEL,
+        "data": DIGITS,
+        "instruction-free method": INSTRUCTION_FREE,
+        "training": TRAINING,
+        "LoRA": LORA,
+        "command options": ("method",),
+    },
     "evaluate": {
-        "evaluation": ("model_path", "output_dir", "eval_split", "eval_max_samples", "eval_batch_size", "eval_methods",
-                       "option_score", "eval_use_tsm", "eval_instructions", "plugin_tsm"),
+        "evaluation": (
+            "model_path",
+            "output_dir",
+            "eval_split",
+            "eval_max_samples",
+            "eval_batch_size",
+            "eval_methods",
+            "option_score",
+            "eval_use_tsm",
+            "eval_instructions",
+            "plugin_tsm",
+        ),
         "data": DATA_SOURCE,
         "command options": ("method",),
     },
     "evaluate --method instruction-free": {
-        "evaluation": ("model_path", "output_dir", "eval_split", "eval_max_samples", "eval_batch_size", "eval_methods",
-                       "seed"),
+        "evaluation": (
+            "model_path",
+            "output_dir",
+            "eval_split",
+            "eval_max_samples",
+            "eval_batch_size",
+            "eval_methods",
+            "seed",
+        ),
         "data": ("dataset", "image_size", "data_seed_split"),
         "command options": ("method",),
     },
     "predict": {
-        "prediction": ("predict_inputs", "predictions_file", "use_tsm", "predict_method", "option_score",
-                       "eval_batch_size"),
+        "prediction": (
+            "predict_inputs",
+            "predictions_file",
+            "use_tsm",
+            "predict_method",
+            "option_score",
+            "eval_batch_size",
+        ),
         "model": ("model_path", "output_dir"),
         "data": ("task_name",),
     },
-    "push": {"hub": ("hub_model_id", "hub_private_repo", "hub_revision", "hub_token"),
-             "model": ("model_path", "output_dir", "model_name_or_path")},
-    "quickstart": {"command options": ("fast", "seeds", "ablation", "sweep_rda_weights", "sweep_crt_weights",
-                                       "output_dir")},
+    "push": {
+        "hub": ("hub_model_id", "hub_private_repo", "hub_revision", "hub_token"),
+        "model": ("model_path", "output_dir", "model_name_or_path"),
+    },
+    "quickstart": {
+        "command options": (
+            "fast",
+            "seeds",
+            "ablation",
+            "sweep_rda_weights",
+            "sweep_crt_weights",
+            "output_dir",
+        )
+    },
     "ablate": {
         "command options": ("seeds", "sweep_rda_weights", "sweep_crt_weights", "output_dir"),
         "model": MODEL,
@@ -152,7 +270,9 @@ def _signature(action) -> str:
         kind = f"{kind} [{kind} ...]"
     elif action.nargs == "?" and kind != "BOOL":
         kind = f"[{kind}]"
-    return f"{action.option_strings[0]} {kind} " + ("(required)" if action.required else f"(default: {action.default})")
+    return f"{action.option_strings[0]} {kind} " + (
+        "(required)" if action.required else f"(default: {action.default})"
+    )
 
 
 def short_help(parser, command: str, method: str = "vitask") -> str:
@@ -162,16 +282,27 @@ def short_help(parser, command: str, method: str = "vitask") -> str:
     key = help_key(command, method)
     options = parser._option_string_actions  # "--field" -> its argparse action
     groups = {
-        title: [options[f"--{name}"] for name in names if f"--{name}" in options]  # older transformers lack some
+        title: [
+            options[f"--{name}"] for name in names if f"--{name}" in options
+        ]  # older transformers lack some
         for title, names in HELP_FIELDS[key].items()
     }
-    head = [f"usage: hf-vitask {command} [config.yaml]{key[len(command):]} [--field value ...]", "",
-            COMMANDS[command], "Set a field in config.yaml (field: value) or as --field value; a flag overrides the file.",
-            ""]
+    head = [
+        f"usage: hf-vitask {command} [config.yaml]{key[len(command) :]} [--field value ...]",
+        "",
+        COMMANDS[command],
+        "Set a field in config.yaml (field: value) or as --field value; a flag overrides the file.",
+        "",
+    ]
     total = len({a.dest for a in parser._actions if a.option_strings and a.dest != "help"})
-    tail = [f"hf-vitask {variant} --help shows the fields of that method."
-            for variant in HELP_FIELDS if variant.startswith(f"{command} --") and key == command]
-    tail += [f"hf-vitask {command} --help-all lists all {total} fields (every TrainingArguments field included)."]
+    tail = [
+        f"hf-vitask {variant} --help shows the fields of that method."
+        for variant in HELP_FIELDS
+        if variant.startswith(f"{command} --") and key == command
+    ]
+    tail += [
+        f"hf-vitask {command} --help-all lists all {total} fields (every TrainingArguments field included)."
+    ]
     actions = [action for fields in groups.values() for action in fields]
     width = min(max(shutil.get_terminal_size((110, 24)).columns, 80), 140)
     column = min(max(len(_signature(a)) for a in actions), 44) + 4  # where help texts start
@@ -179,9 +310,16 @@ def short_help(parser, command: str, method: str = "vitask") -> str:
     def wrap(action, max_lines: int) -> list[str]:
         first = f"  {_signature(action):<{column - 4}}  "
         text = " ".join((action.help or "").split()).replace("%%", "%")  # argparse's escaped percent signs
-        return textwrap.wrap(text, width=max(width, len(first) + 20), initial_indent=first, placeholder=" ...",
-                             subsequent_indent=" " * column, max_lines=max_lines, break_on_hyphens=False,
-                             break_long_words=False) or [first.rstrip()]
+        return textwrap.wrap(
+            text,
+            width=max(width, len(first) + 20),
+            initial_indent=first,
+            placeholder=" ...",
+            subsequent_indent=" " * column,
+            max_lines=max_lines,
+            break_on_hyphens=False,
+            break_long_words=False,
+        ) or [first.rstrip()]
 
     needed = [len(wrap(a, 3)) for a in actions]
     shown = [1] * len(actions)
@@ -248,8 +386,10 @@ def parse(argv: list[str], command: str | None = None):
         known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UsageError(f"unknown keys in {path}: {unknown}. "
-                             f"See `hf-vitask {command or 'train'} --help-all` for the fields.")
+            raise UsageError(
+                f"unknown keys in {path}: {unknown}. "
+                f"See `hf-vitask {command or 'train'} --help-all` for the fields."
+            )
         # `eval_methods: likelihood` means a one-item list, not the list of its letters
         lists = {f.name for cls in classes for f in dataclasses.fields(cls) if "list[" in str(f.type)}
         values = {k: [v] if k in lists and isinstance(v, str) else v for k, v in values.items()}
@@ -278,7 +418,9 @@ def _info() -> int:
 
     print(f"hf_vitask {__version__}")
     print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
-    print("supported VLM families (pass_fusion: modes that run, fastest first; gradient checkpointing runs the")
+    print(
+        "supported VLM families (pass_fusion: modes that run, fastest first; gradient checkpointing runs the"
+    )
     print("first mode after 'prefix'; 4-bit keeps the listed modules in full precision):")
     rows = support_matrix()
     columns = list(rows[0])
@@ -292,9 +434,16 @@ def _info() -> int:
 def _usage() -> str:
     from hf_vitask.version import __version__
 
-    lines = [f"hf-vitask {__version__}: turn a vision-language model into a task specialist.", "", "commands:"]
+    lines = [
+        f"hf-vitask {__version__}: turn a vision-language model into a task specialist.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "usage: hf-vitask COMMAND [config.yaml] [--field value ...]   (hf-vitask COMMAND --help lists the fields)"]
+    lines += [
+        "",
+        "usage: hf-vitask COMMAND [config.yaml] [--field value ...]   (hf-vitask COMMAND --help lists the fields)",
+    ]
     return "\n".join(lines)
 
 
@@ -342,7 +491,9 @@ def _quiet_third_parties() -> None:
     import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 def _one_line(err: BaseException) -> str:
@@ -391,13 +542,21 @@ def _main(argv: list[str]) -> int:
         _print_results(pipeline.run_evaluate_instruction_free(eval_args, data_args, train_args))
     elif command == "train":
         stages = (train_args.stage,) if "stage" in explicit else (1, 2)
-        path = pipeline.run_train(model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method)
+        path = pipeline.run_train(
+            model_args, data_args, tsm_args, train_args, stages=stages, method=run_args.method
+        )
         _say(f"model saved to {path}")
     elif command == "evaluate":
-        _print_results(pipeline.run_evaluate(eval_args, data_args, out, tsm_args, progress=not train_args.disable_tqdm))
+        _print_results(
+            pipeline.run_evaluate(eval_args, data_args, out, tsm_args, progress=not train_args.disable_tqdm)
+        )
     elif command == "predict":
         path = pipeline.run_predict(
-            eval_args, out, use_tsm=run_args.use_tsm, method=run_args.predict_method, task_name=data_args.task_name,
+            eval_args,
+            out,
+            use_tsm=run_args.use_tsm,
+            method=run_args.predict_method,
+            task_name=data_args.task_name,
             progress=not train_args.disable_tqdm,
         )
         _say(f"predictions written to {path}")
@@ -406,18 +565,29 @@ def _main(argv: list[str]) -> int:
     elif command == "ablate":
         from hf_vitask.ablation import run_ablation
 
-        run_ablation((model_args, data_args, tsm_args, train_args, eval_args), out, seeds=run_args.seeds,
-                     alphas=run_args.sweep_rda_weights, betas=run_args.sweep_crt_weights)
+        run_ablation(
+            (model_args, data_args, tsm_args, train_args, eval_args),
+            out,
+            seeds=run_args.seeds,
+            alphas=run_args.sweep_rda_weights,
+            betas=run_args.sweep_crt_weights,
+        )
     elif command == "quickstart" and run_args.ablation:
         from hf_vitask.quickstart import run_quickstart_ablation
 
-        run_quickstart_ablation(out if "output_dir" in explicit else "vitask-ablation", fast=run_args.fast,
-                                seeds=run_args.seeds, alphas=run_args.sweep_rda_weights,
-                                betas=run_args.sweep_crt_weights)
+        run_quickstart_ablation(
+            out if "output_dir" in explicit else "vitask-ablation",
+            fast=run_args.fast,
+            seeds=run_args.seeds,
+            alphas=run_args.sweep_rda_weights,
+            betas=run_args.sweep_crt_weights,
+        )
     elif command == "quickstart":
         from hf_vitask.quickstart import run_quickstart
 
-        run_quickstart(out if "output_dir" in explicit else "vitask-quickstart", fast=run_args.fast, seeds=run_args.seeds)
+        run_quickstart(
+            out if "output_dir" in explicit else "vitask-quickstart", fast=run_args.fast, seeds=run_args.seeds
+        )
     return 0
 
 

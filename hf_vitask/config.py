@@ -57,16 +57,22 @@ class VLMTuningArguments(TrainingArguments):
     image_column: str = field(default="image", metadata={"help": "Dataset column holding the image."})
     max_length: int | None = field(
         default=None,
-        metadata={"help": "Maximum tokens per example. Longer examples raise an error; they are never truncated."},
+        metadata={
+            "help": "Maximum tokens per example. Longer examples raise an error; they are never truncated."
+        },
     )
     # -- LoRA ------------------------------------------------------------------------------------
-    use_lora: bool = field(default=True, metadata={"help": "Wrap a plain VLM in LoRA adapters (peft). False trains all weights."})
+    use_lora: bool = field(
+        default=True, metadata={"help": "Wrap a plain VLM in LoRA adapters (peft). False trains all weights."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str | None = field(
         default=None,
-        metadata={"help": "Regex of modules to adapt. Default: the family's language-model linear layers (never the vision tower)."},
+        metadata={
+            "help": "Regex of modules to adapt. Default: the family's language-model linear layers (never the vision tower)."
+        },
     )
     # -- TrainingArguments defaults that suit these trainers -----------------------------------------
     remove_unused_columns: bool = field(
@@ -84,12 +90,18 @@ class VLMTuningArguments(TrainingArguments):
         super().__post_init__()
         if self.device.type == "cpu":  # pinned memory needs an accelerator (torch warns on every DataLoader)
             self.dataloader_pin_memory = False
-        if (self.fsdp or self.deepspeed) and self.device.type == "cpu":  # accelerate would run plain DDP instead
-            raise ValueError(f"{'fsdp' if self.fsdp else 'deepspeed'} needs GPUs: accelerate shards models only "
-                             "across GPUs, and on CPU the run would silently be plain DDP. Drop it on CPU.")
+        if (
+            self.fsdp or self.deepspeed
+        ) and self.device.type == "cpu":  # accelerate would run plain DDP instead
+            raise ValueError(
+                f"{'fsdp' if self.fsdp else 'deepspeed'} needs GPUs: accelerate shards models only "
+                "across GPUs, and on CPU the run would silently be plain DDP. Drop it on CPU."
+            )
         if self.fp16 and self.device.type == "cpu":  # transformers would train in float32 without a word
-            raise ValueError("fp16=True needs a GPU: there is none here (or use_cpu is set). Train without fp16 on CPU, "
-                             "or with bf16/fp16 on a GPU.")
+            raise ValueError(
+                "fp16=True needs a GPU: there is none here (or use_cpu is set). Train without fp16 on CPU, "
+                "or with bf16/fp16 on a GPU."
+            )
 
 
 def _cpu_processes_use_gloo(args: TrainingArguments) -> None:
@@ -101,14 +113,18 @@ def _cpu_processes_use_gloo(args: TrainingArguments) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
         return
     if not args.use_cpu or args.ddp_backend is None:
-        logger.info("%s processes and no GPU: training with DDP over gloo on CPU (use_cpu=True, ddp_backend='gloo')",
-                    os.environ["WORLD_SIZE"])
+        logger.info(
+            "%s processes and no GPU: training with DDP over gloo on CPU (use_cpu=True, ddp_backend='gloo')",
+            os.environ["WORLD_SIZE"],
+        )
     args.use_cpu = True
     if args.ddp_backend is None:
         args.ddp_backend = "gloo"
     elif args.ddp_backend != "gloo":
-        raise ValueError(f"ddp_backend={args.ddp_backend!r} needs GPUs; {os.environ['WORLD_SIZE']} processes on a "
-                         "machine without one train with ddp_backend='gloo' (or leave it unset)")
+        raise ValueError(
+            f"ddp_backend={args.ddp_backend!r} needs GPUs; {os.environ['WORLD_SIZE']} processes on a "
+            "machine without one train with ddp_backend='gloo' (or leave it unset)"
+        )
 
 
 @dataclass
@@ -129,20 +145,31 @@ class VITaskConfig(VLMTuningArguments):
     # -- method ----------------------------------------------------------------------------------
     stage: int = field(
         default=1,
-        metadata={"help": "VITask stage: 1 (EP + RDA, connector trains) or 2 (adds CRT, connector frozen).",
-                  "choices": [1, 2]},
+        metadata={
+            "help": "VITask stage: 1 (EP + RDA, connector trains) or 2 (adds CRT, connector frozen).",
+            "choices": [1, 2],
+        },
     )
-    van_weight: float = field(default=1.0, metadata={"help": "Weight of the plain response cross-entropy without the exemplar (L_van)."})
-    ep_weight: float = field(default=1.0, metadata={"help": "Weight of the response cross-entropy with the exemplar token (L_EP)."})
+    van_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the plain response cross-entropy without the exemplar (L_van)."},
+    )
+    ep_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the response cross-entropy with the exemplar token (L_EP)."}
+    )
     rda_weight: float = field(
         default=DEFAULT_RDA_WEIGHT,
-        metadata={"help": "Weight alpha of response distribution alignment KL(no-EP || stopgrad EP) (L_RDA); the "
-                          "default comes from the ablation sweep (docs/ablation.md)."},
+        metadata={
+            "help": "Weight alpha of response distribution alignment KL(no-EP || stopgrad EP) (L_RDA); the "
+            "default comes from the ablation sweep (docs/ablation.md)."
+        },
     )
     crt_weight: float | None = field(
         default=None,
-        metadata={"help": f"Weight beta of contrastive response tuning (L_CRT). Default: 0 in stage 1, "
-                          f"{DEFAULT_CRT_WEIGHT} in stage 2 (from the ablation sweep, docs/ablation.md)."},
+        metadata={
+            "help": f"Weight beta of contrastive response tuning (L_CRT). Default: 0 in stage 1, "
+            f"{DEFAULT_CRT_WEIGHT} in stage 2 (from the ablation sweep, docs/ablation.md)."
+        },
     )
     rda_teacher: str = field(
         default="self",
@@ -193,7 +220,9 @@ class VITaskConfig(VLMTuningArguments):
             "choices": list(PASS_MODES),
         },
     )
-    rda_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the RDA KL (scaled by T^2)."})
+    rda_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of the RDA KL (scaled by T^2)."}
+    )
     crt_negatives: str = field(
         default="batch+dataset",
         metadata={
@@ -203,14 +232,19 @@ class VITaskConfig(VLMTuningArguments):
         },
     )
     freeze_connector: bool | None = field(
-        default=None, metadata={"help": "Freeze the TSM connector. Default: False in stage 1, True in stage 2."}
+        default=None,
+        metadata={"help": "Freeze the TSM connector. Default: False in stage 1, True in stage 2."},
     )
     # -- exemplar --------------------------------------------------------------------------------
-    num_exemplar_tokens: int = field(default=1, metadata={"help": "Number of exemplar tokens inserted after the image."})
+    num_exemplar_tokens: int = field(
+        default=1, metadata={"help": "Number of exemplar tokens inserted after the image."}
+    )
     exemplar_feature: str = field(
         default="pooled",
-        metadata={"help": "TSM feature fed to the connector: 'pooled' (CLS / pre-logits) or 'patch'.",
-                  "choices": ["pooled", "patch"]},
+        metadata={
+            "help": "TSM feature fed to the connector: 'pooled' (CLS / pre-logits) or 'patch'.",
+            "choices": ["pooled", "patch"],
+        },
     )
     connector_hidden_dim: int | None = field(
         default=None, metadata={"help": "Hidden width of the connector MLP (default: the LLM hidden size)."}
@@ -218,18 +252,26 @@ class VITaskConfig(VLMTuningArguments):
     # -- data ------------------------------------------------------------------------------------
     instruction: str = field(
         default="complete",
-        metadata={"help": "Instruction variant used for training: 'complete' (lists the classes) or 'incomplete'.",
-                  "choices": ["complete", "incomplete"]},
+        metadata={
+            "help": "Instruction variant used for training: 'complete' (lists the classes) or 'incomplete'.",
+            "choices": ["complete", "incomplete"],
+        },
     )
-    label_column: str = field(default="label", metadata={"help": "Dataset column holding the class id or name."})
+    label_column: str = field(
+        default="label", metadata={"help": "Dataset column holding the class id or name."}
+    )
     metric_use_tsm: bool = field(
         default=False,
-        metadata={"help": "With compute_metrics, score the evaluation options with the TSM exemplar (EP path) instead of without."},
+        metadata={
+            "help": "With compute_metrics, score the evaluation options with the TSM exemplar (EP path) instead of without."
+        },
     )
     metric_option_score: str = field(
         default=DEFAULT_OPTION_SCORE,
-        metadata={"help": "With compute_metrics, score each class's answer by the 'sum' or the 'mean' of its token log-probs.",
-                  "choices": list(OPTION_SCORES)},
+        metadata={
+            "help": "With compute_metrics, score each class's answer by the 'sum' or the 'mean' of its token log-probs.",
+            "choices": list(OPTION_SCORES),
+        },
     )
 
     def __post_init__(self):
@@ -290,65 +332,86 @@ class InstructionFreeConfig(VLMTuningArguments):
     # -- proxy instruction ------------------------------------------------------------------------
     use_proxy: bool = field(
         default=True,
-        metadata={"help": "Learn a proxy instruction (K vectors after the image). False: the fixed-instruction "
-                  "baseline, which shows `instruction_text` instead."},
+        metadata={
+            "help": "Learn a proxy instruction (K vectors after the image). False: the fixed-instruction "
+            "baseline, which shows `instruction_text` instead."
+        },
     )
     num_proxy_tokens: int = field(default=8, metadata={"help": "K, the number of proxy instruction vectors."})
     proxy_init_text: str = field(
         default=DEFAULT_INSTRUCTION,
-        metadata={"help": "Text whose token embeddings initialise the proxy (resized to K, see proxy_init_resize). "
-                  "Empty: random normal init with the embedding matrix's standard deviation."},
+        metadata={
+            "help": "Text whose token embeddings initialise the proxy (resized to K, see proxy_init_resize). "
+            "Empty: random normal init with the embedding matrix's standard deviation."
+        },
     )
     proxy_init_resize: str = field(
         default="linear",
-        metadata={"help": "How the init text's n token embeddings become K vectors: 'linear' (linear interpolation "
-                  "along the token axis, first and last token kept) or 'repeat' (the tokens cycled, then cut to K).",
-                  "choices": list(PROXY_INIT_RESIZES)},
+        metadata={
+            "help": "How the init text's n token embeddings become K vectors: 'linear' (linear interpolation "
+            "along the token axis, first and last token kept) or 'repeat' (the tokens cycled, then cut to K).",
+            "choices": list(PROXY_INIT_RESIZES),
+        },
     )
     proxy_momentum: float = field(
         default=0.99,
-        metadata={"help": "m of the EMA t_ema <- m*t_ema + (1-m)*t after each optimizer step; 0 disables momentum "
-                  "(the learned proxy without momentum)."},
+        metadata={
+            "help": "m of the EMA t_ema <- m*t_ema + (1-m)*t after each optimizer step; 0 disables momentum "
+            "(the learned proxy without momentum)."
+        },
     )
     proxy_feed: str = field(
         default="ema",
-        metadata={"help": "Copy fed to the model: 'ema' (the EMA, gradients reach the raw proxy straight-through: "
-                  "t_ema.detach() + t - t.detach()) or 'raw'.",
-                  "choices": list(PROXY_FEEDS)},
+        metadata={
+            "help": "Copy fed to the model: 'ema' (the EMA, gradients reach the raw proxy straight-through: "
+            "t_ema.detach() + t - t.detach()) or 'raw'.",
+            "choices": list(PROXY_FEEDS),
+        },
     )
     proxy_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the proxy vectors (default: learning_rate). No weight decay."}
+        default=None,
+        metadata={"help": "Learning rate of the proxy vectors (default: learning_rate). No weight decay."},
     )
     proxy_slot_token: str | None = field(
         default=None,
-        metadata={"help": "Placeholder token marking the K proxy positions in the prompt (default: the pad token); "
-                  "its embedding is overwritten."},
+        metadata={
+            "help": "Placeholder token marking the K proxy positions in the prompt (default: the pad token); "
+            "its embedding is overwritten."
+        },
     )
     instruction_text: str | None = field(
         default=None,
-        metadata={"help": "use_proxy=False: the constant instruction shown after the image (default: "
-                  "proxy_init_text, so both arms start from the same words; '' for no instruction)."},
+        metadata={
+            "help": "use_proxy=False: the constant instruction shown after the image (default: "
+            "proxy_init_text, so both arms start from the same words; '' for no instruction)."
+        },
     )
     # -- response shuffling -----------------------------------------------------------------------
     shuffle_prob: float = field(
         default=1.0,
-        metadata={"help": "Probability that a description's segments are randomly permuted each time it is seen "
-                  "(0 disables response shuffling)."},
+        metadata={
+            "help": "Probability that a description's segments are randomly permuted each time it is seen "
+            "(0 disables response shuffling)."
+        },
     )
     shuffle_separator: str = field(
-        default=", ", metadata={"help": "Separator splitting a description into segments (e.g. ', ' or '. ')."}
+        default=", ",
+        metadata={"help": "Separator splitting a description into segments (e.g. ', ' or '. ')."},
     )
     # -- data --------------------------------------------------------------------------------------
     description_column: str = field(
         default="description", metadata={"help": "Dataset column holding the target description."}
     )
+
     def __post_init__(self):
         check_choices(self)
         if self.use_proxy:
             if self.num_proxy_tokens < 1:
                 raise ValueError(f"num_proxy_tokens must be >= 1, got {self.num_proxy_tokens}")
             if self.instruction_text is not None:
-                raise ValueError("instruction_text is the fixed-instruction baseline: set use_proxy=False to use it")
+                raise ValueError(
+                    "instruction_text is the fixed-instruction baseline: set use_proxy=False to use it"
+                )
         elif self.instruction_text is None:
             self.instruction_text = self.proxy_init_text
         if not 0 <= self.proxy_momentum < 1:
@@ -362,7 +425,6 @@ class InstructionFreeConfig(VLMTuningArguments):
         if self.image_column == self.description_column:
             raise ValueError(f"image_column and description_column are both {self.image_column!r}")
         super().__post_init__()
-
 
 
 # -- pipeline arguments (CLI and YAML; the Python API takes the same dataclasses) --------------------------
@@ -382,7 +444,8 @@ class ModelArguments:
         default=None, metadata={"help": "dtype to load the VLM in: 'auto', 'bfloat16', 'float16', 'float32'."}
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the hub (off unless you trust the repo)."}
+        default=False,
+        metadata={"help": "Allow custom modelling code from the hub (off unless you trust the repo)."},
     )
     load_in_4bit: bool = field(
         default=False,
@@ -392,7 +455,8 @@ class ModelArguments:
         },
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: 'eager', 'sdpa' or 'flash_attention_2' (default: the model's)."}
+        default=None,
+        metadata={"help": "Attention kernel: 'eager', 'sdpa' or 'flash_attention_2' (default: the model's)."},
     )
 
 
@@ -402,7 +466,9 @@ class DataArguments:
 
     dataset: str = field(
         default="digits",
-        metadata={"help": "Data source: 'digits' (bundled), 'textures' (generated offline), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format), 'hf' (hub id / save_to_disk dir) or a file format of `datasets` ('json', 'csv', 'parquet', ...: rows of image path or bytes and label)."},
+        metadata={
+            "help": "Data source: 'digits' (bundled), 'textures' (generated offline), 'imagefolder' (class_name/*.png), 'npz' (MedMNIST format), 'hf' (hub id / save_to_disk dir) or a file format of `datasets` ('json', 'csv', 'parquet', ...: rows of image path or bytes and label)."
+        },
     )
     dataset_path: dict[str, str] | str | None = field(
         default=None,
@@ -418,33 +484,58 @@ class DataArguments:
             "type; each becomes a TaskSpec named after its file or folder. The TSM gets one shared head."
         },
     )
-    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows (fast runs)."})
-    image_size: int = field(default=32, metadata={"help": "Side of the digits / textures images in pixels."})
-    data_seed_split: int = field(default=0, metadata={"help": "Seed of the train/validation/test split when one is made."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    validation_split: str = field(default="validation", metadata={"help": "Split used to pick the best TSM epoch."})
-    task_name: str | None = field(default=None, metadata={"help": "Task name (default: from the data source)."})
-    modality: str | None = field(default=None, metadata={"help": "Image modality in the instruction, e.g. 'dermatoscopy'."})
-    class_names: list[str] | None = field(
-        default=None, metadata={"help": "Class names in label order (default: the dataset's ClassLabel names)."}
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows (fast runs)."}
     )
-    question: str | None = field(default=None, metadata={"help": "Optional question replacing the default instruction."})
+    image_size: int = field(default=32, metadata={"help": "Side of the digits / textures images in pixels."})
+    data_seed_split: int = field(
+        default=0, metadata={"help": "Seed of the train/validation/test split when one is made."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    validation_split: str = field(
+        default="validation", metadata={"help": "Split used to pick the best TSM epoch."}
+    )
+    task_name: str | None = field(
+        default=None, metadata={"help": "Task name (default: from the data source)."}
+    )
+    modality: str | None = field(
+        default=None, metadata={"help": "Image modality in the instruction, e.g. 'dermatoscopy'."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names in label order (default: the dataset's ClassLabel names)."},
+    )
+    question: str | None = field(
+        default=None, metadata={"help": "Optional question replacing the default instruction."}
+    )
     dataset_image_column: str = field(
         default="image",
-        metadata={"help": "Column of the source holding the image (a path relative to its data file, an absolute path "
-                          "or bytes), for 'hf' and the file formats; loading renames it 'image'."},
+        metadata={
+            "help": "Column of the source holding the image (a path relative to its data file, an absolute path "
+            "or bytes), for 'hf' and the file formats; loading renames it 'image'."
+        },
     )
     dataset_label_column: str = field(
         default="label",
-        metadata={"help": "Column of the source holding the class id or name, for 'hf' and the file formats; loading "
-                          "renames it 'label'."},
+        metadata={
+            "help": "Column of the source holding the class id or name, for 'hf' and the file formats; loading "
+            "renames it 'label'."
+        },
     )
 
     def __post_init__(self):
         columns = (self.dataset_image_column, self.dataset_label_column)
-        if columns != ("image", "label") and self.dataset.lower() in ("digits", "textures", "imagefolder", "npz", "medmnist"):
-            raise ValueError(f"dataset_image_column/dataset_label_column name columns of a table; the {self.dataset!r} "
-                             "source has none (use 'hf' or a file format such as 'json' or 'csv')")
+        if columns != ("image", "label") and self.dataset.lower() in (
+            "digits",
+            "textures",
+            "imagefolder",
+            "npz",
+            "medmnist",
+        ):
+            raise ValueError(
+                f"dataset_image_column/dataset_label_column name columns of a table; the {self.dataset!r} "
+                "source has none (use 'hf' or a file format such as 'json' or 'csv')"
+            )
 
 
 @dataclass
@@ -455,9 +546,15 @@ class TSMArguments:
         default="vit_base_patch16_224.augreg_in21k",
         metadata={"help": "timm model name (the paper: a ViT-Base with ImageNet-21k weights)."},
     )
-    tsm_pretrained: bool = field(default=True, metadata={"help": "Start from timm's pretrained weights (downloads them)."})
-    tsm_img_size: int | None = field(default=None, metadata={"help": "Input size of the TSM (default: the model's)."})
-    tsm_epochs: int = field(default=30, metadata={"help": "TSM training epochs (best validation epoch kept)."})
+    tsm_pretrained: bool = field(
+        default=True, metadata={"help": "Start from timm's pretrained weights (downloads them)."}
+    )
+    tsm_img_size: int | None = field(
+        default=None, metadata={"help": "Input size of the TSM (default: the model's)."}
+    )
+    tsm_epochs: int = field(
+        default=30, metadata={"help": "TSM training epochs (best validation epoch kept)."}
+    )
     tsm_batch_size: int = field(default=32, metadata={"help": "TSM batch size."})
     tsm_learning_rate: float = field(default=1e-4, metadata={"help": "TSM AdamW learning rate."})
     tsm_path: str | None = field(
@@ -470,33 +567,48 @@ class EvalArguments:
     """How to evaluate and predict."""
 
     model_path: str | None = field(
-        default=None, metadata={"help": "Saved bundle to evaluate / predict with (default: the last stage in <output_dir>)."}
+        default=None,
+        metadata={
+            "help": "Saved bundle to evaluate / predict with (default: the last stage in <output_dir>)."
+        },
     )
     eval_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     eval_methods: list[str] = field(
         default_factory=lambda: ["likelihood", "generate"],
-        metadata={"help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse).",
-                  "choices": ["likelihood", "generate"]},
+        metadata={
+            "help": "Answer extraction: 'likelihood' (option scoring) and/or 'generate' (greedy + parse).",
+            "choices": ["likelihood", "generate"],
+        },
     )
     option_score: str = field(
         default=DEFAULT_OPTION_SCORE,
-        metadata={"help": "Likelihood scoring of a class's answer: 'sum' of its token log-probs (its log-likelihood) "
-                          "or 'mean' per token (no preference for short class names).",
-                  "choices": list(OPTION_SCORES)},
+        metadata={
+            "help": "Likelihood scoring of a class's answer: 'sum' of its token log-probs (its log-likelihood) "
+            "or 'mean' per token (no preference for short class names).",
+            "choices": list(OPTION_SCORES),
+        },
     )
     eval_use_tsm: str = field(
         default="both",
-        metadata={"help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'.", "choices": ["yes", "no", "both"]},
+        metadata={
+            "help": "Evaluate with the TSM exemplar: 'yes', 'no' or 'both'.",
+            "choices": ["yes", "no", "both"],
+        },
     )
     eval_instructions: str = field(
         default="both",
-        metadata={"help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'.",
-                  "choices": ["complete", "incomplete", "both"]},
+        metadata={
+            "help": "Instruction variants to evaluate: 'complete', 'incomplete' or 'both'.",
+            "choices": ["complete", "incomplete", "both"],
+        },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch."})
-    eval_max_samples: int | None = field(default=None, metadata={"help": "Evaluate at most this many images."})
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate at most this many images."}
+    )
     plugin_tsm: str | None = field(
-        default=None, metadata={"help": "Directory of a different TSM to plug in at evaluation (VITask_plug)."}
+        default=None,
+        metadata={"help": "Directory of a different TSM to plug in at evaluation (VITask_plug)."},
     )
     predict_inputs: list[str] | None = field(
         default=None, metadata={"help": "predict: image files and/or folders (searched recursively)."}

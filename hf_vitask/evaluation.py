@@ -42,7 +42,9 @@ from hf_vitask.task import TaskSpec
 def _decoded_batches(images: Sequence, size: int):
     """Batches of RGB PIL images, each input (PIL, path, datasets dict) decoded once."""
     for start in range(0, len(images), size):
-        yield [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + size])]
+        yield [
+            load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + size])
+        ]
 
 
 def row_batches(dataset, rows: range, column: str | None, batch_size: int, num_workers: int = 0):
@@ -55,8 +57,9 @@ def row_batches(dataset, rows: range, column: str | None, batch_size: int, num_w
             return list(dataset[ids[0] : ids[-1] + 1])
         return _column(dataset, ids[0], ids[-1] + 1, column)
 
-    return DataLoader(list(rows), batch_size=max(batch_size, 1), shuffle=False, collate_fn=collate,
-                      num_workers=num_workers)
+    return DataLoader(
+        list(rows), batch_size=max(batch_size, 1), shuffle=False, collate_fn=collate, num_workers=num_workers
+    )
 
 
 def _to(value, device):
@@ -104,7 +107,10 @@ def score_options(
         for chunk in _decoded_batches(images, batch_size):
             per_image = None
             if shared_prompt:
-                prompts = {k: _to(v, model.device) for k, v in collator([{"image": img, "label": 0} for img in chunk]).items()}
+                prompts = {
+                    k: _to(v, model.device)
+                    for k, v in collator([{"image": img, "label": 0} for img in chunk]).items()
+                }
                 if candidates is None:  # the C responses after the prompt: tokenised once per call
                     rows = [{"image": chunk[0], "label": c} for c in range(task.num_classes)]
                     candidates = {k: _to(v, model.device) for k, v in collator(rows).items()}
@@ -146,8 +152,15 @@ def generate_answers(
     """Greedy answers (left-padded batches), decoded without special tokens."""
     _check_tsm(model, use_tsm)
     instruction = task.instruction(complete_instruction)
-    return generate_texts(model, processor, images, [instruction] * len(images), use_tsm=use_tsm,
-                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return generate_texts(
+        model,
+        processor,
+        images,
+        [instruction] * len(images),
+        use_tsm=use_tsm,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 # -- the two loops every evaluation runs: teacher-forced scoring and greedy generation ---------
@@ -167,7 +180,9 @@ def response_logprobs(model, batch: dict) -> torch.Tensor:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         logits, targets = response_logits(logits, labels)
     token_logp = -token_ce(logits, targets)
-    return torch.zeros(labels.shape[0], device=token_logp.device).index_add_(0, response_row_ids(labels), token_logp)
+    return torch.zeros(labels.shape[0], device=token_logp.device).index_add_(
+        0, response_row_ids(labels), token_logp
+    )
 
 
 @torch.no_grad()
@@ -191,13 +206,17 @@ def generate_texts(
     texts: list[str] = []
     try:
         for start in range(0, len(images), batch_size):
-            chunk = [load_image(img, f" at index {start + i}") for i, img in enumerate(images[start : start + batch_size])]
+            chunk = [
+                load_image(img, f" at index {start + i}")
+                for i, img in enumerate(images[start : start + batch_size])
+            ]
             batch = generation_prompts(processor, chunk, instructions[start : start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             if use_tsm:
                 batch["tsm_pixel_values"] = model.tsm.preprocess(chunk).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             if not isinstance(model, VITaskModel):  # VITaskModel.generate returns the new tokens only
                 out = out[:, batch["input_ids"].shape[1] :]
             texts += tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -221,13 +240,24 @@ def predict_classes(
     """Class id per image (``None`` when a generated answer names no class)."""
     if method == "likelihood":
         scores = score_options(
-            model, processor, task, images, use_tsm=use_tsm, complete_instruction=complete_instruction,
-            batch_size=batch_size, option_score=option_score,
+            model,
+            processor,
+            task,
+            images,
+            use_tsm=use_tsm,
+            complete_instruction=complete_instruction,
+            batch_size=batch_size,
+            option_score=option_score,
         )
         return scores.argmax(-1).tolist()
     if method == "generate":
         texts = generate_answers(
-            model, processor, task, images, use_tsm=use_tsm, complete_instruction=complete_instruction,
+            model,
+            processor,
+            task,
+            images,
+            use_tsm=use_tsm,
+            complete_instruction=complete_instruction,
             batch_size=batch_size,
         )
         return [task.parse(t) for t in texts]
@@ -271,7 +301,9 @@ def plugged_tsm(model: VITaskModel, tsm: TaskSpecificModel | None):
         raise ValueError("a plug-in TSM needs a model with an exemplar connector (trained with EP)")
     expected = model.connector.config.tsm_dim
     if tsm.feature_dim != expected:
-        raise ValueError(f"the plug-in TSM gives {tsm.feature_dim}-dim features but the connector expects {expected}")
+        raise ValueError(
+            f"the plug-in TSM gives {tsm.feature_dim}-dim features but the connector expects {expected}"
+        )
     original = model.tsm
     model.tsm = tsm
     try:
@@ -327,15 +359,29 @@ def evaluate_vlm(
     if option_score not in OPTION_SCORES:
         raise ValueError(f"option_score must be one of {OPTION_SCORES}, got {option_score!r}")
     n = _num_rows(dataset, max_samples)
-    references = [task.check_label(y, f" at row {i}") for i, y in enumerate(_column(dataset, 0, n, label_column))]
+    references = [
+        task.check_label(y, f" at row {i}") for i, y in enumerate(_column(dataset, 0, n, label_column))
+    ]
     rows = my_block(n) if split_between_processes else range(n)
-    outputs = vlm_outputs(model, processor, task, dataset, rows, use_tsm=use_tsm, tsm=tsm, methods=methods,
-                          complete_instruction=complete_instruction, batch_size=batch_size, image_column=image_column,
-                          max_new_tokens=max_new_tokens, option_score=option_score, progress=progress,
-                          num_workers=num_workers)
+    outputs = vlm_outputs(
+        model,
+        processor,
+        task,
+        dataset,
+        rows,
+        use_tsm=use_tsm,
+        tsm=tsm,
+        methods=methods,
+        complete_instruction=complete_instruction,
+        batch_size=batch_size,
+        image_column=image_column,
+        max_new_tokens=max_new_tokens,
+        option_score=option_score,
+        progress=progress,
+        num_workers=num_workers,
+    )
     if split_between_processes:
-        outputs = {k: gather_rows(v) if torch.is_tensor(v) else gather(v)
-                   for k, v in outputs.items()}
+        outputs = {k: gather_rows(v) if torch.is_tensor(v) else gather(v) for k, v in outputs.items()}
     return {"num_samples": n, **vlm_metrics(outputs, references, task)}
 
 
@@ -365,12 +411,21 @@ def vlm_outputs(
     texts: list[str] = []
     with plugged_tsm(model, tsm if use_tsm else None):
         _check_tsm(model, use_tsm)
-        for images in tqdm(row_batches(dataset, rows, image_column, batch_size, num_workers), total=-(-len(rows) // batch_size),
-                           desc="evaluate", unit="batch", disable=not progress):
+        for images in tqdm(
+            row_batches(dataset, rows, image_column, batch_size, num_workers),
+            total=-(-len(rows) // batch_size),
+            desc="evaluate",
+            unit="batch",
+            disable=not progress,
+        ):
             if "likelihood" in methods:
-                scores.append(score_options(model, processor, task, images, option_score=option_score, **kwargs))
+                scores.append(
+                    score_options(model, processor, task, images, option_score=option_score, **kwargs)
+                )
             if "generate" in methods:
-                texts += generate_answers(model, processor, task, images, max_new_tokens=max_new_tokens, **kwargs)
+                texts += generate_answers(
+                    model, processor, task, images, max_new_tokens=max_new_tokens, **kwargs
+                )
     outputs: dict = {}
     if "likelihood" in methods:
         outputs["likelihood"] = torch.cat(scores) if scores else torch.zeros(0, task.num_classes)
@@ -385,12 +440,15 @@ def vlm_metrics(outputs: dict, references: list[int], task: TaskSpec) -> dict:
     if "likelihood" in outputs:
         log_likelihoods = outputs["likelihood"]
         result["likelihood"] = classification_metrics(
-            log_likelihoods.argmax(-1).tolist(), references,
-            scores=softmax(log_likelihoods.double().numpy()), num_classes=task.num_classes,
+            log_likelihoods.argmax(-1).tolist(),
+            references,
+            scores=softmax(log_likelihoods.double().numpy()),
+            num_classes=task.num_classes,
         )
     if "generate" in outputs:
-        metrics = classification_metrics([task.parse(t) for t in outputs["generate"]], references,
-                                          num_classes=task.num_classes)
+        metrics = classification_metrics(
+            [task.parse(t) for t in outputs["generate"]], references, num_classes=task.num_classes
+        )
         metrics.setdefault("parse_failure_rate", 0.0)
         result["generate"] = metrics
     return result
@@ -416,8 +474,13 @@ def evaluate_tsm(
     references = [int(y) for y in _column(dataset, 0, n, label_column)]
     if split_between_processes:
         block = my_block(n)
-        probs = tsm_predict(tsm, dataset.select(block), batch_size=batch_size, device=device,
-                            image_column=image_column) if len(block) else torch.zeros(0, tsm.num_classes)
+        probs = (
+            tsm_predict(
+                tsm, dataset.select(block), batch_size=batch_size, device=device, image_column=image_column
+            )
+            if len(block)
+            else torch.zeros(0, tsm.num_classes)
+        )
         probs = gather_rows(probs)
     else:
         probs = tsm_predict(tsm, dataset, batch_size=batch_size, device=device, image_column=image_column)
@@ -493,7 +556,6 @@ def check_question(q: dict, i: int) -> None:
         raise ValueError(f"Question {i}: answer must be an option index in [0, {n}), got {q['answer']!r}")
 
 
-
 def _mc_examples(questions: Sequence[dict], answer_instruction: str) -> list[tuple[dict, str]]:
     out = []
     for i, q in enumerate(questions):
@@ -533,7 +595,11 @@ def _mc_likelihood(model, processor, items, batch_size: int, device) -> list[int
             image = load_image(q["image"], f" in question {s + len(n_options)}")
             n_options.append(len(q["options"]))
             examples += [
-                {"images": [image], "prompt": user_message(prompt), "completion": assistant_message(LETTERS[j])}
+                {
+                    "images": [image],
+                    "prompt": user_message(prompt),
+                    "completion": assistant_message(LETTERS[j]),
+                }
                 for j in range(len(q["options"]))
             ]
         batch = {k: v.to(device) for k, v in collator.torch_call(examples).items()}
@@ -582,8 +648,14 @@ def mc_evaluate(
         if method == "likelihood":
             predictions: list[int | None] = _mc_likelihood(model, processor, items, batch_size, device)
         else:
-            texts = generate_texts(model, processor, [q["image"] for q, _ in items], [p for _, p in items],
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
+            texts = generate_texts(
+                model,
+                processor,
+                [q["image"] for q, _ in items],
+                [p for _, p in items],
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+            )
             predictions = [parse_letter(t, len(q["options"])) for t, (q, _) in zip(texts, items)]
             result["answers"] = texts
     finally:

@@ -167,7 +167,11 @@ def flatten_metrics(metrics: Mapping | None, prefix: str = "") -> dict[str, floa
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _SKIP_METRIC.search(str(key)):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not _SKIP_METRIC.search(str(key))
+        ):
             flat[name] = float(value)
     return flat
 
@@ -265,7 +269,11 @@ def render_model_card(
     tsm_cfg = _read_json(bundle / TSM_DIR / TSM_CONFIG_FILE)
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
 
-    base = base_model or vitask_cfg.get("base_model_name_or_path") or (adapter_cfg or {}).get("base_model_name_or_path")
+    base = (
+        base_model
+        or vitask_cfg.get("base_model_name_or_path")
+        or (adapter_cfg or {}).get("base_model_name_or_path")
+    )
     base_is_hub = is_hub_model_id(base)
     if base and not base_is_hub and repo_id is not None:  # a card for the Hub: say what will not work there
         warnings.warn(
@@ -282,8 +290,13 @@ def render_model_card(
     if flat and datasets:
         eval_results = [
             EvalResult(
-                task_type="image-text-to-text", task_name=task_name, dataset_type=datasets[0],
-                dataset_name=datasets[0], metric_type=_metric_type(name), metric_value=value, metric_name=name,
+                task_type="image-text-to-text",
+                task_name=task_name,
+                dataset_type=datasets[0],
+                dataset_name=datasets[0],
+                metric_type=_metric_type(name),
+                metric_value=value,
+                metric_name=name,
             )
             for name, value in flat.items()
         ]
@@ -341,7 +354,9 @@ def render_model_card(
     if config:
         vitask = _method_fields(config)
         optimisation = ", ".join(f"{k}={config[k]}" for k in _OPTIMISATION_FIELDS if k in config)
-        config_section = "Method fields of `training_config.json` (beyond `TrainingArguments`):\n\n" + _yaml_block(vitask)
+        config_section = (
+            "Method fields of `training_config.json` (beyond `TrainingArguments`):\n\n" + _yaml_block(vitask)
+        )
         if optimisation:
             config_section += f"\n\nOptimisation: {optimisation}."
     else:
@@ -349,7 +364,11 @@ def render_model_card(
     files = sorted(set(bundle_files(bundle)) | {README_FILE})
     layout = "\n".join(f"- `{f}`" + (f": {_FILE_NOTES[f]}" if f in _FILE_NOTES else "") for f in files)
 
-    base_md = f"[`{base}`](https://huggingface.co/{base})" if base_is_hub else (f"`{base}`" if base else "an unknown base model")
+    base_md = (
+        f"[`{base}`](https://huggingface.co/{base})"
+        if base_is_hub
+        else (f"`{base}`" if base else "an unknown base model")
+    )
     cells = {
         "task_row": task_row,
         "classes": classes,
@@ -414,13 +433,17 @@ def push_bundle(
 
     bundle = Path(bundle_dir)
     if not (bundle / VITASK_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{bundle} is not a VITask bundle (no {VITASK_CONFIG_FILE}); run save_model first")
+        raise FileNotFoundError(
+            f"{bundle} is not a VITask bundle (no {VITASK_CONFIG_FILE}); run save_model first"
+        )
     weights = [f for f in bundle_files(bundle) if f.endswith(".safetensors") and "/" not in f]
     if not weights:
         raise FileNotFoundError(f"{bundle} holds no safetensors weights at its top level: nothing to push")
     if base_model is not None:
         _set_base_model(bundle, base_model)
-    card = render_model_card(bundle, repo_id=repo_id, base_model=base_model, datasets=datasets, metrics=metrics)
+    card = render_model_card(
+        bundle, repo_id=repo_id, base_model=base_model, datasets=datasets, metrics=metrics
+    )
     (bundle / README_FILE).write_text(card)
 
     api = HfApi(token=token)
@@ -440,7 +463,9 @@ def push_bundle(
     return str(getattr(info, "commit_url", None) or repo_url)
 
 
-def export_merged(bundle_dir: str | PathLike, output_dir: str | PathLike, base_model=None, **model_kwargs) -> Path:
+def export_merged(
+    bundle_dir: str | PathLike, output_dir: str | PathLike, base_model=None, **model_kwargs
+) -> Path:
     """Merge the bundle's LoRA adapter into its base and save a plain VLM + processor (safetensors).
 
     The result loads with ``AutoModelForImageTextToText.from_pretrained(output_dir)`` and answers

@@ -25,23 +25,40 @@ def read_json(file: str | PathLike, kind: type = dict) -> Any:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                         "it was damaged or edited by hand: restore it from the original bundle") from None
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "it was damaged or edited by hand: restore it from the original bundle"
+        ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not a UTF-8 text file; restore it from the original bundle") from None
     if not isinstance(data, kind):
-        raise ValueError(f"{file} must hold {_KIND_NAMES.get(kind, kind.__name__)} at the top level, "
-                         f"got {_type_name(data)}")
+        raise ValueError(
+            f"{file} must hold {_KIND_NAMES.get(kind, kind.__name__)} at the top level, "
+            f"got {_type_name(data)}"
+        )
     return data
 
 
 def _type_name(value: Any) -> str:
-    return {None.__class__: "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        None.__class__: "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
-def check_fields(data: Mapping, fields: Mapping[str, str], where: str, *, required: tuple[str, ...] = (),
-                 allow_unknown: bool = True) -> None:
+def check_fields(
+    data: Mapping,
+    fields: Mapping[str, str],
+    where: str,
+    *,
+    required: tuple[str, ...] = (),
+    allow_unknown: bool = True,
+) -> None:
     """Type-check ``data`` against ``fields`` (name -> kind) and raise one error naming ``where`` and the field.
 
     Kinds: ``"str"``, ``"size"`` (an integer in [0, MAX_SIZE]), ``"positive"`` (an integer in
@@ -65,12 +82,18 @@ def check_fields(data: Mapping, fields: Mapping[str, str], where: str, *, requir
         if value is None and optional:
             continue
         if not _is_kind(value, kind):
-            expected = {"str": "a string", "size": f"an integer from 0 to {MAX_SIZE}",
-                        "positive": f"an integer from 1 to {MAX_SIZE}", "object": "an object",
-                        "sizes": "an integer or a list of integers"}[kind]
+            expected = {
+                "str": "a string",
+                "size": f"an integer from 0 to {MAX_SIZE}",
+                "positive": f"an integer from 1 to {MAX_SIZE}",
+                "object": "an object",
+                "sizes": "an integer or a list of integers",
+            }[kind]
             shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
-            raise ValueError(f"{where}: {name!r} must be {expected}{' or null' if optional else ''}, "
-                             f"got {_type_name(value)} {shown}")
+            raise ValueError(
+                f"{where}: {name!r} must be {expected}{' or null' if optional else ''}, "
+                f"got {_type_name(value)} {shown}"
+            )
 
 
 def _is_size(value: Any, low: int) -> bool:
@@ -87,8 +110,9 @@ def _is_kind(value: Any, kind: str) -> bool:
     if kind == "object":
         return isinstance(value, dict)
     if kind == "sizes":
-        return _is_size(value, 1) or (isinstance(value, list) and 0 < len(value) <= 4
-                                      and all(_is_size(v, 1) for v in value))
+        return _is_size(value, 1) or (
+            isinstance(value, list) and 0 < len(value) <= 4 and all(_is_size(v, 1) for v in value)
+        )
     raise ValueError(f"unknown field kind {kind!r}")
 
 

@@ -27,7 +27,9 @@ def response_logits(
     their prompts differ in length.
     """
     if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, length)")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, length)"
+        )
     shift_logits = logits[:, :-1]
     shift_labels = labels[:, 1:]
     keep = shift_labels != ignore_index
@@ -82,7 +84,9 @@ def rda_kl_cached(
     p = log_p.exp()
     if teacher_index is None:
         if teacher_logprobs.shape != log_p.shape:
-            raise ValueError(f"teacher log-probs {tuple(teacher_logprobs.shape)} != student {tuple(log_p.shape)}")
+            raise ValueError(
+                f"teacher log-probs {tuple(teacher_logprobs.shape)} != student {tuple(log_p.shape)}"
+            )
         return (p * (log_p - teacher_logprobs.float())).sum(-1) * temperature**2
     vocab, k = log_p.shape[-1], teacher_index.shape[-1]
     log_q = teacher_logprobs.float()
@@ -103,11 +107,15 @@ def crt_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, targets: torch.
     gradients flow through both branches.
     """
     if pos_logits.shape != neg_logits.shape:
-        raise ValueError(f"positive {tuple(pos_logits.shape)} and negative {tuple(neg_logits.shape)} logits differ")
+        raise ValueError(
+            f"positive {tuple(pos_logits.shape)} and negative {tuple(neg_logits.shape)} logits differ"
+        )
     return F.cross_entropy(pos_logits.float() - neg_logits.float(), targets, reduction="none")
 
 
-def reduce_tokens(per_token: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+def reduce_tokens(
+    per_token: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum over tokens divided by ``num_items_in_batch`` (all response tokens of the accumulated
     batch, as the ``Trainer`` counts them), or the plain mean when it is ``None``.
 

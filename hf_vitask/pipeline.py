@@ -46,7 +46,9 @@ def tsm_dir(tsm_args: TSMArguments, output_dir: str) -> Path:
     return Path(tsm_args.tsm_path or Path(output_dir) / "tsm")
 
 
-def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: str, seed: int = 0, progress=True):
+def run_train_tsm(
+    data_args: DataArguments, tsm_args: TSMArguments, output_dir: str, seed: int = 0, progress=True
+):
     """Train the TSM on the train split (best validation epoch kept) and save it. Under several
     processes it trains with DDP, ``tsm_batch_size`` rows per step in all (split between the
     processes), and the main process saves it."""
@@ -60,10 +62,14 @@ def run_train_tsm(data_args: DataArguments, tsm_args: TSMArguments, output_dir: 
     sizes = [t.num_classes for t in task_list(tasks)]
     import torch
 
-    with torch.random.fork_rng():  # the new head (or a whole random model) is drawn from the seed: reproducible
+    with (
+        torch.random.fork_rng()
+    ):  # the new head (or a whole random model) is drawn from the seed: reproducible
         torch.manual_seed(seed)
         tsm = TaskSpecificModel(
-            tsm_args.tsm_model, num_classes=sum(sizes), pretrained=tsm_args.tsm_pretrained,
+            tsm_args.tsm_model,
+            num_classes=sum(sizes),
+            pretrained=tsm_args.tsm_pretrained,
             img_size=tsm_args.tsm_img_size,
         )
     history = train_tsm(
@@ -90,7 +96,9 @@ def load_trained_tsm(tsm_args: TSMArguments, output_dir: str):
 
     path = tsm_dir(tsm_args, output_dir)
     if not (path / TSM_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"No trained TSM in {path}: run `hf-vitask train-tsm` first (or set tsm_path)")
+        raise FileNotFoundError(
+            f"No trained TSM in {path}: run `hf-vitask train-tsm` first (or set tsm_path)"
+        )
     return TaskSpecificModel.from_pretrained(path)
 
 
@@ -144,7 +152,9 @@ def run_train(
         if model is None and stage == 2:
             previous = root / "stage1"
             if not (previous / "vitask_config.json").is_file():
-                raise FileNotFoundError(f"Stage 2 starts from stage 1: no model in {previous} (run --stage 1 first)")
+                raise FileNotFoundError(
+                    f"Stage 2 starts from stage 1: no model in {previous} (run --stage 1 first)"
+                )
             model = VITaskModel.from_pretrained(previous, is_trainable=True, **_model_kwargs(model_args))
             from transformers import AutoProcessor
 
@@ -153,8 +163,13 @@ def run_train(
         if model is None:
             model, processor = load_vlm(model_args.model_name_or_path, **_model_kwargs(model_args))
         trainer = VITaskTrainer(
-            model=model, args=args, processing_class=processor, train_dataset=train_ds, eval_dataset=eval_ds,
-            task=task, tsm=tsm,
+            model=model,
+            args=args,
+            processing_class=processor,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            task=task,
+            tsm=tsm,
         )
         trainer.train(resume_from_checkpoint=_checkpoint_in(out, resume))
         trainer.save_model(str(out))
@@ -200,15 +215,22 @@ def default_model_path(output_dir: str) -> Path:
     for name in ("stage2", "stage1", "vanilla"):
         if (Path(output_dir) / name / "vitask_config.json").is_file():
             return Path(output_dir) / name
-    raise FileNotFoundError(f"No trained model under {output_dir}: run `hf-vitask train` first (or set model_path)")
+    raise FileNotFoundError(
+        f"No trained model under {output_dir}: run `hf-vitask train` first (or set model_path)"
+    )
 
 
 def _variants(choice: str, yes: str, no: str) -> list[bool]:
     return {"both": [True, False], yes: [True], no: [False]}[choice]
 
 
-def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir: str, tsm_args: TSMArguments | None = None,
-                 progress: bool = True):
+def run_evaluate(
+    eval_args: EvalArguments,
+    data_args: DataArguments,
+    output_dir: str,
+    tsm_args: TSMArguments | None = None,
+    progress: bool = True,
+):
     """Evaluate a saved bundle on ``eval_split``: every (TSM yes/no) x (complete/incomplete) x method.
 
     A multi-task bundle is evaluated task by task (``per_task``); the top-level numbers are then
@@ -230,14 +252,26 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
             check_tsm_matches_tasks(tsm, tasks)
         except ValueError as err:
             raise ValueError(f"{which}: {err}") from None
-    if eval_args.eval_use_tsm == "yes" and (model.connector is None or (model.tsm is None and plugin is None)):
-        missing = "no exemplar connector (trained without EP)" if model.connector is None else f"no {path / 'tsm'}"
-        raise ValueError(f"eval_use_tsm=yes, but the bundle {path} has {missing}: evaluate with eval_use_tsm=no, "
-                         "or give a TSM with plugin_tsm")
-    results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_samples": len(dataset),
-                     "option_score": eval_args.option_score}
+    if eval_args.eval_use_tsm == "yes" and (
+        model.connector is None or (model.tsm is None and plugin is None)
+    ):
+        missing = (
+            "no exemplar connector (trained without EP)" if model.connector is None else f"no {path / 'tsm'}"
+        )
+        raise ValueError(
+            f"eval_use_tsm=yes, but the bundle {path} has {missing}: evaluate with eval_use_tsm=no, "
+            "or give a TSM with plugin_tsm"
+        )
+    results: dict = {
+        "model_path": str(path),
+        "split": eval_args.eval_split,
+        "num_samples": len(dataset),
+        "option_score": eval_args.option_score,
+    }
     if len(tasks) == 1:
-        results.update(_evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin, progress=progress))
+        results.update(
+            _evaluate_task(model, processor, tasks[0], dataset, eval_args, plugin, progress=progress)
+        )
     else:
         sizes = [t.num_classes for t in tasks]
         per_task = {}
@@ -245,8 +279,9 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
             subset = dataset.filter(lambda t, i=i: t == i, input_columns="task")
             if eval_args.eval_max_samples is not None:
                 subset = subset.select(range(min(eval_args.eval_max_samples, len(subset))))
-            per_task[task.name] = _evaluate_task(model, processor, task, subset, eval_args, plugin, i, sizes,
-                                                 progress=progress)
+            per_task[task.name] = _evaluate_task(
+                model, processor, task, subset, eval_args, plugin, i, sizes, progress=progress
+            )
         results["per_task"] = per_task
         results.update(_mean_over_tasks(list(per_task.values())))
     if distributed.is_main_process():
@@ -256,8 +291,17 @@ def run_evaluate(eval_args: EvalArguments, data_args: DataArguments, output_dir:
     return results
 
 
-def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_index=None, task_sizes=None,
-                   progress: bool = True) -> dict:
+def _evaluate_task(
+    model,
+    processor,
+    task,
+    dataset,
+    eval_args,
+    plugin,
+    task_index=None,
+    task_sizes=None,
+    progress: bool = True,
+) -> dict:
     from hf_vitask.evaluation import evaluate_tsm, evaluate_vlm
 
     results: dict = {}
@@ -275,9 +319,18 @@ def _evaluate_task(model, processor, task, dataset, eval_args, plugin, task_inde
         for complete in _variants(eval_args.eval_instructions, "complete", "incomplete"):
             key = f"{'with' if use_tsm else 'without'}_tsm/{'complete' if complete else 'incomplete'}"
             results[key] = evaluate_vlm(
-                model, processor, task, dataset, use_tsm=use_tsm, complete_instruction=complete,
-                methods=tuple(eval_args.eval_methods), batch_size=eval_args.eval_batch_size, tsm=plugin,
-                option_score=eval_args.option_score, split_between_processes=True, progress=progress,
+                model,
+                processor,
+                task,
+                dataset,
+                use_tsm=use_tsm,
+                complete_instruction=complete,
+                methods=tuple(eval_args.eval_methods),
+                batch_size=eval_args.eval_batch_size,
+                tsm=plugin,
+                option_score=eval_args.option_score,
+                split_between_processes=True,
+                progress=progress,
             )
     return results
 
@@ -292,7 +345,9 @@ def _evaluate_tsm_in_task(tsm, dataset, task_index: int, task_sizes: list[int]) 
     start = task_offsets(task_sizes)[task_index]
     block = distributed.my_block(len(dataset))
     probs = distributed.gather_rows(
-        tsm_predict(tsm, dataset.select(block), task_sizes=task_sizes) if len(block) else torch.zeros(0, sum(task_sizes))
+        tsm_predict(tsm, dataset.select(block), task_sizes=task_sizes)
+        if len(block)
+        else torch.zeros(0, sum(task_sizes))
     )[:, start : start + task_sizes[task_index]]
     labels = torch.tensor(dataset["label"])
     metrics = classification_metrics(probs.argmax(-1).tolist(), labels.tolist(), scores=probs.numpy())
@@ -328,7 +383,11 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 
 def run_predict(
-    eval_args: EvalArguments, output_dir: str, use_tsm: bool = False, method: str = "likelihood", task_name: str | None = None,
+    eval_args: EvalArguments,
+    output_dir: str,
+    use_tsm: bool = False,
+    method: str = "likelihood",
+    task_name: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Predict a class for each input image and write a CSV (path, prediction, per-class probabilities).
@@ -354,7 +413,9 @@ def run_predict(
             raise ValueError(f"{path} holds several tasks {sorted(by_name)}: choose one with task_name")
         task = by_name[task_name]
     files = collect_images(eval_args.predict_inputs)
-    images, unreadable = _readable([files[i] for i in distributed.my_block(len(files))])  # each process: a block
+    images, unreadable = _readable(
+        [files[i] for i in distributed.my_block(len(files))]
+    )  # each process: a block
     out = Path(eval_args.predictions_file)
     rows: list[list[str]] = []
     from tqdm.auto import tqdm
@@ -363,20 +424,40 @@ def run_predict(
 
     paths, decoded = list(images), list(images.values())
     size = max(eval_args.eval_batch_size, 1)
-    batches = tqdm(row_batches(decoded, range(len(decoded)), None, size), total=-(-len(decoded) // size),
-                   desc="predict", unit="batch", disable=not progress)
-    header = ["path", "prediction", *task.class_names, "error"] if method == "likelihood" else \
-        ["path", "prediction", "answer", "error"]
+    batches = tqdm(
+        row_batches(decoded, range(len(decoded)), None, size),
+        total=-(-len(decoded) // size),
+        desc="predict",
+        unit="batch",
+        disable=not progress,
+    )
+    header = (
+        ["path", "prediction", *task.class_names, "error"]
+        if method == "likelihood"
+        else ["path", "prediction", "answer", "error"]
+    )
     for start, batch in zip(range(0, len(decoded), size), batches):
         names = paths[start : start + size]
         if method == "likelihood":
-            probs = torch.softmax(score_options(model, processor, task, batch, use_tsm=use_tsm, batch_size=size,
-                                                option_score=eval_args.option_score), -1)
+            probs = torch.softmax(
+                score_options(
+                    model,
+                    processor,
+                    task,
+                    batch,
+                    use_tsm=use_tsm,
+                    batch_size=size,
+                    option_score=eval_args.option_score,
+                ),
+                -1,
+            )
             for f, row in zip(names, probs.tolist()):
                 best = task.class_names[max(range(len(row)), key=row.__getitem__)]
                 rows.append([str(f), best, *(f"{p:.6f}" for p in row), ""])
         else:
-            for f, answer in zip(names, generate_answers(model, processor, task, batch, use_tsm=use_tsm, batch_size=size)):
+            for f, answer in zip(
+                names, generate_answers(model, processor, task, batch, use_tsm=use_tsm, batch_size=size)
+            ):
                 cls = task.parse(answer)
                 rows.append([str(f), "" if cls is None else task.class_names[cls], answer, ""])
     rows += [[str(f), *[""] * (len(header) - 2), error] for f, error in unreadable.items()]
@@ -389,8 +470,10 @@ def run_predict(
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out, header, rows)
     if unreadable:
-        logger.warning(f"{len(unreadable)} of {len(files)} inputs could not be read (listed in {out}, column "
-                       f"'error'): " + "; ".join(f"{f}: {e}" for f, e in unreadable.items()))
+        logger.warning(
+            f"{len(unreadable)} of {len(files)} inputs could not be read (listed in {out}, column "
+            f"'error'): " + "; ".join(f"{f}: {e}" for f, e in unreadable.items())
+        )
     return out
 
 
@@ -445,9 +528,12 @@ def run_train_instruction_free(model_args: ModelArguments, data_args: DataArgume
     out = Path(train_args.output_dir) / "instruction_free"
     args = dataclasses.replace(train_args, output_dir=str(out))
     model, processor = load_vlm(model_args.model_name_or_path, **_model_kwargs(model_args))
-    trainer = InstructionFreeTrainer(model=model, args=args, processing_class=processor,
-                                     train_dataset=data[data_args.train_split])
-    trainer.train(resume_from_checkpoint=_checkpoint_in(out, resume_target(train_args.resume_from_checkpoint)))
+    trainer = InstructionFreeTrainer(
+        model=model, args=args, processing_class=processor, train_dataset=data[data_args.train_split]
+    )
+    trainer.train(
+        resume_from_checkpoint=_checkpoint_in(out, resume_target(train_args.resume_from_checkpoint))
+    )
     trainer.save_model(str(out))
     return out
 
@@ -467,7 +553,9 @@ def run_evaluate_instruction_free(eval_args: EvalArguments, data_args: DataArgum
     questions = make_mc_questions(dataset, seed=train_args.seed)
     results: dict = {"model_path": str(path), "split": eval_args.eval_split, "num_questions": len(questions)}
     for method in eval_args.eval_methods:
-        metrics = mc_evaluate(model, processor, questions, method=method, batch_size=eval_args.eval_batch_size)
+        metrics = mc_evaluate(
+            model, processor, questions, method=method, batch_size=eval_args.eval_batch_size
+        )
         results[method] = {k: v for k, v in metrics.items() if k not in ("predictions", "answers")}
     if distributed.is_main_process():
         out = Path(train_args.output_dir) / "eval"

@@ -41,13 +41,24 @@ ROWS = ("TSM", "vanilla", "VITask w/o EP", "VITask w/ EP")
 def _configs(out: Path, budget: QuickstartBudget, seed: int, dataset: str = "digits"):
     data = DataArguments(dataset=dataset, max_samples=budget.train_samples, data_seed_split=0)
     tsm = TSMArguments(
-        tsm_model="test_resnet", tsm_pretrained=False, tsm_img_size=32, tsm_epochs=budget.tsm_epochs,
-        tsm_batch_size=16, tsm_learning_rate=3e-3,
+        tsm_model="test_resnet",
+        tsm_pretrained=False,
+        tsm_img_size=32,
+        tsm_epochs=budget.tsm_epochs,
+        tsm_batch_size=16,
+        tsm_learning_rate=3e-3,
     )
     train = VITaskConfig(
-        output_dir=str(out), max_steps=budget.steps_per_stage, per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate, lora_r=16, lora_alpha=32, logging_steps=10, save_strategy="no",
-        report_to="none", seed=seed,
+        output_dir=str(out),
+        max_steps=budget.steps_per_stage,
+        per_device_train_batch_size=budget.batch_size,
+        learning_rate=budget.learning_rate,
+        lora_r=16,
+        lora_alpha=32,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
     )
     evaluation = EvalArguments(eval_split="test", eval_max_samples=budget.eval_samples, eval_batch_size=16)
     return ModelArguments(model_name_or_path="tiny-llava"), data, tsm, train, evaluation
@@ -95,7 +106,11 @@ def summarize(per_seed: list[dict]) -> dict:
         for instruction in ("complete", "incomplete"):
             keys = per_seed[0].get(row, {}).get(instruction, {})
             for metric in keys:
-                values = [t[row][instruction][metric] for t in per_seed if isinstance(t[row][instruction][metric], float | int)]
+                values = [
+                    t[row][instruction][metric]
+                    for t in per_seed
+                    if isinstance(t[row][instruction][metric], float | int)
+                ]
                 if values:
                     summary.setdefault(row, {}).setdefault(instruction, {})[metric] = mean_std(values)
     return summary
@@ -124,7 +139,11 @@ def markdown_table(summary: dict, n_seeds: int) -> str:
         for instruction in ("complete", "incomplete"):
             if row == "TSM" and instruction == "incomplete":
                 continue
-            tsm_key = {"likelihood_accuracy": "accuracy", "likelihood_macro_f1": "macro_f1", "likelihood_auc": "auc"}
+            tsm_key = {
+                "likelihood_accuracy": "accuracy",
+                "likelihood_macro_f1": "macro_f1",
+                "likelihood_auc": "auc",
+            }
             cells = [
                 cell(row, instruction, tsm_key.get(key, "–") if row == "TSM" else key) for key, _ in COLUMNS
             ]
@@ -144,7 +163,9 @@ def plot(summary: dict, path: Path) -> None:
         means, errs = [], []
         for row in ROWS:
             key = "accuracy" if row == "TSM" else "likelihood_accuracy"
-            mean, std = summary.get(row, {}).get("complete" if row == "TSM" else instruction, {}).get(key, (0.0, 0.0))
+            mean, std = (
+                summary.get(row, {}).get("complete" if row == "TSM" else instruction, {}).get(key, (0.0, 0.0))
+            )
             means.append(mean)
             errs.append(std)
         xs = [x + (i - 0.5) * width for x in range(len(ROWS))]
@@ -160,7 +181,9 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_quickstart(output_dir: str = "vitask-quickstart", *, fast: bool = False, seeds: list[int] | tuple = (0,)) -> dict:
+def run_quickstart(
+    output_dir: str = "vitask-quickstart", *, fast: bool = False, seeds: list[int] | tuple = (0,)
+) -> dict:
     """Run the comparison for each seed, print the table, write results.json / .md / .png."""
     budget = FAST if fast else FULL
     out = Path(output_dir)
@@ -173,7 +196,10 @@ def run_quickstart(output_dir: str = "vitask-quickstart", *, fast: bool = False,
         "budget": budget.__dict__,
         "seeds": list(seeds),
         "per_seed": per_seed,
-        "summary": {r: {i: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for i, v in d.items()} for r, d in summary.items()},
+        "summary": {
+            r: {i: {k: {"mean": m, "std": s} for k, (m, s) in v.items()} for i, v in d.items()}
+            for r, d in summary.items()
+        },
         "runtime_seconds": round(time.time() - start, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -187,7 +213,13 @@ def run_quickstart(output_dir: str = "vitask-quickstart", *, fast: bool = False,
 
 
 def run_quickstart_ablation(
-    output_dir: str = "vitask-ablation", *, fast: bool = False, seeds=(0,), alphas=(), betas=(), dataset: str = "digits"
+    output_dir: str = "vitask-ablation",
+    *,
+    fast: bool = False,
+    seeds=(0,),
+    alphas=(),
+    betas=(),
+    dataset: str = "digits",
 ) -> dict:
     """:func:`hf_vitask.ablation.run_ablation` with the quickstart's data, model and settings
     (:data:`ABLATION` budget: half the quickstart's steps per stage)."""
@@ -195,5 +227,11 @@ def run_quickstart_ablation(
 
     budget = FAST if fast else ABLATION
     configs = _configs(Path(output_dir), budget, seed=0, dataset=dataset)
-    return run_ablation(configs, output_dir, seeds=seeds, alphas=alphas, betas=betas,
-                        title=f"hf-vitask ablation: {dataset}, tiny LLaVA")
+    return run_ablation(
+        configs,
+        output_dir,
+        seeds=seeds,
+        alphas=alphas,
+        betas=betas,
+        title=f"hf-vitask ablation: {dataset}, tiny LLaVA",
+    )

@@ -34,6 +34,7 @@ MAX_CLASSES = 10_000
 MAX_TEXT = 500
 TEMPLATE_FIELDS = frozenset({"modality", "options", "question", "label"})
 
+
 @dataclass
 class TaskSpec:
     """One classification task and how it is phrased to the VLM.
@@ -91,29 +92,48 @@ class TaskSpec:
         instead of, say, turning ``class_names: "catdog"`` into six one-letter classes."""
         where = f"TaskSpec {self.name!r}" if isinstance(self.name, str) else "TaskSpec"
         if not isinstance(self.class_names, (list, tuple)):
-            raise ValueError(f"{where}: class_names must be a list of class names, got {type(self.class_names).__name__} "
-                             f"{str(self.class_names)[:80]!r}")
+            raise ValueError(
+                f"{where}: class_names must be a list of class names, got {type(self.class_names).__name__} "
+                f"{str(self.class_names)[:80]!r}"
+            )
         if len(self.class_names) > MAX_CLASSES:
             raise ValueError(f"{where}: {len(self.class_names)} class names, more than {MAX_CLASSES}")
         for i, c in enumerate(self.class_names):
-            if not isinstance(c, (str, int)) or isinstance(c, bool) or not str(c).strip() or len(str(c)) > MAX_TEXT:
-                raise ValueError(f"{where}: class name {i} must be a non-empty string of at most {MAX_TEXT} "
-                                 f"characters, got {str(c)[:80]!r}")
-        texts = ("name", "modality", "instruction_template", "incomplete_instruction_template", "response_template",
-                 "option_separator")
+            if (
+                not isinstance(c, (str, int))
+                or isinstance(c, bool)
+                or not str(c).strip()
+                or len(str(c)) > MAX_TEXT
+            ):
+                raise ValueError(
+                    f"{where}: class name {i} must be a non-empty string of at most {MAX_TEXT} "
+                    f"characters, got {str(c)[:80]!r}"
+                )
+        texts = (
+            "name",
+            "modality",
+            "instruction_template",
+            "incomplete_instruction_template",
+            "response_template",
+            "option_separator",
+        )
         for field_name in texts + ("question",):
             value = getattr(self, field_name)
             if value is None and field_name == "question":
                 continue
             if not isinstance(value, str) or len(value) > MAX_TEXT * 10:
-                raise ValueError(f"{where}: {field_name} must be a string of at most {MAX_TEXT * 10} characters, "
-                                 f"got {type(value).__name__}")
+                raise ValueError(
+                    f"{where}: {field_name} must be a string of at most {MAX_TEXT * 10} characters, "
+                    f"got {type(value).__name__}"
+                )
         for field_name in ("instruction_template", "incomplete_instruction_template", "response_template"):
             for _, key, spec, conversion in string.Formatter().parse(getattr(self, field_name)):
                 if key is not None and (key not in TEMPLATE_FIELDS or spec or conversion):
                     shown = f"{{{key}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
-                    raise ValueError(f"{where}: {field_name} uses unknown field {shown}; available: "
-                                     f"{sorted(TEMPLATE_FIELDS)}, each as a plain {{name}}")
+                    raise ValueError(
+                        f"{where}: {field_name} uses unknown field {shown}; available: "
+                        f"{sorted(TEMPLATE_FIELDS)}, each as a plain {{name}}"
+                    )
         if not isinstance(self.extra, dict):
             raise ValueError(f"{where}: extra must be a mapping, got {type(self.extra).__name__}")
 
@@ -187,7 +207,9 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, data: dict) -> TaskSpec:
         if not isinstance(data, dict):
-            raise ValueError(f"A TaskSpec must be an object of fields, got {type(data).__name__} {str(data)[:80]!r}")
+            raise ValueError(
+                f"A TaskSpec must be an object of fields, got {type(data).__name__} {str(data)[:80]!r}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -72,7 +72,9 @@ def sklearn_metrics(predictions, references, scores=None) -> dict:
         scores = np.asarray(scores, dtype=np.float64)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        out["auc"] = float(np.mean([roc_auc_score(references == c, probs[:, c]) for c in np.unique(references)]))
+        out["auc"] = float(
+            np.mean([roc_auc_score(references == c, probs[:, c]) for c in np.unique(references)])
+        )
     if failures:
         out["parse_failure_rate"] = failures / len(references)
     return out

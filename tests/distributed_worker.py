@@ -46,7 +46,9 @@ def run_cli() -> None:
     from hf_vitask.cli import main as hf_vitask
 
     code = hf_vitask(sys.argv[3:])
-    (out / f"written-{command}-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(sorted(set(written))))
+    (out / f"written-{command}-rank{os.environ.get('RANK', '0')}.json").write_text(
+        json.dumps(sorted(set(written)))
+    )
     raise SystemExit(code)
 
 
@@ -90,28 +92,57 @@ def main() -> None:
     tsm = TaskSpecificModel("test_resnet", num_classes=10, img_size=32)  # random but the same on every rank
     vlm, processor = build_tiny_vlm("llava", seed=0)
     common = dict(
-        output_dir=str(out), max_steps=cli.max_steps, per_device_train_batch_size=GLOBAL_BATCH // world,
-        learning_rate=1e-3, logging_steps=1, report_to="none", seed=0, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=cli.max_steps,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        save_strategy="steps" if cli.save_steps else "no",
+        save_steps=cli.save_steps or 500,
+        disable_tqdm=True,
         pass_fusion=cli.pass_fusion,
     )
     if cli.fsdp:
-        common.update(fsdp=cli.fsdp, fsdp_config={"use_orig_params": True, "cpu_ram_efficient_loading": False})
+        common.update(
+            fsdp=cli.fsdp, fsdp_config={"use_orig_params": True, "cpu_ram_efficient_loading": False}
+        )
     train = data["train"].select(range(16))  # 4 global batches per epoch
     extra: dict = {}
     if cli.job == "stage1":
-        trainer = VITaskTrainer(model=vlm, args=VITaskConfig(stage=1, **common), processing_class=processor,
-                                train_dataset=train, task=task, tsm=tsm)
+        trainer = VITaskTrainer(
+            model=vlm,
+            args=VITaskConfig(stage=1, **common),
+            processing_class=processor,
+            train_dataset=train,
+            task=task,
+            tsm=tsm,
+        )
     elif cli.job == "stage2":
         # stage 1 (the same on every process), saved by the main process as the frozen RDA teacher
-        first = VITaskTrainer(model=vlm, args=VITaskConfig(stage=1, **{**common, "max_steps": 2}),
-                              processing_class=processor, train_dataset=train, task=task, tsm=tsm)
+        first = VITaskTrainer(
+            model=vlm,
+            args=VITaskConfig(stage=1, **{**common, "max_steps": 2}),
+            processing_class=processor,
+            train_dataset=train,
+            task=task,
+            tsm=tsm,
+        )
         first.train()
         first.save_model(str(out / "stage1"))
         first.accelerator.wait_for_everyone()
-        trainer = VITaskTrainer(model=first.model, args=VITaskConfig(stage=2, rda_teacher="frozen", **common),
-                                processing_class=processor, train_dataset=train, task=task,
-                                teacher=str(out / "stage1"))
+        trainer = VITaskTrainer(
+            model=first.model,
+            args=VITaskConfig(stage=2, rda_teacher="frozen", **common),
+            processing_class=processor,
+            train_dataset=train,
+            task=task,
+            teacher=str(out / "stage1"),
+        )
         collate = trainer.data_collator
 
         def paired_negatives(rows):  # row 2i and 2i+1 are each other's negative, in any process layout
@@ -124,9 +155,12 @@ def main() -> None:
         from hf_vitask import InstructionFreeConfig, InstructionFreeTrainer
         from hf_vitask.data.digits import add_digit_descriptions
 
-        args = InstructionFreeConfig(shuffle_prob=0.0, **{k: v for k, v in common.items() if k != "pass_fusion"})
-        trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor,
-                                         train_dataset=add_digit_descriptions(train))
+        args = InstructionFreeConfig(
+            shuffle_prob=0.0, **{k: v for k, v in common.items() if k != "pass_fusion"}
+        )
+        trainer = InstructionFreeTrainer(
+            model=vlm, args=args, processing_class=processor, train_dataset=add_digit_descriptions(train)
+        )
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     extra["teacher_passes"] = getattr(trainer, "teacher_passes", 0)
     passes = [None] * trainer.args.world_size
@@ -138,11 +172,23 @@ def main() -> None:
     # FSDP holds shards: the full weights are gathered (on every process: a collective)
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        weights = ({n: state[n].detach().clone() for n in trainable} if state is not None else
-                   {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
-        torch.save({"weights": weights, "log": trainer.state.log_history, "world_size": trainer.args.world_size,
-                    "teacher_passes": passes, "pass_modes": sorted(modes),
-                    "wrapper": type(trainer.model_wrapped).__name__, "fsdp": trainer.is_fsdp_enabled}, out / "result.pt")
+        weights = (
+            {n: state[n].detach().clone() for n in trainable}
+            if state is not None
+            else {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        )
+        torch.save(
+            {
+                "weights": weights,
+                "log": trainer.state.log_history,
+                "world_size": trainer.args.world_size,
+                "teacher_passes": passes,
+                "pass_modes": sorted(modes),
+                "wrapper": type(trainer.model_wrapped).__name__,
+                "fsdp": trainer.is_fsdp_enabled,
+            },
+            out / "result.pt",
+        )
     (out / f"written-rank{rank}.json").write_text(json.dumps(sorted(set(written))))
 
 

@@ -29,8 +29,25 @@ def test_crt_separation_by_hand():
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
-    assert main(["quickstart", "--ablation", "--fast", "--output_dir", str(out), "--seeds", "3",
-                 "--sweep_rda_weights", str(A), "1", "--sweep_crt_weights", str(B)]) == 0
+    assert (
+        main(
+            [
+                "quickstart",
+                "--ablation",
+                "--fast",
+                "--output_dir",
+                str(out),
+                "--seeds",
+                "3",
+                "--sweep_rda_weights",
+                str(A),
+                "1",
+                "--sweep_crt_weights",
+                str(B),
+            ]
+        )
+        == 0
+    )
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -55,14 +72,21 @@ def test_every_arm_trains_what_it_names_and_shared_runs_train_once(ablation):
     }
     for arm, values in expected.items():
         cfg = _training(bundles[arm])
-        assert (cfg["rda_weight"], cfg["crt_weight"], cfg["rda_detach"], cfg["rda_teacher_dropout"]) == values, arm
+        assert (
+            cfg["rda_weight"],
+            cfg["crt_weight"],
+            cfg["rda_detach"],
+            cfg["rda_teacher_dropout"],
+        ) == values, arm
         assert cfg["stage"] == 2 and cfg["max_steps"] == results["steps_per_stage"] and cfg["ep_weight"] > 0
         stage1 = json.loads((Path(bundles[arm]).parent / "stage1" / "training_config.json").read_text())
         assert stage1["rda_weight"] == values[0] and stage1["crt_weight"] == 0.0
     # the full model with the TSM and the sweep's default point reuse the RDA+CRT run
     assert bundles["RDA+CRT, with TSM"] == bundles["RDA+CRT"] == bundles[f"alpha={A:g}, beta={B:g}"]
     # RDA and RDA+CRT share their stage 1
-    assert (Path(bundles["RDA"]).parent / "stage1").resolve() == (Path(bundles["RDA+CRT"]).parent / "stage1").resolve()
+    assert (Path(bundles["RDA"]).parent / "stage1").resolve() == (
+        Path(bundles["RDA+CRT"]).parent / "stage1"
+    ).resolve()
 
 
 def test_report_has_every_arm_instruction_and_metric(ablation):
@@ -72,17 +96,28 @@ def test_report_has_every_arm_instruction_and_metric(ablation):
     for arm in ARMS:
         for instruction in ("complete", "incomplete"):
             metrics = arms[arm.name][instruction]
-            assert set(metrics) >= {"sum_accuracy", "mean_accuracy", "sum_macro_f1", "sum_auc", "gen_accuracy",
-                                    "gen_parse_failure_rate", "separation"}
+            assert set(metrics) >= {
+                "sum_accuracy",
+                "mean_accuracy",
+                "sum_macro_f1",
+                "sum_auc",
+                "gen_accuracy",
+                "gen_parse_failure_rate",
+                "separation",
+            }
             # generation: counts out of the evaluated images; a parse failure is a wrong answer
-            correct, failed = (metrics[k] * FAST.eval_samples for k in ("gen_accuracy", "gen_parse_failure_rate"))
+            correct, failed = (
+                metrics[k] * FAST.eval_samples for k in ("gen_accuracy", "gen_parse_failure_rate")
+            )
             assert correct == pytest.approx(round(correct)) and failed == pytest.approx(round(failed))
             assert round(correct) + round(failed) <= FAST.eval_samples
     sweep = results["per_seed"][0]["sweep"]
     assert set(sweep) == {f"alpha={A:g}, beta={B:g}", f"alpha=1, beta={B:g}"}
     # the sweep's default point is the RDA+CRT run, evaluated alike (without generation)
     full = arms["RDA+CRT"]["complete"]
-    assert sweep[f"alpha={A:g}, beta={B:g}"]["complete"] == {k: v for k, v in full.items() if not k.startswith("gen_")}
+    assert sweep[f"alpha={A:g}, beta={B:g}"]["complete"] == {
+        k: v for k, v in full.items() if not k.startswith("gen_")
+    }
     assert sweep[f"alpha=1, beta={B:g}"]["complete"] != sweep[f"alpha={A:g}, beta={B:g}"]["complete"]
     # one seed: the summary is that seed's numbers, and the table shows them
     table = (out / "results.md").read_text()
@@ -102,12 +137,35 @@ def test_the_ablate_command_passes_the_config_seeds_and_sweep(tmp_path, monkeypa
     from hf_vitask import ablation
 
     seen = {}
-    monkeypatch.setattr(ablation, "run_ablation", lambda configs, out, **kw: seen.update(configs=configs, out=out, **kw))
+    monkeypatch.setattr(
+        ablation, "run_ablation", lambda configs, out, **kw: seen.update(configs=configs, out=out, **kw)
+    )
     config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "ablation_textures.yaml"
-    assert main(["ablate", str(config), "--seeds", "0", "1", "--sweep_rda_weights", "0.1", "1",
-                 "--sweep_crt_weights", "0.3", "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                str(config),
+                "--seeds",
+                "0",
+                "1",
+                "--sweep_rda_weights",
+                "0.1",
+                "1",
+                "--sweep_crt_weights",
+                "0.3",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     model_args, data_args, _, train_args, eval_args = seen["configs"]
-    assert (data_args.dataset, model_args.model_name_or_path, train_args.max_steps) == ("textures", "tiny-llava", 120)
+    assert (data_args.dataset, model_args.model_name_or_path, train_args.max_steps) == (
+        "textures",
+        "tiny-llava",
+        120,
+    )
     assert seen["out"] == str(tmp_path) and seen["seeds"] == [0, 1]
     assert seen["alphas"] == [0.1, 1.0] and seen["betas"] == [0.3]
 
@@ -136,8 +194,15 @@ def test_reported_scores_are_log_likelihoods_whatever_the_default(ablation):
         model, processor, task = loaded[path]
         lengths = response_lengths(VITaskCollator(processor, task), task, images[0])
         for instruction in ("complete", "incomplete"):
-            summed = score_options(model, processor, task, images, use_tsm=arm.use_tsm, option_score="sum",
-                                   complete_instruction=instruction == "complete")
+            summed = score_options(
+                model,
+                processor,
+                task,
+                images,
+                use_tsm=arm.use_tsm,
+                option_score="sum",
+                complete_instruction=instruction == "complete",
+            )
             reported = seed["arms"][arm.name][instruction]
             expected = sklearn_metrics(summed.argmax(-1).tolist(), labels, summed)
             assert {k: reported[f"sum_{k}"] for k in expected} == pytest.approx(expected, abs=1e-6), arm.name

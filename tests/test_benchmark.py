@@ -25,13 +25,38 @@ def _ratio_of(ratio: float, numerator: float, denominator: float, decimals: int,
 
 def test_bench_step_smoke(tmp_path, capsys):
     bench = _load(BENCH)
-    bench.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--batch", "4", "--steps", "1", "--teacher-steps", "1",
-                "--image-tokens", "16", "--vocab", "600", "--eval-images", "2", "--output-dir", str(tmp_path)])
+    bench.main(
+        [
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--teacher-steps",
+            "1",
+            "--image-tokens",
+            "16",
+            "--vocab",
+            "600",
+            "--eval-images",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
 
     # the step table: one row per variant, in order; ratios to the SFT step and to the vanilla step
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| variant")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant")
+    ]
     assert [r[0] for r in rows] == list(bench.VARIANTS)
     table = {r[0]: (float(r[1]), float(r[2].rstrip("x")), float(r[3].rstrip("x")), float(r[4])) for r in rows}
     sft, vanilla = table[bench.SFT][0], table["vanilla (VITaskTrainer)"][0]
@@ -41,8 +66,12 @@ def test_bench_step_smoke(tmp_path, capsys):
         assert _ratio_of(vs_sft, ms, sft, 2, 1) and _ratio_of(vs_vanilla, ms, vanilla, 2, 1), name
 
     # the collator against the stage-2 and the SFT step rates: the two ratios differ by stage-2 / SFT
-    collate_ms, vs_stage2, vs_sft = map(float, re.search(
-        r"TSM pixels\): ([\d.]+) ms/batch, ([\d.]+)x the stage-2 step rate \(([\d.]+)x the SFT", out).groups())
+    collate_ms, vs_stage2, vs_sft = map(
+        float,
+        re.search(
+            r"TSM pixels\): ([\d.]+) ms/batch, ([\d.]+)x the stage-2 step rate \(([\d.]+)x the SFT", out
+        ).groups(),
+    )
     stage2 = table["stage 2 (EP + RDA + CRT)"][0]
     assert _ratio_of(vs_stage2, stage2, collate_ms, 1, 1) and _ratio_of(vs_sft, sft, collate_ms, 1, 1)
 
@@ -51,15 +80,25 @@ def test_bench_step_smoke(tmp_path, capsys):
     assert list(differences) == [64, 256] and differences[256] < differences[64]
 
     # evaluation: both likelihood forms score the same, so they predict the same; accuracies are counts of 2
-    evaluation = {name: (float(seconds), float(accuracy)) for name, seconds, accuracy in re.findall(
-        r"evaluation of 2 images, (.+?): ([\d.]+) s, accuracy ([\d.]+)", out)}
-    assert list(evaluation) == ["likelihood, shared prompt", "likelihood, full sequences", "generate-and-parse",
-                                "generate-and-parse, 16 new tokens"]
+    evaluation = {
+        name: (float(seconds), float(accuracy))
+        for name, seconds, accuracy in re.findall(
+            r"evaluation of 2 images, (.+?): ([\d.]+) s, accuracy ([\d.]+)", out
+        )
+    }
+    assert list(evaluation) == [
+        "likelihood, shared prompt",
+        "likelihood, full sequences",
+        "generate-and-parse",
+        "generate-and-parse, 16 new tokens",
+    ]
     assert evaluation["likelihood, shared prompt"][1] == evaluation["likelihood, full sequences"][1]
     assert all(accuracy in (0.0, 0.5, 1.0) for _, accuracy in evaluation.values())
     faster, new_tokens, full_faster = re.search(
         r"likelihood \(shared prompt\) is ([\d.]+)x faster than generate-and-parse \((\d+) new tokens\), "
-        r"([\d.]+)x faster than full-sequence", out).groups()
+        r"([\d.]+)x faster than full-sequence",
+        out,
+    ).groups()
     shared = evaluation["likelihood, shared prompt"][0]
     assert _ratio_of(float(faster), evaluation["generate-and-parse"][0], shared, 2, 3)
     assert _ratio_of(float(full_faster), evaluation["likelihood, full sequences"][0], shared, 1, 3)
@@ -81,8 +120,22 @@ def test_bench_distributed_runs_each_layout_with_its_process_count(capsys):
     """Each run really has its process count (the script checks each worker's world size) and the table
     is relative to the single process."""
     bench = _load(BENCH.with_name("bench_distributed.py"))
-    bench.main(["--hidden", "32", "--layers", "1", "--image-tokens", "16", "--vocab", "600", "--batch", "2",
-                "--steps", "2"])
+    bench.main(
+        [
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--image-tokens",
+            "16",
+            "--vocab",
+            "600",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+        ]
+    )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x")]
     assert [r[:44].strip() for r in rows] == [name for name, _, _ in bench.RUNS]
     seconds = [float(r.split()[-2]) for r in rows]

@@ -29,8 +29,9 @@ def test_a_new_bundle_leaves_nothing_of_the_old_one(tmp_path, digits, task, tsm)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.saving-")]
 
 
-def test_a_failed_save_keeps_the_previous_bundle_and_a_failed_publish_leaves_none(tmp_path, digits, task, tsm,
-                                                                                  monkeypatch):
+def test_a_failed_save_keeps_the_previous_bundle_and_a_failed_publish_leaves_none(
+    tmp_path, digits, task, tsm, monkeypatch
+):
     from hf_vitask.trainers import bundles
 
     out = tmp_path / "bundle"
@@ -98,9 +99,14 @@ def test_a_bundle_saved_from_a_gathered_state_dict_equals_the_direct_save(tmp_pa
     state = {k: v.clone() for k, v in model.state_dict().items()}
     trainer._save(str(tmp_path / "gathered"), state_dict=state)
     for name in ("adapter_model.safetensors", "exemplar_connector.safetensors"):
-        direct, gathered = load_file(str(tmp_path / "direct" / name)), load_file(str(tmp_path / "gathered" / name))
+        direct, gathered = (
+            load_file(str(tmp_path / "direct" / name)),
+            load_file(str(tmp_path / "gathered" / name)),
+        )
         assert direct.keys() == gathered.keys() and all(direct[k].equal(gathered[k]) for k in direct), name
-    marked = {k: v + 1 if k.startswith("connector.") else v for k, v in state.items()}  # the dict is what is saved
+    marked = {
+        k: v + 1 if k.startswith("connector.") else v for k, v in state.items()
+    }  # the dict is what is saved
     trainer._save(str(tmp_path / "marked"), state_dict=marked)
     saved = load_file(str(tmp_path / "marked" / "exemplar_connector.safetensors"))
     assert all(saved[k].equal(marked[f"connector.{k}"]) for k in saved)
@@ -114,15 +120,27 @@ def test_the_proxy_instruction_is_saved_from_a_gathered_state_dict(tmp_path, dig
     from hf_vitask.models.tiny import build_tiny_vlm
 
     vlm, processor = build_tiny_vlm("llava")
-    args = InstructionFreeConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", lora_r=4,
-                                 per_device_train_batch_size=2, disable_tqdm=True)
-    trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor,
-                                     train_dataset=add_digit_descriptions(digits)["train"])
+    args = InstructionFreeConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        report_to="none",
+        lora_r=4,
+        per_device_train_batch_size=2,
+        disable_tqdm=True,
+    )
+    trainer = InstructionFreeTrainer(
+        model=vlm,
+        args=args,
+        processing_class=processor,
+        train_dataset=add_digit_descriptions(digits)["train"],
+    )
     trainer.train()
     state = {k: (v * 2 if k == "proxy.weight" else v) for k, v in trainer.model.state_dict().items()}
     trainer._save(str(tmp_path / "gathered"), state_dict=state)
     saved = load_file(str(tmp_path / "gathered" / "proxy.safetensors"))
-    assert saved["proxy"].equal(state["proxy.weight"].float()) and saved["proxy_ema"].equal(state["proxy.ema"])
+    assert saved["proxy"].equal(state["proxy.weight"].float()) and saved["proxy_ema"].equal(
+        state["proxy.ema"]
+    )
 
 
 def test_every_saved_bundle_carries_the_package_model_card(tmp_path, digits, task, tsm):

@@ -63,9 +63,13 @@ def test_info_and_usage(capsys):
 
 
 def test_yaml_and_flags_fill_the_dataclasses(config):
-    (model, data, tsm, train, evaluation, run), explicit = parse([str(config), "--learning_rate", "0.01", "--stage", "2"])
+    (model, data, tsm, train, evaluation, run), explicit = parse(
+        [str(config), "--learning_rate", "0.01", "--stage", "2"]
+    )
     assert model.model_name_or_path == "tiny-llava" and data.max_samples == 48 and tsm.tsm_epochs == 2
-    assert train.learning_rate == 0.01 and train.stage == 2 and train.effective_crt_weight == DEFAULT_CRT_WEIGHT  # flag beats the file
+    assert (
+        train.learning_rate == 0.01 and train.stage == 2 and train.effective_crt_weight == DEFAULT_CRT_WEIGHT
+    )  # flag beats the file
     assert evaluation.eval_max_samples == 6 and run.method == "vitask"
     assert {"stage", "learning_rate", "max_samples"} <= explicit
 
@@ -91,7 +95,14 @@ def test_help_lists_every_field(capsys):
         main(["train", "--help-all"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("--rda_weight", "--crt_weight", "--tsm_model", "--dataset_path", "--eval_use_tsm", "--model_name_or_path"):
+    for name in (
+        "--rda_weight",
+        "--crt_weight",
+        "--tsm_model",
+        "--dataset_path",
+        "--eval_use_tsm",
+        "--model_name_or_path",
+    ):
         assert name in out
 
 
@@ -100,11 +111,15 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     assert main(["train-tsm", str(config)]) == 0
     assert (run / "tsm" / "model.safetensors").is_file()
     assert main(["train", str(config)]) == 0
-    assert (run / "stage1" / "adapter_model.safetensors").is_file() and (run / "stage2" / "task.json").is_file()
+    assert (run / "stage1" / "adapter_model.safetensors").is_file() and (
+        run / "stage2" / "task.json"
+    ).is_file()
     for stage, values in ((1, (0.0, False)), (2, (DEFAULT_CRT_WEIGHT, True))):  # what each stage trained with
         recorded = json.loads((run / f"stage{stage}" / "training_config.json").read_text())
         assert (recorded["stage"], recorded["crt_weight"], recorded["freeze_connector"]) == (stage, *values)
-    assert main(["train", str(config), "--stage", "2", "--max_steps", "1"]) == 0  # stage 2 alone, from stage1/
+    assert (
+        main(["train", str(config), "--stage", "2", "--max_steps", "1"]) == 0
+    )  # stage 2 alone, from stage1/
     assert main(["train", str(config), "--method", "vanilla"]) == 0
     assert (run / "vanilla" / "adapter_model.safetensors").is_file()
 
@@ -113,8 +128,16 @@ def test_pipeline_round_trip(config, tmp_path, digits):
     assert results["model_path"].endswith("stage2") and results["num_samples"] == 6
     for key in ("with_tsm/complete", "with_tsm/incomplete", "without_tsm/complete", "without_tsm/incomplete"):
         lik, gen = results[key]["likelihood"], results[key]["generate"]
-        assert set(lik) == {"accuracy", "macro_f1", "auc"} and set(gen) == {"accuracy", "macro_f1", "parse_failure_rate"}
-        for value in (lik["accuracy"], gen["accuracy"], gen["parse_failure_rate"]):  # counts out of the 6 images
+        assert set(lik) == {"accuracy", "macro_f1", "auc"} and set(gen) == {
+            "accuracy",
+            "macro_f1",
+            "parse_failure_rate",
+        }
+        for value in (
+            lik["accuracy"],
+            gen["accuracy"],
+            gen["parse_failure_rate"],
+        ):  # counts out of the 6 images
             assert value * 6 == pytest.approx(round(value * 6))
     # the TSM row is the saved TSM on the same six test images
     from hf_vitask.config import DataArguments
@@ -132,29 +155,71 @@ def test_pipeline_round_trip(config, tmp_path, digits):
 
     model, processor, task = load_vitask(run / "stage2")
     for use_tsm in (False, True):
-        scores = score_options(model, processor, task, test["image"][:6], use_tsm=use_tsm)  # option_score "mean"
+        scores = score_options(
+            model, processor, task, test["image"][:6], use_tsm=use_tsm
+        )  # option_score "mean"
         expected = sklearn_metrics(scores.argmax(-1).tolist(), test["label"][:6], scores)
         reported = results[f"{'with' if use_tsm else 'without'}_tsm/complete"]["likelihood"]
         assert reported == pytest.approx(expected, abs=1e-6), use_tsm
 
     # plug-in TSM: evaluation with a TSM other than the one trained with
-    assert main(["evaluate", str(config), "--plugin_tsm", str(run / "tsm"), "--eval_use_tsm", "yes",
-                 "--eval_instructions", "complete", "--eval_methods", "likelihood"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(config),
+                "--plugin_tsm",
+                str(run / "tsm"),
+                "--eval_use_tsm",
+                "yes",
+                "--eval_instructions",
+                "complete",
+                "--eval_methods",
+                "likelihood",
+            ]
+        )
+        == 0
+    )
     plugged = json.loads((run / "eval" / "results.json").read_text())
     assert set(plugged) >= {"with_tsm/complete", "tsm"} and "without_tsm/complete" not in plugged
     assert results["option_score"] == "mean"  # the default
-    assert main(["evaluate", str(config), "--eval_use_tsm", "no", "--eval_instructions", "complete",
-                 "--eval_methods", "likelihood", "--option_score", "sum"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(config),
+                "--eval_use_tsm",
+                "no",
+                "--eval_instructions",
+                "complete",
+                "--eval_methods",
+                "likelihood",
+                "--option_score",
+                "sum",
+            ]
+        )
+        == 0
+    )
     summed = json.loads((run / "eval" / "results.json").read_text())
-    assert summed["option_score"] == "sum" and set(summed["without_tsm/complete"]["likelihood"]) == {"accuracy", "macro_f1", "auc"}
-    assert summed["without_tsm/complete"]["likelihood"]["auc"] != results["without_tsm/complete"]["likelihood"]["auc"]
+    assert summed["option_score"] == "sum" and set(summed["without_tsm/complete"]["likelihood"]) == {
+        "accuracy",
+        "macro_f1",
+        "auc",
+    }
+    assert (
+        summed["without_tsm/complete"]["likelihood"]["auc"]
+        != results["without_tsm/complete"]["likelihood"]["auc"]
+    )
 
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
         digits["test"][i]["image"].save(images / f"digit{i}.png")
     csv_path = tmp_path / "preds.csv"
-    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
+    assert (
+        main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)])
+        == 0
+    )
     rows = list(csv.reader(csv_path.open()))
     assert rows[0] == ["path", "prediction", *task.class_names, "error"] and len(rows) == 4
     # each row: the softmax of the bundle's option scores for that file, and the most probable class
@@ -170,17 +235,48 @@ def test_pipeline_round_trip(config, tmp_path, digits):
 
     # an unreadable input is listed (CSV + log) and the others are still predicted
     (images / "broken.png").write_bytes(b"not a png")
-    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)]) == 0
+    assert (
+        main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path)])
+        == 0
+    )
     rows = list(csv.reader(csv_path.open()))
     assert [Path(r[0]).name for r in rows[1:]] == ["broken.png", "digit0.png", "digit1.png", "digit2.png"]
     assert rows[1][1] == "" and "Cannot read image" in rows[1][-1] and all(r[1] for r in rows[2:])
     # a failure while predicting leaves the earlier predictions file as it was
     csv_path.write_text(good)
-    assert main(["predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(csv_path),
-                 "--model_path", str(tmp_path / "no-such-bundle")]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                str(config),
+                "--predict_inputs",
+                str(images),
+                "--predictions_file",
+                str(csv_path),
+                "--model_path",
+                str(tmp_path / "no-such-bundle"),
+            ]
+        )
+        == 1
+    )
     assert csv_path.read_text() == good and not list(csv_path.parent.glob(".preds.csv.*"))
-    assert main(["predict", str(config), "--predict_inputs", str(images / "digit0.png"), "--use_tsm", "true",
-                 "--predict_method", "generate", "--predictions_file", str(csv_path)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(config),
+                "--predict_inputs",
+                str(images / "digit0.png"),
+                "--use_tsm",
+                "true",
+                "--predict_method",
+                "generate",
+                "--predictions_file",
+                str(csv_path),
+            ]
+        )
+        == 0
+    )
     assert list(csv.reader(csv_path.open()))[0] == ["path", "prediction", "answer", "error"]
 
 
@@ -201,7 +297,9 @@ def test_cli_errors_are_one_line_with_usage_exit_code_2(tmp_path, config, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-vitask: error: argument --eval_use_tsm") and len(err.splitlines()) == 1
     assert "invalid choice" in err and all(choice in err for choice in ("yes", "no", "both"))
-    assert main(["evaluate", str(config), "--learning_rate", "fast"]) == 2  # argparse's own errors: one line too
+    assert (
+        main(["evaluate", str(config), "--learning_rate", "fast"]) == 2
+    )  # argparse's own errors: one line too
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-vitask: error: argument --learning_rate") and len(err.splitlines()) == 1
     config.write_text(config.read_text() + "eval_use_tsm: sometimes\n")  # a file: the config's own check
@@ -230,40 +328,71 @@ def test_quickstart_fast(tmp_path):
     _, data_args, *_ = _configs(out, FAST, seed=0)
     test = pipeline.load_data(data_args)["test"]
     for row, use_tsm in (("VITask w/o EP", False), ("VITask w/ EP", True)):
-        again = evaluate_vlm(model, processor, task, test, use_tsm=use_tsm, methods=("likelihood",),
-                             max_samples=FAST.eval_samples, batch_size=16)
+        again = evaluate_vlm(
+            model,
+            processor,
+            task,
+            test,
+            use_tsm=use_tsm,
+            methods=("likelihood",),
+            max_samples=FAST.eval_samples,
+            batch_size=16,
+        )
         assert again["num_samples"] == FAST.eval_samples
         for metric in ("accuracy", "macro_f1", "auc"):
-            assert seed0[row]["complete"][f"likelihood_{metric}"] == pytest.approx(again["likelihood"][metric], abs=1e-6)
+            assert seed0[row]["complete"][f"likelihood_{metric}"] == pytest.approx(
+                again["likelihood"][metric], abs=1e-6
+            )
     table = (out / "results.md").read_text()
     ep = seed0["VITask w/ EP"]["complete"]
-    assert (f"| VITask w/ EP | complete | {ep['likelihood_accuracy']:.3f} | {ep['likelihood_macro_f1']:.3f} | "
-            f"{ep['likelihood_auc']:.3f} |") in table
+    assert (
+        f"| VITask w/ EP | complete | {ep['likelihood_accuracy']:.3f} | {ep['likelihood_macro_f1']:.3f} | "
+        f"{ep['likelihood_auc']:.3f} |"
+    ) in table
     assert (out / "results.png").stat().st_size > 1000
 
 
 def test_the_quickstart_prints_no_third_party_warning(tmp_path):
     """bitsandbytes' kernel notice, peft's Hub lookups for a tiny base, deprecated calls: none at default verbosity."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONWARNINGS"}
-    done = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "quickstart", "--fast", "--output_dir",
-                           str(tmp_path / "qs")], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_vitask.cli", "quickstart", "--fast", "--output_dir", str(tmp_path / "qs")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    lines = [
+        line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line
+    ]
     assert not [line for line in lines if "warn" in line.lower() or "Failed" in line], lines[:10]
 
 
 def test_console_script_module_entry(capsys):
     """``python -m hf_vitask.cli`` is the same command line as ``main``: the same command list, exit code 0."""
-    result = subprocess.run([sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_vitask.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert main(["--help"]) == 0
     assert result.returncode == 0 and result.stdout == capsys.readouterr().out
-    assert all(f"\n  {c} " in result.stdout for c in ("train-tsm", "train", "evaluate", "predict", "quickstart"))
+    assert all(
+        f"\n  {c} " in result.stdout for c in ("train-tsm", "train", "evaluate", "predict", "quickstart")
+    )
 
 
 # -- per-command help --------------------------------------------------------------------------------
-HELP_VARIANTS = ("train-tsm", "train", "train --method instruction-free", "evaluate",
-                 "evaluate --method instruction-free", "predict", "push", "quickstart", "ablate")
+HELP_VARIANTS = (
+    "train-tsm",
+    "train",
+    "train --method instruction-free",
+    "evaluate",
+    "evaluate --method instruction-free",
+    "predict",
+    "push",
+    "quickstart",
+    "ablate",
+)
 
 
 def _help_of(capsys, argv):
@@ -290,10 +419,14 @@ def test_short_help_shows_each_commands_own_fields_in_at_most_120_lines(capsys):
         assert all("(default: " in line for line in lines if line.startswith("  --")), variant
         assert all(f"\n{title}:\n" in text for title in HELP_FIELDS[variant]), variant
     shown = {variant: set(_fields_shown(text)) for variant, text in helps.items()}
-    assert {"stage", "rda_weight", "learning_rate", "lora_r", "model_name_or_path", "method"} <= shown["train"]
+    assert {"stage", "rda_weight", "learning_rate", "lora_r", "model_name_or_path", "method"} <= shown[
+        "train"
+    ]
     assert {"tsm_model", "tsm_epochs", "dataset", "output_dir", "seed"} <= shown["train-tsm"]
     assert "rda_weight" not in shown["train-tsm"] and "learning_rate" not in shown["train-tsm"]
-    assert {"predict_inputs", "predictions_file", "model_path", "use_tsm", "predict_method"} <= shown["predict"]
+    assert {"predict_inputs", "predictions_file", "model_path", "use_tsm", "predict_method"} <= shown[
+        "predict"
+    ]
     assert "tsm_epochs" not in shown["predict"]
     assert {"use_proxy", "proxy_momentum"} <= shown["train --method instruction-free"]
     assert "rda_weight" not in shown["train --method instruction-free"] and "use_proxy" not in shown["train"]

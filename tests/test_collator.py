@@ -439,8 +439,11 @@ def test_vlm_collator_is_trls_for_families_without_quirks_and_fixes_the_others(d
 
     def examples():
         return [
-            {"images": [row["image"].convert("RGB")], "prompt": user_message("Which digit?"),
-             "completion": assistant_message(f"digit {row['label']}")}
+            {
+                "images": [row["image"].convert("RGB")],
+                "prompt": user_message("Which digit?"),
+                "completion": assistant_message(f"digit {row['label']}"),
+            }
             for row in digits["train"].select(range(3))
         ]
 

@@ -29,8 +29,12 @@ from hf_vitask.config import (
 
 CLASSES = (VITaskConfig, InstructionFreeConfig, ModelArguments, DataArguments, TSMArguments, EvalArguments)
 INHERITED = {f.name for f in dataclasses.fields(TrainingArguments)}  # transformers checks its own
-CHOICE_FIELDS = [(cls, f) for cls in CLASSES for f in dataclasses.fields(cls)
-                 if "choices" in f.metadata and f.name not in INHERITED]
+CHOICE_FIELDS = [
+    (cls, f)
+    for cls in CLASSES
+    for f in dataclasses.fields(cls)
+    if "choices" in f.metadata and f.name not in INHERITED
+]
 
 
 def _make(cls, tmp_path, **values):
@@ -49,26 +53,41 @@ def _is_list(f) -> bool:
 
 def test_fields_with_a_fixed_set_of_values_declare_it():
     assert {(cls.__name__, f.name) for cls, f in CHOICE_FIELDS} == {
-        ("VITaskConfig", name) for name in ("stage", "rda_teacher", "pass_fusion", "crt_negatives",
-                                            "exemplar_feature", "instruction", "metric_option_score")
+        ("VITaskConfig", name)
+        for name in (
+            "stage",
+            "rda_teacher",
+            "pass_fusion",
+            "crt_negatives",
+            "exemplar_feature",
+            "instruction",
+            "metric_option_score",
+        )
     } | {("InstructionFreeConfig", "proxy_init_resize"), ("InstructionFreeConfig", "proxy_feed")} | {
-        ("EvalArguments", name) for name in ("eval_methods", "option_score", "eval_use_tsm", "eval_instructions")
+        ("EvalArguments", name)
+        for name in ("eval_methods", "option_score", "eval_use_tsm", "eval_instructions")
     }
     # the sets other modules import are the ones the fields declare
-    for cls, name, values in [(VITaskConfig, "rda_teacher", RDA_TEACHERS), (VITaskConfig, "pass_fusion", PASS_MODES),
-                              (VITaskConfig, "crt_negatives", CRT_NEGATIVES),
-                              (VITaskConfig, "metric_option_score", OPTION_SCORES),
-                              (EvalArguments, "option_score", OPTION_SCORES),
-                              (InstructionFreeConfig, "proxy_feed", PROXY_FEEDS),
-                              (InstructionFreeConfig, "proxy_init_resize", PROXY_INIT_RESIZES)]:
+    for cls, name, values in [
+        (VITaskConfig, "rda_teacher", RDA_TEACHERS),
+        (VITaskConfig, "pass_fusion", PASS_MODES),
+        (VITaskConfig, "crt_negatives", CRT_NEGATIVES),
+        (VITaskConfig, "metric_option_score", OPTION_SCORES),
+        (EvalArguments, "option_score", OPTION_SCORES),
+        (InstructionFreeConfig, "proxy_feed", PROXY_FEEDS),
+        (InstructionFreeConfig, "proxy_init_resize", PROXY_INIT_RESIZES),
+    ]:
         assert tuple(_field(cls, name).metadata["choices"]) == values, name
     for _, f in CHOICE_FIELDS:  # the defaults are choices themselves
         default = f.default_factory() if _is_list(f) else f.default
         assert all(v in f.metadata["choices"] for v in (default if _is_list(f) else [default])), f.name
 
 
-@pytest.mark.parametrize(("cls", "name"), [(cls, f.name) for cls, f in CHOICE_FIELDS],
-                         ids=[f"{cls.__name__}.{f.name}" for cls, f in CHOICE_FIELDS])
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(cls, f.name) for cls, f in CHOICE_FIELDS],
+    ids=[f"{cls.__name__}.{f.name}" for cls, f in CHOICE_FIELDS],
+)
 def test_a_value_outside_a_fields_choices_is_refused_naming_the_field_and_its_choices(tmp_path, cls, name):
     f = _field(cls, name)
     choices = list(f.metadata["choices"])
@@ -82,8 +101,11 @@ def test_a_value_outside_a_fields_choices_is_refused_naming_the_field_and_its_ch
     assert str(err.value) == f"{what} must be one of {choices}, got {bad!r}"
 
 
-@pytest.mark.parametrize(("cls", "name"), [(cls, f.name) for cls, f in CHOICE_FIELDS],
-                         ids=[f"{cls.__name__}.{f.name}" for cls, f in CHOICE_FIELDS])
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [(cls, f.name) for cls, f in CHOICE_FIELDS],
+    ids=[f"{cls.__name__}.{f.name}" for cls, f in CHOICE_FIELDS],
+)
 def test_the_command_line_refuses_a_value_outside_a_fields_choices(cls, name):
     choices = [str(c) for c in _field(cls, name).metadata["choices"]]
     method = ["--method", "instruction-free"] if cls is InstructionFreeConfig else []
@@ -114,9 +136,17 @@ def test_for_stage_derives_the_stage_defaults_and_keeps_explicit_values(tmp_path
     assert _effective(stage1) == (0.0, False) and not stage1.is_vanilla
     for stage2 in (stage1.for_stage(2), dataclasses.replace(stage1, stage=2)):
         assert stage2.stage == 2 and _effective(stage2) == (DEFAULT_CRT_WEIGHT, True)
-        assert _effective(stage2.for_stage(1)) == _effective(dataclasses.replace(stage2, stage=1)) == (0.0, False)
+        assert (
+            _effective(stage2.for_stage(1))
+            == _effective(dataclasses.replace(stage2, stage=1))
+            == (0.0, False)
+        )
     explicit = _make(VITaskConfig, tmp_path, crt_weight=0.0, freeze_connector=False)  # stage 1's values, set
-    assert _effective(explicit.for_stage(2)) == _effective(dataclasses.replace(explicit, stage=2)) == (0.0, False)
+    assert (
+        _effective(explicit.for_stage(2))
+        == _effective(dataclasses.replace(explicit, stage=2))
+        == (0.0, False)
+    )
     assert _effective(stage1.for_stage(2, crt_weight=0.5)) == (0.5, True)
     assert _effective(_make(VITaskConfig, tmp_path, stage=2, crt_weight=0.5).for_stage(1)) == (0.5, False)
     vanilla = stage1.for_stage(2, ep_weight=0.0, rda_weight=0.0, crt_weight=0.0)
@@ -125,11 +155,17 @@ def test_for_stage_derives_the_stage_defaults_and_keeps_explicit_values(tmp_path
         stage1.for_stage(2, crt_weight=-1.0)
     with pytest.raises(ValueError, match="nothing to train"):  # the stage's default weight counts
         _make(VITaskConfig, tmp_path, van_weight=0, ep_weight=0, rda_weight=0)
-    assert _make(VITaskConfig, tmp_path, stage=2, van_weight=0, ep_weight=0, rda_weight=0).effective_crt_weight > 0
+    assert (
+        _make(VITaskConfig, tmp_path, stage=2, van_weight=0, ep_weight=0, rda_weight=0).effective_crt_weight
+        > 0
+    )
 
 
-@pytest.mark.parametrize("given", [{}, {"crt_weight": 0.0, "freeze_connector": False}, {"crt_weight": 0.5}],
-                         ids=["defaults", "stage-1-values-set", "crt-set"])
+@pytest.mark.parametrize(
+    "given",
+    [{}, {"crt_weight": 0.0, "freeze_connector": False}, {"crt_weight": 0.5}],
+    ids=["defaults", "stage-1-values-set", "crt-set"],
+)
 def test_copies_and_round_trips_derive_the_stage_defaults_like_the_original(tmp_path, given):
     cfg = _make(VITaskConfig, tmp_path, **given)
     copies = {
@@ -139,17 +175,22 @@ def test_copies_and_round_trips_derive_the_stage_defaults_like_the_original(tmp_
         "replace": dataclasses.replace(cfg),
         "for_stage": cfg.for_stage(1),
     }
-    expected = {stage: tuple(given.get(name, STAGE_DEFAULTS[name][stage]) for name in STAGE_DEFAULTS)
-                for stage in (1, 2)}
+    expected = {
+        stage: tuple(given.get(name, STAGE_DEFAULTS[name][stage]) for name in STAGE_DEFAULTS)
+        for stage in (1, 2)
+    }
     for how, copy in copies.items():
         assert (copy.crt_weight, copy.freeze_connector) == (cfg.crt_weight, cfg.freeze_connector), how
         for stage in (1, 2):
-            assert _effective(copy.for_stage(stage)) == _effective(cfg.for_stage(stage)) == expected[stage], how
+            assert _effective(copy.for_stage(stage)) == _effective(cfg.for_stage(stage)) == expected[stage], (
+                how
+            )
             assert _effective(dataclasses.replace(copy, stage=stage)) == expected[stage], how
 
 
 def test_a_config_holds_no_state_beyond_its_fields(tmp_path):
     """What TrainingArguments itself keeps aside (devices, distributed state) and nothing more."""
+
     def extra(obj) -> set:
         return set(vars(obj)) - {f.name for f in dataclasses.fields(obj)}
 

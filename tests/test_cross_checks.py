@@ -12,22 +12,41 @@ from .test_trainer import _args, _trainer
 
 def test_a_tsm_for_other_classes_is_refused(tmp_path, digits, task):
     four = TaskSpecificModel("test_resnet", num_classes=4, pretrained=False, img_size=32)
-    with pytest.raises(ValueError, match=r"TSM has 4 output classes but the task\(s\) 'digits' \(10\) have 10"):
+    with pytest.raises(
+        ValueError, match=r"TSM has 4 output classes but the task\(s\) 'digits' \(10\) have 10"
+    ):
         _trainer(tmp_path, digits, task, four)
 
 
 def test_stage_2_needs_a_trained_connector(tmp_path, digits, task, tsm):
     vlm, processor = build_tiny_vlm("llava")
     with pytest.raises(ValueError, match="connector was never trained"):
-        VITaskTrainer(model=vlm, args=_args(tmp_path, stage=2), processing_class=processor,
-                      train_dataset=digits["train"], task=task, tsm=tsm)
-    allowed = VITaskTrainer(model=vlm, args=_args(tmp_path, stage=2, freeze_connector=False),
-                            processing_class=processor, train_dataset=digits["train"], task=task, tsm=tsm)
+        VITaskTrainer(
+            model=vlm,
+            args=_args(tmp_path, stage=2),
+            processing_class=processor,
+            train_dataset=digits["train"],
+            task=task,
+            tsm=tsm,
+        )
+    allowed = VITaskTrainer(
+        model=vlm,
+        args=_args(tmp_path, stage=2, freeze_connector=False),
+        processing_class=processor,
+        train_dataset=digits["train"],
+        task=task,
+        tsm=tsm,
+    )
     assert all(p.requires_grad for p in allowed.model.connector.parameters())
     stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=1)
     stage1.train()
-    stage2 = VITaskTrainer(model=stage1.model, args=_args(tmp_path / "s2", stage=2), processing_class=processor,
-                           train_dataset=digits["train"], task=task)
+    stage2 = VITaskTrainer(
+        model=stage1.model,
+        args=_args(tmp_path / "s2", stage=2),
+        processing_class=processor,
+        train_dataset=digits["train"],
+        task=task,
+    )
     assert not any(p.requires_grad for p in stage2.model.connector.parameters())
 
 
@@ -40,7 +59,9 @@ def bundle(tmp_path_factory, digits, task, tsm):
     return root / "bundle"
 
 
-@pytest.mark.parametrize("missing", ["adapter_model.safetensors", "adapter_config.json", "exemplar_connector.safetensors"])
+@pytest.mark.parametrize(
+    "missing", ["adapter_model.safetensors", "adapter_config.json", "exemplar_connector.safetensors"]
+)
 def test_a_missing_bundle_file_is_named(bundle, tmp_path, missing):
     import shutil
 
@@ -112,25 +133,64 @@ def _set(path, value):
             node = node[key]
         node[last] = value
         return data
+
     return edit
 
 
-@pytest.mark.parametrize("file, edit, message", [
-    ("vitask_config.json", "{ damaged", r"vitask_config.json is not valid JSON \(.* line 1"),
-    ("vitask_config.json", "[1, 2]", r"vitask_config.json must hold an object at the top level, got a list"),
-    ("vitask_config.json", _set(["image_token_id"], "32000"), r"'image_token_id' must be an integer .* got a string"),
-    ("vitask_config.json", _set(["image_token_id"], -1), r"'image_token_id' must be an integer from 0"),
-    ("vitask_config.json", _set(["connector", "llm_dim"], 0), r"connector: 'llm_dim' must be an integer from 1"),
-    ("vitask_config.json", _set(["connector", "width"], 8), r"connector: unknown fields \['width'\]"),
-    ("vitask_config.json", _set(["connector", "feature"], "cls"), r"connector: feature must be 'pooled' or 'patch'"),
-    ("vitask_config.json", _set(["connector", "hidden_dim"], 7),
-     r"exemplar_connector.safetensors does not fit the connector that vitask_config.json describes"),
-    ("vitask_config.json", _set(["connector"], [16, 64]), r"'connector' must be an object or null, got a list"),
-    ("tsm/tsm_config.json", _set(["num_classes"], 2.5), r"tsm_config.json: 'num_classes' must be an integer from 1"),
-    ("tsm/tsm_config.json", _set(["model_name"], None), r"tsm_config.json: 'model_name' must be a string, got null"),
-    ("tsm/tsm_config.json", _set(["img_size"], "32"), r"'img_size' must be an integer or a list of integers"),
-    ("tsm/tsm_config.json", _set(["timm_kwargs"], []), r"'timm_kwargs' must be an object, got a list"),
-])
+@pytest.mark.parametrize(
+    "file, edit, message",
+    [
+        ("vitask_config.json", "{ damaged", r"vitask_config.json is not valid JSON \(.* line 1"),
+        (
+            "vitask_config.json",
+            "[1, 2]",
+            r"vitask_config.json must hold an object at the top level, got a list",
+        ),
+        (
+            "vitask_config.json",
+            _set(["image_token_id"], "32000"),
+            r"'image_token_id' must be an integer .* got a string",
+        ),
+        ("vitask_config.json", _set(["image_token_id"], -1), r"'image_token_id' must be an integer from 0"),
+        (
+            "vitask_config.json",
+            _set(["connector", "llm_dim"], 0),
+            r"connector: 'llm_dim' must be an integer from 1",
+        ),
+        ("vitask_config.json", _set(["connector", "width"], 8), r"connector: unknown fields \['width'\]"),
+        (
+            "vitask_config.json",
+            _set(["connector", "feature"], "cls"),
+            r"connector: feature must be 'pooled' or 'patch'",
+        ),
+        (
+            "vitask_config.json",
+            _set(["connector", "hidden_dim"], 7),
+            r"exemplar_connector.safetensors does not fit the connector that vitask_config.json describes",
+        ),
+        (
+            "vitask_config.json",
+            _set(["connector"], [16, 64]),
+            r"'connector' must be an object or null, got a list",
+        ),
+        (
+            "tsm/tsm_config.json",
+            _set(["num_classes"], 2.5),
+            r"tsm_config.json: 'num_classes' must be an integer from 1",
+        ),
+        (
+            "tsm/tsm_config.json",
+            _set(["model_name"], None),
+            r"tsm_config.json: 'model_name' must be a string, got null",
+        ),
+        (
+            "tsm/tsm_config.json",
+            _set(["img_size"], "32"),
+            r"'img_size' must be an integer or a list of integers",
+        ),
+        ("tsm/tsm_config.json", _set(["timm_kwargs"], []), r"'timm_kwargs' must be an object, got a list"),
+    ],
+)
 def test_a_damaged_bundle_json_file_is_named_with_its_field(bundle, tmp_path, file, edit, message):
     copy = _edited_copy(bundle, tmp_path, file, edit)
     with pytest.raises(ValueError, match=message) as err:
@@ -138,10 +198,13 @@ def test_a_damaged_bundle_json_file_is_named_with_its_field(bundle, tmp_path, fi
     assert str(copy) in str(err.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"name": "x"', r"task.json is not valid JSON"),
-    ('["a", "b"]', r"task.json must hold an object at the top level, got a list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"name": "x"', r"task.json is not valid JSON"),
+        ('["a", "b"]', r"task.json must hold an object at the top level, got a list"),
+    ],
+)
 def test_a_damaged_task_file_is_named(bundle, tmp_path, text, message):
     from hf_vitask.task import TaskSpec, load_tasks
 
@@ -165,7 +228,9 @@ def test_a_damaged_tasks_list_is_named(tmp_path, task):
 
 
 def test_a_directory_that_is_not_a_bundle_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"No vitask_config.json in {tmp_path}: not a directory written"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"No vitask_config.json in {tmp_path}: not a directory written"
+    ):
         VITaskModel.from_pretrained(tmp_path)
 
 
@@ -192,8 +257,11 @@ def test_an_unsupported_model_type_is_named_with_the_supported_ones():
         config = PretrainedConfig()
         config.model_type = "blip-2"
 
-    with pytest.raises(ValueError, match=r"Unsupported VLM model_type 'blip-2' \(from Blip\)\. Supported "
-                                         r"families: llava \(model_type llava\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unsupported VLM model_type 'blip-2' \(from Blip\)\. Supported "
+        r"families: llava \(model_type llava\)",
+    ):
         get_family(Blip())
 
 
@@ -210,9 +278,13 @@ def test_a_plugin_tsm_for_other_classes_is_refused(bundle, tmp_path):
     from hf_vitask import pipeline
     from hf_vitask.config import DataArguments, EvalArguments
 
-    TaskSpecificModel("test_resnet", num_classes=4, pretrained=False, img_size=32).save_pretrained(tmp_path / "tsm4")
+    TaskSpecificModel("test_resnet", num_classes=4, pretrained=False, img_size=32).save_pretrained(
+        tmp_path / "tsm4"
+    )
     args = EvalArguments(model_path=str(bundle), plugin_tsm=str(tmp_path / "tsm4"), eval_max_samples=4)
-    with pytest.raises(ValueError, match=r"^plugin_tsm: The TSM has 4 output classes but the task\(s\) 'digits'"):
+    with pytest.raises(
+        ValueError, match=r"^plugin_tsm: The TSM has 4 output classes but the task\(s\) 'digits'"
+    ):
         pipeline.run_evaluate(args, DataArguments(max_samples=48), str(tmp_path))
 
 
@@ -238,5 +310,7 @@ def test_cpu_processes_use_gloo(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     _cpu_processes_use_gloo(args)
     assert (args.use_cpu, args.ddp_backend) == (True, "gloo")
-    with pytest.raises(ValueError, match="ddp_backend='nccl' needs GPUs; 2 processes on a machine without one"):
+    with pytest.raises(
+        ValueError, match="ddp_backend='nccl' needs GPUs; 2 processes on a machine without one"
+    ):
         _cpu_processes_use_gloo(SimpleNamespace(use_cpu=False, ddp_backend="nccl"))

@@ -400,7 +400,8 @@ def test_load_source_dispatches(tmp_path, flat_folder, saved_classlabel):
 
 def test_load_source_errors(flat_folder):
     with pytest.raises(
-        ValueError, match=r"unknown data source 'csv'; choose one of \['digits', 'textures', 'imagefolder', 'npz'"
+        ValueError,
+        match=r"unknown data source 'csv'; choose one of \['digits', 'textures', 'imagefolder', 'npz'",
     ):
         load_source("csv", "data.csv")
     assert set(SOURCES) == {"digits", "textures", "imagefolder", "npz", "medmnist", "hf"}
@@ -475,7 +476,9 @@ def test_a_stray_test_label_is_named_not_a_new_class(tmp_path):
     test_labels = (np.arange(8) % 4).astype(np.uint8)[:, None]
     test_labels[5] = 9
     path, _ = _write_npz(tmp_path / "lesions.npz", num_classes=4, test_labels=test_labels)
-    with pytest.raises(ValueError, match=r"lesions.npz\[test\]: row 5 has label 9, outside \[0, 4\).*class_names"):
+    with pytest.raises(
+        ValueError, match=r"lesions.npz\[test\]: row 5 has label 9, outside \[0, 4\).*class_names"
+    ):
         load_medmnist_npz(path)
     # a class absent from the train split is fine when class_names lists it
     train_labels = (np.arange(20) % 3).astype(np.uint8)[:, None]  # no class 3 in train
@@ -483,7 +486,11 @@ def test_a_stray_test_label_is_named_not_a_new_class(tmp_path):
     with pytest.raises(ValueError, match=r"rare.npz\[validation\]: row 3 has label 3"):
         load_medmnist_npz(path)
     ds = load_medmnist_npz(path, class_names=["a", "b", "c", "d"])
-    assert class_names_of(ds) == ["a", "b", "c", "d"] and 3 in ds["test"]["label"] and 3 not in ds["train"]["label"]
+    assert (
+        class_names_of(ds) == ["a", "b", "c", "d"]
+        and 3 in ds["test"]["label"]
+        and 3 not in ds["train"]["label"]
+    )
 
 
 def test_textures_are_generated_offline_the_same_for_a_seed():
@@ -492,9 +499,13 @@ def test_textures_are_generated_offline_the_same_for_a_seed():
     a = load_textures_dataset(samples_per_class=10, seed=1)
     b = load_source("textures", samples_per_class=10, seed=1)
     assert class_names_of(a) == list(TEXTURE_NAMES) and {k: len(v) for k, v in a.items()} == {
-        "train": 28, "validation": 4, "test": 8}
-    assert a["test"]["label"] == b["test"]["label"] and np.array_equal(np.asarray(a["test"][0]["image"]),
-                                                                       np.asarray(b["test"][0]["image"]))
+        "train": 28,
+        "validation": 4,
+        "test": 8,
+    }
+    assert a["test"]["label"] == b["test"]["label"] and np.array_equal(
+        np.asarray(a["test"][0]["image"]), np.asarray(b["test"][0]["image"])
+    )
     assert sorted(set(a["train"]["label"])) == [0, 1, 2, 3] and a["train"][0]["image"].size == (32, 32)
     with pytest.raises(ValueError, match="takes no path"):
         load_source("textures", "somewhere")

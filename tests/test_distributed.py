@@ -22,9 +22,11 @@ import torch
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # Adam over 8 steps amplifies float-summation order differences (all-reduce vs one batch) to ~1e-6.
 WEIGHT_ATOL = 2e-5
-WEIGHTS = {"stage1": {"loss_van": 1.0, "loss_ep": 1.0, "loss_rda": 0.3},
-           "stage2": {"loss_van": 1.0, "loss_ep": 1.0, "loss_rda": 0.3, "loss_crt": 0.1},
-           "instruction_free": {"loss_ce": 1.0}}
+WEIGHTS = {
+    "stage1": {"loss_van": 1.0, "loss_ep": 1.0, "loss_rda": 0.3},
+    "stage2": {"loss_van": 1.0, "loss_ep": 1.0, "loss_rda": 0.3, "loss_crt": 0.1},
+    "instruction_free": {"loss_ce": 1.0},
+}
 
 
 def _free_port() -> int:
@@ -35,10 +37,20 @@ def _free_port() -> int:
 
 def _run(out: Path, processes: int, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
-    done = subprocess.run([*launcher, str(WORKER), str(out), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={_free_port()}",
+        ]
+    )
+    done = subprocess.run(
+        [*launcher, str(WORKER), str(out), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = torch.load(out / "result.pt")
     result["written"] = {r: json.loads((out / f"written-rank{r}.json").read_text()) for r in range(processes)}
@@ -108,9 +120,14 @@ def test_two_processes_resume_where_they_stopped(tmp_path):
     steps = [e["step"] for e in resumed["log"] if "loss" in e]
     assert steps == [1, 2, 3, 4]  # the log history of steps 1-2 comes back from the checkpoint
     # besides its own RNG state (transformers: checkpoint-N/rng_state_1.pth), the second process writes nothing
-    assert set(whole["written"][1]) == {"checkpoint-2", "checkpoint-4"} and set(resumed["written"][1]) == {"checkpoint-4"}
+    assert set(whole["written"][1]) == {"checkpoint-2", "checkpoint-4"} and set(resumed["written"][1]) == {
+        "checkpoint-4"
+    }
     assert (out / "checkpoint-4" / "rng_state_1.pth").is_file()
-    assert "rng_state_1.pth" in json.loads((out / "checkpoint-4" / "hf_vitask_checkpoint.json").read_text())["files"]
+    assert (
+        "rng_state_1.pth"
+        in json.loads((out / "checkpoint-4" / "hf_vitask_checkpoint.json").read_text())["files"]
+    )
 
 
 def test_the_command_line_pipeline_under_two_processes(tmp_path):
@@ -135,24 +152,44 @@ def test_the_command_line_pipeline_under_two_processes(tmp_path):
         out = tmp_path / f"run{processes}"
         out.mkdir()
         config = out / "config.yaml"
-        config.write_text(yaml.safe_dump({**TINY, "output_dir": str(out), "eval_max_samples": 7, "eval_batch_size": 2,
-                                          "per_device_train_batch_size": 8 // processes}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    **TINY,
+                    "output_dir": str(out),
+                    "eval_max_samples": 7,
+                    "eval_batch_size": 2,
+                    "per_device_train_batch_size": 8 // processes,
+                }
+            )
+        )
         _run_cli(out, processes, "train-tsm", str(config))
-        if processes == 2:  # the TSM trains with DDP (other BatchNorm statistics): compare the rest on one TSM
+        if (
+            processes == 2
+        ):  # the TSM trains with DDP (other BatchNorm statistics): compare the rest on one TSM
             history = json.loads((out / "tsm" / "history.json").read_text())
             assert len(history["train_loss"]) == len(history["eval_accuracy"]) == TINY["tsm_epochs"]
             shutil.rmtree(out / "tsm")
             shutil.copytree(outputs[1] / "tsm", out / "tsm")
-        for command in (["train", "--stage", "1"], ["evaluate"],
-                        ["predict", "--predict_inputs", str(images), "--predictions_file", str(out / "preds.csv")]):
+        for command in (
+            ["train", "--stage", "1"],
+            ["evaluate"],
+            ["predict", "--predict_inputs", str(images), "--predictions_file", str(out / "preds.csv")],
+        ):
             _run_cli(out, processes, command[0], str(config), *command[1:])
         outputs[processes] = out
     one, two = outputs[1], outputs[2]
     results = [json.loads((run / "eval" / "results.json").read_text()) for run in (one, two)]
     assert results[1]["num_samples"] == results[0]["num_samples"] == 7
     for key in ("tsm", "with_tsm/complete", "without_tsm/incomplete"):
-        flat = [{f"{k}.{m}": v for k, d in r[key].items() for m, v in (d.items() if isinstance(d, dict) else [("", d)])}
-                for r in results]
+        flat = [
+            {
+                f"{k}.{m}": v
+                for k, d in r[key].items()
+                for m, v in (d.items() if isinstance(d, dict) else [("", d)])
+            }
+            for r in results
+        ]
         assert flat[1] == pytest.approx(flat[0], abs=1e-6), key
     preds = [list(csv.reader((run / "preds.csv").open())) for run in (one, two)]
     assert [r[:2] + r[-1:] for r in preds[1]] == [r[:2] + r[-1:] for r in preds[0]] and len(preds[0]) == 7
@@ -162,8 +199,18 @@ def test_the_command_line_pipeline_under_two_processes(tmp_path):
 
 def _run_cli(out: Path, processes: int, *argv: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
-    done = subprocess.run([*launcher, str(WORKER), str(out), "cli", *argv], capture_output=True, text=True, env=env,
-                          timeout=600)
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={_free_port()}",
+        ]
+    )
+    done = subprocess.run(
+        [*launcher, str(WORKER), str(out), "cli", *argv], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

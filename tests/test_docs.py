@@ -21,7 +21,9 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
 
     trainer, data = namespace["trainer"], namespace["data"]
     assert trainer.state.global_step == 10
-    scores = score_options(trainer.model, namespace["processor"], namespace["task"], data["test"]["image"][:4])
+    scores = score_options(
+        trainer.model, namespace["processor"], namespace["task"], data["test"]["image"][:4]
+    )
     assert predictions == scores.argmax(-1).tolist()
     assert (tmp_path / "vitask-digits").is_dir()
 
@@ -81,10 +83,17 @@ def test_every_config_field_is_documented():
 
     hook = _config_reference_hook()
     fields = _documented_config_fields()
-    assert {cls.__name__: cls for cls in fields} == {name: hook.config_class(name) for name in hook.CONFIG_CLASSES}
+    assert {cls.__name__: cls for cls in fields} == {
+        name: hook.config_class(name) for name in hook.CONFIG_CLASSES
+    }
     reference = hook.render_config_reference()
-    sections = dict(zip(re.findall(r"^## `(\w+)`", reference, flags=re.M),
-                        re.split(r"^## `\w+`.*$", reference, flags=re.M)[1:], strict=True))
+    sections = dict(
+        zip(
+            re.findall(r"^## `(\w+)`", reference, flags=re.M),
+            re.split(r"^## `\w+`.*$", reference, flags=re.M)[1:],
+            strict=True,
+        )
+    )
     for cls, own in fields.items():
         rows = [line for line in sections[cls.__name__].splitlines() if line.startswith("| `")]
         assert len(rows) == len(own), f"{cls.__name__}: {len(rows)} rows for {len(own)} fields"
@@ -109,7 +118,10 @@ def test_configuration_page_renders_every_help_text():
     rendered = markdown.markdown(page, extensions=["tables"])
     cells = {}
     for row in re.findall(r"<tr>(.*?)</tr>", rendered, flags=re.S):
-        texts = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td>(.*?)</td>", row, flags=re.S)]
+        texts = [
+            html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+            for c in re.findall(r"<td>(.*?)</td>", row, flags=re.S)
+        ]
         if texts:
             cells.setdefault(texts[0], []).append(texts[3])
     for cls, own in _documented_config_fields().items():
@@ -184,8 +196,11 @@ def test_every_troubleshooting_entry_has_a_test():
     import ast
 
     page = (README.parent / "docs" / "troubleshooting.md").read_text()
-    entries = [line.split("|")[1] for line in page.splitlines()
-               if line.startswith("| ") and not line.startswith("| message")]
+    entries = [
+        line.split("|")[1]
+        for line in page.splitlines()
+        if line.startswith("| ") and not line.startswith("| message")
+    ]
     assert len(entries) >= 30
     untested = [e.strip() for e in entries if not any(phrase in e for phrase in TROUBLESHOOTING_TESTS)]
     assert not untested, f"troubleshooting entries without a test in TROUBLESHOOTING_TESTS: {untested}"
@@ -194,4 +209,6 @@ def test_every_troubleshooting_entry_has_a_test():
     for target in set(TROUBLESHOOTING_TESTS.values()):
         file, name = target.split("::")
         tree = ast.parse((Path(__file__).parent / file).read_text())
-        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{target} does not exist"
+        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, (
+            f"{target} does not exist"
+        )

@@ -13,8 +13,18 @@ from tests.conftest import FAMILIES
 
 def _config(out, stage, steps):
     return VITaskConfig(
-        output_dir=str(out), stage=stage, max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3,
-        lora_r=8, lora_alpha=16, logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
+        output_dir=str(out),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        lora_r=8,
+        lora_alpha=16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
     )
 
 
@@ -35,14 +45,25 @@ def test_vitask_pipeline(tmp_path, family):
     vlm = AutoModelForImageTextToText.from_pretrained(base_dir)
     processor = AutoProcessor.from_pretrained(base_dir)
 
-    stage1 = VITaskTrainer(model=vlm, args=_config(tmp_path / "s1", 1, 12), processing_class=processor,
-                           train_dataset=data["train"], task=task, tsm=tsm)
+    stage1 = VITaskTrainer(
+        model=vlm,
+        args=_config(tmp_path / "s1", 1, 12),
+        processing_class=processor,
+        train_dataset=data["train"],
+        task=task,
+        tsm=tsm,
+    )
     stage1.train()
     losses1 = [e["loss"] for e in stage1.state.log_history if "loss" in e]
     assert _falls(losses1), losses1
 
-    stage2 = VITaskTrainer(model=stage1.model, args=_config(tmp_path / "s2", 2, 8), processing_class=processor,
-                           train_dataset=data["train"], task=task)
+    stage2 = VITaskTrainer(
+        model=stage1.model,
+        args=_config(tmp_path / "s2", 2, 8),
+        processing_class=processor,
+        train_dataset=data["train"],
+        task=task,
+    )
     stage2.train()
     crt = [e["loss_crt"] for e in stage2.state.log_history if "loss_crt" in e]
     van = [e["loss_van"] for e in stage2.state.log_history if "loss_van" in e]
@@ -60,7 +81,9 @@ def test_vitask_pipeline(tmp_path, family):
 
     for use_tsm in (True, False):
         trained = score_options(stage2.model, processor, task, images, use_tsm=use_tsm)
-        assert torch.allclose(score_options(model, processor2, task2, images, use_tsm=use_tsm), trained, atol=1e-4)
+        assert torch.allclose(
+            score_options(model, processor2, task2, images, use_tsm=use_tsm), trained, atol=1e-4
+        )
         preds = predict_classes(model, processor2, task2, images, use_tsm=use_tsm)
         assert preds == trained.argmax(-1).tolist()
         answers = generate_answers(stage2.model, processor, task, images, use_tsm=use_tsm)
@@ -71,6 +94,9 @@ def test_vitask_pipeline(tmp_path, family):
     from hf_vitask.models.modeling import VITaskModel
 
     assert torch.allclose(
-        score_options(VITaskModel.from_vlm(plain, processor2, with_connector=False), processor2, task2, images),
-        trained, atol=1e-4,
+        score_options(
+            VITaskModel.from_vlm(plain, processor2, with_connector=False), processor2, task2, images
+        ),
+        trained,
+        atol=1e-4,
     )

@@ -60,8 +60,16 @@ def test_evaluate_vlm_metrics_are_those_of_its_scores_and_answers(tiny, task, di
             scores.clear()
             texts.clear()
             with _count_calls(tsm) as calls:
-                out = evaluate_vlm(model, processor, task, test, use_tsm=use_tsm, complete_instruction=complete,
-                                   batch_size=N, max_samples=N)
+                out = evaluate_vlm(
+                    model,
+                    processor,
+                    task,
+                    test,
+                    use_tsm=use_tsm,
+                    complete_instruction=complete,
+                    batch_size=N,
+                    max_samples=N,
+                )
             assert bool(calls) == use_tsm
             assert out.keys() == {"num_samples", "likelihood", "generate"} and out["num_samples"] == N
             assert out["likelihood"].keys() == {"accuracy", "macro_f1", "auc"}
@@ -75,10 +83,16 @@ def test_evaluate_vlm_metrics_are_those_of_its_scores_and_answers(tiny, task, di
             assert out["generate"] == pytest.approx(expected, abs=1e-9), (out, expected)
             seen[use_tsm, complete] = option_scores
     # the exemplar and the instruction change what the model is asked, so its scores
-    for a, b in (((False, True), (True, True)), ((False, True), (False, False)), ((True, True), (True, False))):
+    for a, b in (
+        ((False, True), (True, True)),
+        ((False, True), (False, False)),
+        ((True, True), (True, False)),
+    ):
         assert (seen[a] - seen[b]).abs().max() > 1e-3, (a, b)
     # The likelihood accuracy is exactly that of predict_classes.
-    preds = predict_classes(model, processor, task, test["image"][:N], use_tsm=True, complete_instruction=False)
+    preds = predict_classes(
+        model, processor, task, test["image"][:N], use_tsm=True, complete_instruction=False
+    )
     expected = np.mean(np.array(preds) == np.array(test["label"][:N]))
     assert out["likelihood"]["accuracy"] == pytest.approx(expected)
     assert model.training  # the mode is restored after evaluation
@@ -87,7 +101,9 @@ def test_evaluate_vlm_metrics_are_those_of_its_scores_and_answers(tiny, task, di
 def test_plug_in_tsm_is_used_and_restored(tiny, task, digits, tsm):
     vlm, processor = tiny
     model = VITaskModel.from_vlm(vlm, processor, tsm=tsm)
-    other = TaskSpecificModel("test_resnet", num_classes=10, img_size=32).eval()  # same size, different features
+    other = TaskSpecificModel(
+        "test_resnet", num_classes=10, img_size=32
+    ).eval()  # same size, different features
     images = digits["test"]["image"][:2]
 
     own = score_options(model, processor, task, images, use_tsm=True)
@@ -98,8 +114,17 @@ def test_plug_in_tsm_is_used_and_restored(tiny, task, digits, tsm):
     assert not torch.allclose(own, plugged, atol=1e-4)  # other exemplar features -> other EP scores
 
     with _count_calls(tsm) as own_calls, _count_calls(other) as other_calls:
-        out = evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=other, methods=("likelihood",),
-                           max_samples=N, batch_size=N)
+        out = evaluate_vlm(
+            model,
+            processor,
+            task,
+            digits["test"],
+            use_tsm=True,
+            tsm=other,
+            methods=("likelihood",),
+            max_samples=N,
+            batch_size=N,
+        )
     assert other_calls and not own_calls and model.tsm is tsm
     assert out.keys() == {"num_samples", "likelihood"}
     with plugged_tsm(model, other):  # the metrics of the plug-in TSM's scores, not of the model's own TSM
@@ -116,7 +141,9 @@ def test_plug_in_tsm_is_used_and_restored(tiny, task, digits, tsm):
         evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=wrong, max_samples=N)
     assert model.tsm is tsm
     with _count_calls(other) as other_calls:  # without use_tsm no TSM runs, plug-in or not
-        evaluate_vlm(model, processor, task, digits["test"], tsm=other, methods=("likelihood",), max_samples=N)
+        evaluate_vlm(
+            model, processor, task, digits["test"], tsm=other, methods=("likelihood",), max_samples=N
+        )
     assert not other_calls and model.tsm is tsm
     with pytest.raises(ValueError, match="methods"):
         evaluate_vlm(model, processor, task, digits["test"], methods=("beam",), max_samples=N)
@@ -127,7 +154,9 @@ def test_evaluate_tsm_matches_its_predictions(tsm, digits):
     out = evaluate_tsm(tsm, test, max_samples=12)
     assert out.keys() == {"num_samples", "accuracy", "macro_f1", "auc"} and out["num_samples"] == 12
     probs = tsm_predict(tsm, test.select(range(12)))
-    assert out["accuracy"] == pytest.approx((probs.argmax(-1) == torch.tensor(test["label"][:12])).float().mean())
+    assert out["accuracy"] == pytest.approx(
+        (probs.argmax(-1) == torch.tensor(test["label"][:12])).float().mean()
+    )
     # AUC ranks the probabilities themselves: the softmax of their logs gives them back
     expected = sklearn_metrics(probs.argmax(-1).tolist(), test["label"][:12], probs.double().log())
     assert {k: v for k, v in out.items() if k != "num_samples"} == pytest.approx(expected, abs=1e-6)
@@ -137,7 +166,14 @@ def test_evaluate_tsm_matches_its_predictions(tsm, digits):
 
 def test_compute_classification_metrics_on_log_likelihoods():
     probs = np.array(
-        [[0.6, 0.3, 0.1], [0.35, 0.45, 0.2], [0.2, 0.5, 0.3], [0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [0.25, 0.15, 0.6]]
+        [
+            [0.6, 0.3, 0.1],
+            [0.35, 0.45, 0.2],
+            [0.2, 0.5, 0.3],
+            [0.5, 0.25, 0.25],
+            [0.1, 0.2, 0.7],
+            [0.25, 0.15, 0.6],
+        ]
     )
     labels = np.array([0, 0, 1, 1, 2, 2])
     # argmax 0, 1, 1, 0, 2, 2 -> 4 of 6 right; F1: class 0 1/2, class 1 1/2, class 2 1.
@@ -197,7 +233,9 @@ def test_summed_option_scores_prefer_short_class_names_and_the_mean_does_not(tin
     assert (summed.diff(dim=-1) < 0).all() and (summed.argmax(-1) == 0).all()
     # ... mean: the per-token scores of an untrained model are about ln(1/V) whatever the length
     assert (mean.diff(dim=-1) < 0).all(-1).float().mean() <= 0.25
-    assert (summed.max(-1).values - summed.min(-1).values).min() > 10 * (mean.max(-1).values - mean.min(-1).values).max()
+    assert (summed.max(-1).values - summed.min(-1).values).min() > 10 * (
+        mean.max(-1).values - mean.min(-1).values
+    ).max()
     assert predict_classes(model, processor, task, images, option_score="mean") == mean.argmax(-1).tolist()
     with pytest.raises(ValueError, match="option_score"):
         score_options(model, processor, task, images, option_score="max")

@@ -44,7 +44,10 @@ def test_insert_slots_by_hand():
     assert out["labels"].tolist() == [[-100, -100, -100, -100, 5, 6], [-100, -100, -100, 5, 6, -100]]
     assert out["mm_token_type_ids"].tolist() == [[0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
     assert out["pixel_values"] is batch["pixel_values"]
-    assert slots.tolist() == [[False, False, True, True, False, False], [False, True, True, False, False, False]]
+    assert slots.tolist() == [
+        [False, False, True, True, False, False],
+        [False, True, True, False, False, False],
+    ]
 
 
 @pytest.mark.parametrize("feature,shape", [("pooled", (3, 16)), ("patch", (3, 5, 16))])
@@ -94,7 +97,10 @@ def test_injector_fires_once_and_skips_other_shapes():
 
 def test_injector_raises_when_never_used():
     injector = ExemplarInjector(nn.Embedding(10, 4))
-    with pytest.raises(RuntimeError, match="never written"), injector.inject(torch.tensor([[True]]), torch.ones(1, 1, 4)):
+    with (
+        pytest.raises(RuntimeError, match="never written"),
+        injector.inject(torch.tensor([[True]]), torch.ones(1, 1, 4)),
+    ):
         pass
     with pytest.raises(ValueError, match="slots"):
         injector.inject(torch.tensor([[True, True]]), torch.ones(1, 1, 4))

@@ -81,7 +81,9 @@ def _losses(model, batch, mode):
         "van": token_ce(plain.response_logits, plain.response_targets).mean(),
         "ep": token_ce(ep.response_logits, ep.response_targets).mean(),
         "rda": rda_kl(plain.response_logits, ep.response_logits).mean(),
-        "crt": crt_loss(plain.response_logits[keep], neg.response_logits, plain.response_targets[keep]).mean(),
+        "crt": crt_loss(
+            plain.response_logits[keep], neg.response_logits, plain.response_targets[keep]
+        ).mean(),
     }
     model.zero_grad(set_to_none=True)
     sum(terms.values()).backward()
@@ -179,7 +181,9 @@ def test_gradient_checkpointing_keeps_the_fused_step_exact(name, tsm, task, digi
     finally:
         model.gradient_checkpointing_disable()
     assert layers, "checkpointing is on for the decoder layers"
-    assert all(not layer.__dict__.get("_can_checkpoint_with_cache", False) for layer, _ in layers), "left as it was"
+    assert all(not layer.__dict__.get("_can_checkpoint_with_cache", False) for layer, _ in layers), (
+        "left as it was"
+    )
     if not mixed and "prefix" in get_family(name).fusion_modes:
         assert got[0].mode == "prefix"
     _assert_same(got, reference)
@@ -188,8 +192,18 @@ def test_gradient_checkpointing_keeps_the_fused_step_exact(name, tsm, task, digi
 # -- training, saving, scoring, generation ----------------------------------------------------------------
 def _config(out, stage, steps, **kw):
     return VITaskConfig(
-        output_dir=str(out), stage=stage, max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3,
-        lora_r=8, lora_alpha=16, logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
+        output_dir=str(out),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        lora_r=8,
+        lora_alpha=16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
         **kw,
     )
 
@@ -202,13 +216,24 @@ def _falls(values):
 def test_train_save_load_score_generate(name, tmp_path, tsm, task, digits):
     vlm, processor = build_tiny_vlm(name, seed=0)
     train = digits["train"]
-    stage1 = VITaskTrainer(model=vlm, args=_config(tmp_path / "s1", 1, 24), processing_class=processor,
-                           train_dataset=train, task=task, tsm=tsm)
+    stage1 = VITaskTrainer(
+        model=vlm,
+        args=_config(tmp_path / "s1", 1, 24),
+        processing_class=processor,
+        train_dataset=train,
+        task=task,
+        tsm=tsm,
+    )
     stage1.train()
     losses = [e["loss"] for e in stage1.state.log_history if "loss" in e]
     assert len(losses) == 24 and _falls(losses), losses
-    stage2 = VITaskTrainer(model=stage1.model, args=_config(tmp_path / "s2", 2, 24), processing_class=processor,
-                           train_dataset=train, task=task)
+    stage2 = VITaskTrainer(
+        model=stage1.model,
+        args=_config(tmp_path / "s2", 2, 24),
+        processing_class=processor,
+        train_dataset=train,
+        task=task,
+    )
     stage2.train()
     van = [e["loss_van"] for e in stage2.state.log_history if "loss_van" in e]
     assert len(van) == 24 and _falls(van), van
@@ -227,7 +252,9 @@ def test_train_save_load_score_generate(name, tmp_path, tsm, task, digits):
     for use_tsm in (False, True):
         torch.testing.assert_close(
             score_options(model, processor2, task2, images, use_tsm=use_tsm),
-            score_options(trained, processor, task, images, use_tsm=use_tsm), atol=1e-4, rtol=1e-4,
+            score_options(trained, processor, task, images, use_tsm=use_tsm),
+            atol=1e-4,
+            rtol=1e-4,
         )
         # greedy answers too: the reloaded bundle answers as the trained model did
         answers = generate_answers(trained, processor, task, images, use_tsm=use_tsm)
@@ -239,8 +266,17 @@ def test_train_save_load_score_generate(name, tmp_path, tsm, task, digits):
 def test_instruction_free_trains(name, tmp_path, digits):
     vlm, processor = build_tiny_vlm(name, seed=0)
     args = InstructionFreeConfig(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1,
-        save_strategy="no", report_to="none", lora_r=4, lora_alpha=8, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        lora_r=4,
+        lora_alpha=8,
+        seed=0,
+        disable_tqdm=True,
     )
     train = add_digit_descriptions(digits)["train"].select(range(8))
     trainer = InstructionFreeTrainer(model=vlm, args=args, processing_class=processor, train_dataset=train)
@@ -248,8 +284,9 @@ def test_instruction_free_trains(name, tmp_path, digits):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # the loss is the description cross-entropy; the second epoch over the same 8 rows is cheaper than the first
     # (seed 0: by 1.3% for PaliGemma, 1.6% for InternVL, 10% to 23% for the others)
-    assert len(losses) == 4 and losses == pytest.approx([e["loss_ce"] for e in trainer.state.log_history
-                                                         if "loss_ce" in e], rel=1e-5)
+    assert len(losses) == 4 and losses == pytest.approx(
+        [e["loss_ce"] for e in trainer.state.log_history if "loss_ce" in e], rel=1e-5
+    )
     assert losses[2] + losses[3] < 0.995 * (losses[0] + losses[1]), losses
     assert int(trainer.proxy.step) == 4
 

@@ -68,12 +68,20 @@ def trained_bundle(tmp_path_factory):
     base = save_tiny_vlm(root / "base", "llava")
     model, processor = load_vlm(base)
     args = hf_vitask.VITaskConfig(
-        output_dir=str(root / "run"), max_steps=1, use_cpu=True, report_to="none", save_strategy="no",
-        per_device_train_batch_size=2, hub_token=SECRET,
+        output_dir=str(root / "run"),
+        max_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        hub_token=SECRET,
     )
     trainer = hf_vitask.VITaskTrainer(
-        model=model, args=args, processing_class=processor,
-        train_dataset=load_digits_dataset(max_samples=48)["train"], task=digits_task(),
+        model=model,
+        args=args,
+        processing_class=processor,
+        train_dataset=load_digits_dataset(max_samples=48)["train"],
+        task=digits_task(),
         tsm=hf_vitask.TaskSpecificModel("test_resnet", num_classes=10, img_size=32),
     )
     trainer.train()
@@ -104,7 +112,9 @@ def fake_hub(monkeypatch):
         calls["upload_folder"].append(kwargs)
         return CommitInfo(
             commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123",
-            commit_message=kwargs.get("commit_message") or "", commit_description="", oid="abc123",
+            commit_message=kwargs.get("commit_message") or "",
+            commit_description="",
+            oid="abc123",
         )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -121,7 +131,9 @@ def sent_files(upload_kwargs) -> set[str]:
     listing = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     return set(
         filter_repo_objects(
-            listing, allow_patterns=upload_kwargs.get("allow_patterns"), ignore_patterns=upload_kwargs.get("ignore_patterns")
+            listing,
+            allow_patterns=upload_kwargs.get("allow_patterns"),
+            ignore_patterns=upload_kwargs.get("ignore_patterns"),
         )
     )
 
@@ -144,13 +156,22 @@ def test_push_bundle_uploads_exactly_the_bundle(bundle, fake_hub):
         (bundle / junk).parent.mkdir(parents=True, exist_ok=True)
         (bundle / junk).write_bytes(b"junk")
     url = push_bundle(
-        bundle, REPO, private=True, revision="v1", commit_message="first VITask model", token="hf_user_token",
+        bundle,
+        REPO,
+        private=True,
+        revision="v1",
+        commit_message="first VITask model",
+        token="hf_user_token",
         base_model=HUB_BASE,
     )
     assert url == f"https://huggingface.co/{REPO}/commit/abc123"
-    assert fake_hub["create_repo"] == [{"repo_id": REPO, "private": True, "exist_ok": True, "repo_type": "model"}]
+    assert fake_hub["create_repo"] == [
+        {"repo_id": REPO, "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
     assert fake_hub["tokens"] == ["hf_user_token"]
-    assert fake_hub["create_branch"] == [{"repo_id": REPO, "branch": "v1", "exist_ok": True, "repo_type": "model"}]
+    assert fake_hub["create_branch"] == [
+        {"repo_id": REPO, "branch": "v1", "exist_ok": True, "repo_type": "model"}
+    ]
     (upload,) = fake_hub["upload_folder"]
     assert upload["repo_id"] == REPO and upload["revision"] == "v1" and upload["repo_type"] == "model"
     assert upload["commit_message"] == "first VITask model"
@@ -161,7 +182,9 @@ def test_push_bundle_uploads_exactly_the_bundle(bundle, fake_hub):
     assert sent == set(bundle_files(bundle))
     weights = [f for f in sent if not f.endswith((".json", ".jinja", ".md"))]
     assert weights and all(f.endswith(".safetensors") for f in weights), weights
-    assert not any(f.startswith(("checkpoint-", "runs/", "other/")) or "/." in f or f.startswith(".") for f in sent)
+    assert not any(
+        f.startswith(("checkpoint-", "runs/", "other/")) or "/." in f or f.startswith(".") for f in sent
+    )
     for f in sent:  # training_config.json carries the args: the hub token must be redacted
         assert SECRET not in (bundle / f).read_text(errors="ignore"), f
     # the adapter now names the hub base, so load_vitask(REPO) works on another machine
@@ -207,8 +230,18 @@ def test_pushed_card_metadata_and_loading_snippet(bundle, fake_hub):
     assert f'load_vitask("{REPO}")' in code and "predict_classes(" in code
     compile(code, "card", "exec")
     # what was trained, the VITask config, the layout
-    for text in ("`digits`", "`zero`", "stage 1 (EP + RDA)", "test_resnet", "llava family", f"rda_weight: {DEFAULT_RDA_WEIGHT}",
-                 "ep_weight: 1.0", "lora_r: 16", "`tsm/model.safetensors`", "`exemplar_connector.safetensors`"):
+    for text in (
+        "`digits`",
+        "`zero`",
+        "stage 1 (EP + RDA)",
+        "test_resnet",
+        "llava family",
+        f"rda_weight: {DEFAULT_RDA_WEIGHT}",
+        "ep_weight: 1.0",
+        "lora_r: 16",
+        "`tsm/model.safetensors`",
+        "`exemplar_connector.safetensors`",
+    ):
         assert text in card, text
     assert "per_device_eval_batch_size" not in card  # only the VITask fields (+ a short optimisation line)
     assert "No evaluation results" in card
@@ -216,7 +249,15 @@ def test_pushed_card_metadata_and_loading_snippet(bundle, fake_hub):
 
 def test_card_reads_eval_results_and_builds_model_index(bundle):
     (bundle / "eval_results.json").write_text(
-        json.dumps({"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_runtime": 1.5, "epoch": 1.0, "eval_samples_per_second": 3})
+        json.dumps(
+            {
+                "eval_loss": 0.5,
+                "eval_accuracy": 0.75,
+                "eval_runtime": 1.5,
+                "epoch": 1.0,
+                "eval_samples_per_second": 3,
+            }
+        )
     )
     card = render_model_card(bundle, repo_id=REPO, base_model=HUB_BASE, datasets="me/digits")
     meta = front_matter(card)
@@ -252,7 +293,9 @@ def test_card_leaves_a_local_base_path_out_of_the_metadata(bundle):
         card = render_model_card(bundle)
     assert "base_model" not in front_matter(card)
     assert str(bundle) in python_block(card)  # no repo id: the snippet loads the local bundle
-    with pytest.warns(UserWarning, match="not a Hub repo id"):  # a card for the Hub says what will not work there
+    with pytest.warns(
+        UserWarning, match="not a Hub repo id"
+    ):  # a card for the Hub says what will not work there
         card = render_model_card(bundle, repo_id="me/model")
     assert "base_model" not in front_matter(card)
 
@@ -334,16 +377,30 @@ def test_trainer_push_to_hub_uploads_the_bundle(tmp_path, fake_hub):
 
     model, processor = build_tiny_vlm("llava")
     args = hf_vitask.VITaskConfig(
-        output_dir=str(tmp_path / "run"), max_steps=1, report_to="none", save_strategy="no", ep_weight=0,
-        rda_weight=0, per_device_train_batch_size=2, hub_model_id="me/vitask-digits", hub_private_repo=True,
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        ep_weight=0,
+        rda_weight=0,
+        per_device_train_batch_size=2,
+        hub_model_id="me/vitask-digits",
+        hub_private_repo=True,
     )
-    trainer = hf_vitask.VITaskTrainer(model=model, args=args, processing_class=processor,
-                                      train_dataset=load_digits_dataset(max_samples=48)["train"],
-                                      task=digits_task())
+    trainer = hf_vitask.VITaskTrainer(
+        model=model,
+        args=args,
+        processing_class=processor,
+        train_dataset=load_digits_dataset(max_samples=48)["train"],
+        task=digits_task(),
+    )
     trainer.train()
     url = trainer.push_to_hub(revision="v1")
     assert url.endswith("abc123")
-    assert fake_hub["create_repo"][0]["repo_id"] == "me/vitask-digits" and fake_hub["create_repo"][0]["private"] is True
+    assert (
+        fake_hub["create_repo"][0]["repo_id"] == "me/vitask-digits"
+        and fake_hub["create_repo"][0]["private"] is True
+    )
     upload = fake_hub["upload_folder"][0]
     assert upload["revision"] == "v1"
     sent = sent_files(upload)
@@ -354,7 +411,20 @@ def test_trainer_push_to_hub_uploads_the_bundle(tmp_path, fake_hub):
 def test_cli_push(bundle, fake_hub, tmp_path):
     from hf_vitask.cli import main
 
-    assert main(["push", "--model_path", str(bundle), "--hub_model_id", "me/from-cli", "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "push",
+                "--model_path",
+                str(bundle),
+                "--hub_model_id",
+                "me/from-cli",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert fake_hub["create_repo"][0]["repo_id"] == "me/from-cli"
     assert "README.md" in sent_files(fake_hub["upload_folder"][0])
     with pytest.raises(ValueError, match="hub_model_id"):

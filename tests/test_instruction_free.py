@@ -55,8 +55,9 @@ def _args(tmp_path, **kw):
 
 def _trainer(tmp_path, dataset, family="llava", **kw):
     model, processor = build_tiny_vlm(family)
-    return InstructionFreeTrainer(model=model, args=_args(tmp_path, **kw), processing_class=processor,
-                                  train_dataset=dataset)
+    return InstructionFreeTrainer(
+        model=model, args=_args(tmp_path, **kw), processing_class=processor, train_dataset=dataset
+    )
 
 
 def _logged(trainer, key):
@@ -116,7 +117,9 @@ def test_proxy_init_from_text_uses_its_token_embeddings():
     assert torch.equal(proxy.weight.detach(), emb.weight[ids].detach())
     eight = ProxyInstruction.from_text(emb, processor, DEFAULT_INSTRUCTION, 8)
     assert eight.weight.shape == (8, emb.embedding_dim)
-    assert torch.equal(eight.weight[0], emb.weight[ids[0]]) and torch.equal(eight.weight[-1], emb.weight[ids[-1]])
+    assert torch.equal(eight.weight[0], emb.weight[ids[0]]) and torch.equal(
+        eight.weight[-1], emb.weight[ids[-1]]
+    )
     rand = ProxyInstruction.from_text(emb, processor, "", 8, generator=torch.Generator().manual_seed(0))
     assert rand.weight.shape == (8, emb.embedding_dim) and rand.weight.std() > 0
 
@@ -134,8 +137,10 @@ def test_shuffle_segments():
     assert same[0] == same[1]
     # sentences: the closing full stop stays at the end
     outs = {shuffle_segments("One. Two. Three.", ". ", random.Random(i)) for i in range(20)}
-    assert all(o.endswith(".") and not o.endswith("..") and sorted(o[:-1].split(". ")) == ["One", "Three", "Two"]
-               for o in outs)
+    assert all(
+        o.endswith(".") and not o.endswith("..") and sorted(o[:-1].split(". ")) == ["One", "Three", "Two"]
+        for o in outs
+    )
     assert shuffle_segments("single", ", ", random.Random(0)) == "single"
 
 
@@ -149,7 +154,12 @@ def test_collator_shuffles_responses_and_keeps_masks(family):
     seen = set()
     for _ in range(6):
         batch = collator(rows)
-        ids, labels, attn, slots = batch["input_ids"], batch["labels"], batch["attention_mask"], batch[PROXY_SLOT_MASK]
+        ids, labels, attn, slots = (
+            batch["input_ids"],
+            batch["labels"],
+            batch["attention_mask"],
+            batch[PROXY_SLOT_MASK],
+        )
         for r in range(len(rows)):
             learnt = labels[r][labels[r] != IGNORE_INDEX]
             text = tok.decode(learnt, skip_special_tokens=True).strip()
@@ -182,8 +192,9 @@ def test_collator_shuffles_responses_and_keeps_masks(family):
 
 def test_fixed_instruction_collator_and_row_errors():
     _, processor = build_tiny_vlm("llava")
-    collator = InstructionFreeCollator(processor, use_proxy=False, instruction_text="Describe the image.",
-                                       shuffle_prob=0.0)
+    collator = InstructionFreeCollator(
+        processor, use_proxy=False, instruction_text="Describe the image.", shuffle_prob=0.0
+    )
     batch = collator([{"image": _image(0), "description": "value: one, parity: odd"}])
     assert PROXY_SLOT_MASK not in batch
     prompt = batch["input_ids"][0][batch["labels"][0] == IGNORE_INDEX]
@@ -200,7 +211,9 @@ def test_fixed_instruction_collator_and_row_errors():
 def _capture_embeddings(model):
     """Hook registered after the proxy injector: sees the embeddings the LLM actually gets."""
     seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: seen.append(out.detach().clone())
+    )
     return seen, handle
 
 
@@ -237,7 +250,9 @@ def test_forward_feeds_the_chosen_copy_and_gradient_reaches_the_proxy(tmp_path, 
         assert torch.allclose(grad, leaf.grad, atol=1e-6), feed
     # the proxy is its own optimizer group: its learning rate, no weight decay
     groups = trainer.create_optimizer().param_groups
-    assert groups[-1]["params"] == [proxy.weight] and groups[-1]["lr"] == 0.1 and groups[-1]["weight_decay"] == 0
+    assert (
+        groups[-1]["params"] == [proxy.weight] and groups[-1]["lr"] == 0.1 and groups[-1]["weight_decay"] == 0
+    )
     assert all(p is not proxy.weight for g in groups[:-1] for p in g["params"])
 
 
@@ -270,23 +285,29 @@ def test_end_to_end_llava_loss_decreases_and_saves_the_proxy(tmp_path, described
     # held-out questions, both scoring modes (real instructions: no proxy involved)
     questions = make_mc_questions(described["test"].select(range(2)), seed=0)
     for method in ("likelihood", "generate"):
-        result = mc_evaluate(trainer.model, trainer.processing_class, questions, method=method, max_new_tokens=3)
+        result = mc_evaluate(
+            trainer.model, trainer.processing_class, questions, method=method, max_new_tokens=3
+        )
         _check_mc_result(result, questions)
         if method == "generate":  # the prediction is the letter the answer names, None when it names none
-            assert result["predictions"] == [parse_letter(a, len(q["options"]))
-                                             for a, q in zip(result["answers"], questions)]
+            assert result["predictions"] == [
+                parse_letter(a, len(q["options"])) for a, q in zip(result["answers"], questions)
+            ]
         else:
             assert result["parse_failures"] == 0 and None not in result["predictions"]
     # the saved adapter alone is the inference model
     reloaded = VITaskModel.from_pretrained(tmp_path / "final", build_tiny_vlm("llava")[0])
-    scores = [mc_evaluate(m, trainer.processing_class, questions)["predictions"] for m in (trainer.model, reloaded)]
+    scores = [
+        mc_evaluate(m, trainer.processing_class, questions)["predictions"] for m in (trainer.model, reloaded)
+    ]
     assert scores[0] == scores[1]
 
 
 def test_resume_restores_proxy_ema_and_lora_exactly(tmp_path, described):
     train = described["train"].select(range(6))  # 3 steps per epoch: the resumed run crosses an epoch
-    straight = _trainer(tmp_path / "a", train, max_steps=4, save_strategy="steps", save_steps=2,
-                        per_device_train_batch_size=2)
+    straight = _trainer(
+        tmp_path / "a", train, max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2
+    )
     straight.train()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     saved = load_proxy(checkpoint)
@@ -302,8 +323,13 @@ def test_resume_restores_proxy_ema_and_lora_exactly(tmp_path, described):
 
 
 def test_fixed_instruction_baseline_runs(tmp_path, described):
-    trainer = _trainer(tmp_path, described["train"].select(range(4)), use_proxy=False, max_steps=2,
-                       per_device_train_batch_size=2)
+    trainer = _trainer(
+        tmp_path,
+        described["train"].select(range(4)),
+        use_proxy=False,
+        max_steps=2,
+        per_device_train_batch_size=2,
+    )
     assert trainer.proxy is None and not hasattr(trainer.model, "proxy")
     assert trainer.args.instruction_text == DEFAULT_INSTRUCTION
     lora_before = _lora(trainer.model)
@@ -331,8 +357,12 @@ def test_configuration_errors(tmp_path, described):
     assert _args(tmp_path, use_proxy=False, instruction_text="").instruction_text == ""
     model, processor = build_tiny_vlm("llava")
     with pytest.raises(ValueError, match="no column"):
-        InstructionFreeTrainer(model=model, args=_args(tmp_path), processing_class=processor,
-                               train_dataset=described["train"].remove_columns("description"))
+        InstructionFreeTrainer(
+            model=model,
+            args=_args(tmp_path),
+            processing_class=processor,
+            train_dataset=described["train"].remove_columns("description"),
+        )
     with pytest.raises(ValueError, match="processing_class"):
         InstructionFreeTrainer(model=model, args=_args(tmp_path), train_dataset=described["train"])
 
@@ -341,8 +371,14 @@ def test_configuration_errors(tmp_path, described):
 
 
 def test_mc_prompt_and_letter_parsing():
-    assert mc_prompt("Which digit?", ["one", "two"]) == "Which digit?\nA. one\nB. two\nAnswer with the letter."
-    assert parse_letter("B", 4) == 1 and parse_letter("Answer: (C).", 4) == 2 and parse_letter(" d. four", 4) is None
+    assert (
+        mc_prompt("Which digit?", ["one", "two"]) == "Which digit?\nA. one\nB. two\nAnswer with the letter."
+    )
+    assert (
+        parse_letter("B", 4) == 1
+        and parse_letter("Answer: (C).", 4) == 2
+        and parse_letter(" d. four", 4) is None
+    )
     assert parse_letter("Because A", 4) == 0 and parse_letter("E", 4) is None and parse_letter("", 2) is None
     labels = torch.tensor([[-100, 5, 9], [-100, 6, 9], [-100, -100, 7]])
     dropped = _drop_common_suffix(labels, [2, 1])
@@ -354,7 +390,10 @@ def _check_mc_result(result, questions):
     correct = [p == q["answer"] for p, q in zip(result["predictions"], questions)]
     assert result["num_questions"] == len(questions) == len(result["predictions"])
     assert result["accuracy"] == sum(correct) / len(questions)
-    by_attribute = {a: [ok for ok, q in zip(correct, questions) if q["attribute"] == a] for a in ("value", "parity", "stroke")}
+    by_attribute = {
+        a: [ok for ok, q in zip(correct, questions) if q["attribute"] == a]
+        for a in ("value", "parity", "stroke")
+    }
     assert result["by_attribute"] == {a: sum(v) / len(v) for a, v in by_attribute.items()}
     assert result["parse_failures"] == sum(p is None for p in result["predictions"])
     assert result["parse_failure_rate"] == result["parse_failures"] / len(questions)
@@ -374,8 +413,9 @@ def test_mc_evaluate_plain_vlm_matches_wrapped(described):
     # that follows every letter is left out, so each option scores log p(its letter | prompt)
     tokenizer, by_hand = processor.tokenizer, []
     for q in questions:
-        text = processor.apply_chat_template(user_message(mc_prompt(q["question"], q["options"])),
-                                             add_generation_prompt=True, tokenize=False)
+        text = processor.apply_chat_template(
+            user_message(mc_prompt(q["question"], q["options"])), add_generation_prompt=True, tokenize=False
+        )
         with torch.no_grad():
             logits = model(**processor(images=[[q["image"]]], text=[text], return_tensors="pt")).logits[0, -1]
         letters = [tokenizer.convert_tokens_to_ids(LETTERS[j]) for j in range(len(q["options"]))]
@@ -383,7 +423,9 @@ def test_mc_evaluate_plain_vlm_matches_wrapped(described):
     assert len(questions) == 3 and plain["predictions"] == by_hand
     gen = mc_evaluate(model, processor, questions, method="generate", max_new_tokens=2)
     assert len(gen["answers"]) == len(questions)
-    assert gen["predictions"] == [parse_letter(a, len(q["options"])) for a, q in zip(gen["answers"], questions)]
+    assert gen["predictions"] == [
+        parse_letter(a, len(q["options"])) for a, q in zip(gen["answers"], questions)
+    ]
     _check_mc_result(gen, questions)
     with pytest.raises(ValueError, match="answer"):
         mc_evaluate(model, processor, [{**questions[0], "answer": 9}])
@@ -408,12 +450,16 @@ def test_digit_descriptions_and_questions(described, digits):
     questions = make_mc_questions(digits["test"].select(range(5)), seed=0)
     assert len(questions) == 15 and questions == make_mc_questions(digits["test"].select(range(5)), seed=0)
     for q in questions:
-        assert q["question"] in DIGIT_QUESTION_WORDINGS[q["attribute"]] and q["question"] != DEFAULT_INSTRUCTION
+        assert (
+            q["question"] in DIGIT_QUESTION_WORDINGS[q["attribute"]] and q["question"] != DEFAULT_INSTRUCTION
+        )
         assert 0 <= q["answer"] < len(q["options"]) and len(set(q["options"])) == len(q["options"])
     truth = digit_attributes(digits["test"][0]["label"], digits["test"][0]["image"])
     first = {q["attribute"]: q["options"][q["answer"]] for q in questions[:3]}
     assert first == truth
-    assert len({q["options"].index("odd") for q in questions if q["attribute"] == "parity"}) == 2  # letters vary
+    assert (
+        len({q["options"].index("odd") for q in questions if q["attribute"] == "parity"}) == 2
+    )  # letters vary
 
 
 def test_docs_cover_every_config_field():
@@ -421,7 +467,11 @@ def test_docs_cover_every_config_field():
 
     base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     doc = DOC.read_text()
-    own = [f for f in dataclasses.fields(InstructionFreeConfig) if f.name not in base or base[f.name] != f.default]
+    own = [
+        f
+        for f in dataclasses.fields(InstructionFreeConfig)
+        if f.name not in base or base[f.name] != f.default
+    ]
     assert len(own) > 10
     for f in own:
         assert f.metadata.get("help"), f"{f.name} has no help text"

@@ -95,16 +95,23 @@ def test_fast_demo_writes_table_json_and_chart(demo, fast_run):
             m = metrics[method]
             assert set(m["by_attribute"]) == {"value", "parity", "stroke"}
             counts = [v * per_attribute for v in m["by_attribute"].values()]
-            assert counts == pytest.approx([round(c) for c in counts]), (model, method)  # counts of 6 questions
+            assert counts == pytest.approx([round(c) for c in counts]), (
+                model,
+                method,
+            )  # counts of 6 questions
             assert m["accuracy"] == pytest.approx(sum(m["by_attribute"].values()) / 3), (model, method)
         assert metrics["likelihood"]["parse_failure_rate"] == 0.0  # likelihood always answers
         # one seed: the summary is that seed's numbers, and the table row shows them
         flat = demo.metric_values(metrics)
         summary = saved["summary"][model]
-        assert {k: v["mean"] for k, v in summary.items()} == {k: (None if math.isnan(v) else v) for k, v in flat.items()}
+        assert {k: v["mean"] for k, v in summary.items()} == {
+            k: (None if math.isnan(v) else v) for k, v in flat.items()
+        }
         cells = " | ".join("–" if math.isnan(flat[k]) else f"{flat[k]:.3f}" for k, _ in demo.COLUMNS)
         assert f"| {model} | {cells} |" in table, model
-    assert saved["summary"]["base"]["test_description_ce"]["mean"] is None  # the base has no description prompt
+    assert (
+        saved["summary"]["base"]["test_description_ce"]["mean"] is None
+    )  # the base has no description prompt
     assert saved["per_seed"]["0"]["momentum proxy + shuffling"]["config"] == {}
     assert saved["per_seed"]["0"]["fixed instruction"]["config"]["use_proxy"] is False
     assert (out / "seed0" / "base" / "config.json").is_file()
@@ -127,9 +134,15 @@ def test_fast_demo_reports_what_its_models_do(demo, fast_run):
     torch.set_num_threads(1)  # as the demo runs: the same float reductions, the same near-ties
     try:
         vlm, processor = load_vlm(str(out / "seed0" / "base"))
-        assert demo.evaluate(vlm, processor, held_out, demo.FAST) == {m: per_seed["base"][m] for m in demo.METHODS}
-        seen = mc_evaluate(vlm, processor, demo.digit_questions(test, 0, demo.TRAIN_WORDINGS),
-                           batch_size=demo.FAST.eval_batch_size)
+        assert demo.evaluate(vlm, processor, held_out, demo.FAST) == {
+            m: per_seed["base"][m] for m in demo.METHODS
+        }
+        seen = mc_evaluate(
+            vlm,
+            processor,
+            demo.digit_questions(test, 0, demo.TRAIN_WORDINGS),
+            batch_size=demo.FAST.eval_batch_size,
+        )
         assert per_seed["base"]["training_wordings_likelihood_accuracy"] == seen["accuracy"]
         _check_arms(demo, trainers, per_seed, results["summary"], test, held_out)
     finally:
@@ -146,7 +159,9 @@ def _check_arms(demo, trainers, per_seed, summary, test, held_out):
     for arm, trainer in trainers.items():
         model = trainer.model.eval()
         lik = mc_evaluate(model, trainer.processing_class, held_out, batch_size=demo.FAST.eval_batch_size)
-        assert per_seed[arm]["likelihood"] == {k: lik[k] for k in ("accuracy", "by_attribute", "parse_failure_rate")}
+        assert per_seed[arm]["likelihood"] == {
+            k: lik[k] for k in ("accuracy", "by_attribute", "parse_failure_rate")
+        }
         collator = trainer.data_collator
         collator.training = False  # evaluation: the descriptions as written
         batch = collator(rows)
@@ -176,17 +191,40 @@ def test_config_parses_as_instruction_free():
 def test_cli_trains_and_evaluates_from_the_demo_base(fast_run, tmp_path, capsys):
     base = fast_run[0] / "seed0" / "base"  # the instruction-following base the demo saved
     common = [str(CONFIG), "--method", "instruction-free", "--output_dir", str(tmp_path)]
-    assert cli_main(["train", *common, "--model_name_or_path", str(base), "--max_steps", "2",
-                     "--per_device_train_batch_size", "4", "--max_samples", "40"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                *common,
+                "--model_name_or_path",
+                str(base),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_samples",
+                "40",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "instruction_free" / "proxy.safetensors").is_file()
-    assert cli_main(["evaluate", *common, "--max_samples", "40", "--eval_max_samples", "4",
-                     "--eval_batch_size", "4"]) == 0
+    assert (
+        cli_main(
+            ["evaluate", *common, "--max_samples", "40", "--eval_max_samples", "4", "--eval_batch_size", "4"]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "eval" / "instruction_free_results.json").read_text())
     assert results["num_questions"] == 12
     for method in ("likelihood", "generate"):  # 4 images x 3 attribute questions
         by_attribute = results[method]["by_attribute"]
         assert set(by_attribute) == {"value", "parity", "stroke"}
-        assert results[method]["accuracy"] * 12 == pytest.approx(round(results[method]["accuracy"] * 12))  # a count
-        assert results[method]["accuracy"] == pytest.approx(sum(by_attribute.values()) / 3)  # 4 questions each
+        assert results[method]["accuracy"] * 12 == pytest.approx(
+            round(results[method]["accuracy"] * 12)
+        )  # a count
+        assert results[method]["accuracy"] == pytest.approx(
+            sum(by_attribute.values()) / 3
+        )  # 4 questions each
     out = capsys.readouterr().out
-    assert json.loads(out[out.index('{\n  "'):]) == results  # the command prints what it writes
+    assert json.loads(out[out.index('{\n  "') :]) == results  # the command prints what it writes

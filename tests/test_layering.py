@@ -61,7 +61,9 @@ def test_imports_point_down_and_carry_no_private_names():
                     problems.append(f"{where} imports {non_modules} from the package __init__")
                 continue
             if _layer(target) > _layer(here):
-                problems.append(f"{where}: {here} (layer {_layer(here)}) imports {target} (layer {_layer(target)})")
+                problems.append(
+                    f"{where}: {here} (layer {_layer(here)}) imports {target} (layer {_layer(target)})"
+                )
             private = [n for n in names if n.startswith("_") and n != "__version__"]
             if private:
                 problems.append(f"{where} imports private {private} from {target}")
@@ -74,8 +76,18 @@ def test_every_public_name_resolves_and_demo_helpers_live_in_their_module():
     assert sorted(hf_vitask.__all__) == sorted(hf_vitask._EXPORTS)
     for name in hf_vitask.__all__:
         assert getattr(hf_vitask, name).__name__ == name
-    for user_needs in ("VITaskTrainer", "VITaskConfig", "TaskSpec", "load_vlm", "load_vitask", "load_image_folder",
-                       "load_data_files", "evaluate_vlm", "mc_evaluate", "InstructionFreeTrainer"):
+    for user_needs in (
+        "VITaskTrainer",
+        "VITaskConfig",
+        "TaskSpec",
+        "load_vlm",
+        "load_vitask",
+        "load_image_folder",
+        "load_data_files",
+        "evaluate_vlm",
+        "mc_evaluate",
+        "InstructionFreeTrainer",
+    ):
         assert user_needs in hf_vitask.__all__
     assert not {"load_digits_dataset", "digits_task", "make_mc_questions"} & set(hf_vitask.__all__)
 

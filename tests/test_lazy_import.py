@@ -8,7 +8,9 @@ HEAVY = ("torch", "transformers", "trl", "peft", "timm", "bitsandbytes", "datase
 
 def _loaded_after(code: str) -> list[str]:
     probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
+    )
     return eval(out.stdout.strip().splitlines()[-1])
 
 

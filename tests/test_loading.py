@@ -68,7 +68,8 @@ def _assert_quantised_layout(model, family_name: str) -> None:
 
     family = get_family(family_name)
     language = {
-        n: m for n, m in model.named_modules()
+        n: m
+        for n, m in model.named_modules()
         if ".language_model.layers." in f".{n}" and ".lora_" not in n and isinstance(m, nn.Linear)
     }
     assert language, "no language-model linear layers found"
@@ -116,7 +117,9 @@ def test_bitsandbytes_reported_without_backend(monkeypatch):
     assert not ok and "cannot run 4-bit" in reason and "no kernel registered" in reason
 
 
-@pytest.mark.parametrize("reason", ["bitsandbytes is not installed", "bitsandbytes 0.1 cannot run 4-bit layers on cpu (x)"])
+@pytest.mark.parametrize(
+    "reason", ["bitsandbytes is not installed", "bitsandbytes 0.1 cannot run 4-bit layers on cpu (x)"]
+)
 def test_load_in_4bit_fails_clearly_without_bitsandbytes(monkeypatch, tiny_dirs, reason):
     monkeypatch.setattr(loading, "bitsandbytes_available", lambda device=None: (False, reason))
     for name in (tiny_dirs["llava"], "tiny-llava"):
@@ -159,7 +162,11 @@ def test_tiny_names_accept_both_spellings():
 def test_lora_regex_never_matches_a_vision_module(family):
     model, _ = build_tiny_vlm(family)
     config = lora_config(model)
-    assert config.task_type == "CAUSAL_LM" and (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.05)
+    assert config.task_type == "CAUSAL_LM" and (config.r, config.lora_alpha, config.lora_dropout) == (
+        16,
+        32,
+        0.05,
+    )
     targets = lora_target_names(model, config)
     assert len(targets) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     assert all(".language_model.layers." in f".{t}" for t in targets)
@@ -198,9 +205,12 @@ def test_qlora_forward_backward_trains_only_lora(tiny_dirs, batches, family):
     assert lora_names and not [n for n in lora_names if _under(n, vision)]
     out = peft_model(**batches[family])
     loss, labels = out.loss, batches[family]["labels"]
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                 ignore_index=-100)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)  # the 4-bit model's loss is its own response CE
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    assert loss.item() == pytest.approx(
+        expected.item(), rel=1e-4
+    )  # the 4-bit model's loss is its own response CE
     loss.backward()
     for name, param in peft_model.named_parameters():
         if ".lora_" in name:
@@ -238,19 +248,31 @@ def test_qlora_vitask_trainer_three_steps(tmp_path, tiny_dirs):
     model = prepare_for_training(model, gradient_checkpointing=False, quantized=True)
     model = get_peft_model(model, lora_config(model, r=4, alpha=8))
     args = VITaskConfig(
-        output_dir=str(tmp_path), ep_weight=0, rda_weight=0, max_steps=3, use_cpu=True, report_to="none",
-        save_strategy="no", per_device_train_batch_size=2, logging_steps=1,
+        output_dir=str(tmp_path),
+        ep_weight=0,
+        rda_weight=0,
+        max_steps=3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        logging_steps=1,
     )
     trainer = VITaskTrainer(
-        model=model, args=args, processing_class=AutoProcessor.from_pretrained(tiny_dirs["llava"]),
-        train_dataset=load_digits_dataset(max_samples=48)["train"], task=digits_task(),
+        model=model,
+        args=args,
+        processing_class=AutoProcessor.from_pretrained(tiny_dirs["llava"]),
+        train_dataset=load_digits_dataset(max_samples=48)["train"],
+        task=digits_task(),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     result = trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     # vanilla: each step's loss is its response cross-entropy, and the run's loss their mean
     assert result.global_step == 3 and len(losses) == 3
-    assert losses == pytest.approx([log["loss_van"] for log in trainer.state.log_history if "loss_van" in log], rel=1e-5)
+    assert losses == pytest.approx(
+        [log["loss_van"] for log in trainer.state.log_history if "loss_van" in log], rel=1e-5
+    )
     assert result.training_loss == pytest.approx(sum(losses) / 3, rel=1e-5)
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before), "LoRA weights did not move"

@@ -116,7 +116,9 @@ def test_response_cross_entropy_matches_manual():
     )
     per_token = token_ce(*response_logits(logits, labels))
     assert reduce_tokens(per_token).item() == pytest.approx(manual.item(), abs=1e-6)
-    assert reduce_tokens(per_token, num_items_in_batch=10).item() == pytest.approx(manual.item() / 2, abs=1e-6)
+    assert reduce_tokens(per_token, num_items_in_batch=10).item() == pytest.approx(
+        manual.item() / 2, abs=1e-6
+    )
 
 
 def test_rda_kl_cached_full_distribution_equals_rda_kl():

@@ -34,7 +34,7 @@ def main_table(text):
     header = "| base | method | strategy | GPUs | weights"
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -68,27 +68,66 @@ def test_shape_formulas_match_transformers_and_peft_on_shallow_models(est):
     from hf_vitask.models.loading import lora_config
 
     q = est.QWEN2_VL_2B
-    q_small = dataclasses.replace(q, text=dataclasses.replace(q.text, layers=2),
-                                  vision=dataclasses.replace(q.vision, depth=2))
+    q_small = dataclasses.replace(
+        q, text=dataclasses.replace(q.text, layers=2), vision=dataclasses.replace(q.vision, depth=2)
+    )
     m = est.LLAMA32_11B_VISION
-    m_small = dataclasses.replace(m, text=dataclasses.replace(m.text, layers=5, cross_attn_layers=(3,)),
-                                  vision=dataclasses.replace(m.vision, local_layers=6, global_layers=2))
+    m_small = dataclasses.replace(
+        m,
+        text=dataclasses.replace(m.text, layers=5, cross_attn_layers=(3,)),
+        vision=dataclasses.replace(m.vision, local_layers=6, global_layers=2),
+    )
     with torch.device("meta"):
-        qwen = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
-            text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
-                             num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                             tie_word_embeddings=True),
-            vision_config=dict(depth=2, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16,
-                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-            tie_word_embeddings=True))
-        mllama = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
-            text_config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=5,
-                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                             cross_attention_layers=[3], tie_word_embeddings=False),
-            vision_config=dict(hidden_size=1280, num_hidden_layers=6, num_global_layers=2,
-                               intermediate_size=5120, patch_size=14, image_size=560, max_num_tiles=4,
-                               num_attention_heads=16,
-                               intermediate_layers_indices=[0, 1, 2, 3, 5], vision_output_dim=7680)))
+        qwen = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(
+                text_config=dict(
+                    hidden_size=1536,
+                    intermediate_size=8960,
+                    num_hidden_layers=2,
+                    num_attention_heads=12,
+                    num_key_value_heads=2,
+                    vocab_size=151936,
+                    tie_word_embeddings=True,
+                ),
+                vision_config=dict(
+                    depth=2,
+                    embed_dim=1280,
+                    hidden_size=1536,
+                    mlp_ratio=4,
+                    num_heads=16,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                ),
+                tie_word_embeddings=True,
+            )
+        )
+        mllama = transformers.MllamaForConditionalGeneration(
+            transformers.MllamaConfig(
+                text_config=dict(
+                    hidden_size=4096,
+                    intermediate_size=14336,
+                    num_hidden_layers=5,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    vocab_size=128256,
+                    cross_attention_layers=[3],
+                    tie_word_embeddings=False,
+                ),
+                vision_config=dict(
+                    hidden_size=1280,
+                    num_hidden_layers=6,
+                    num_global_layers=2,
+                    intermediate_size=5120,
+                    patch_size=14,
+                    image_size=560,
+                    max_num_tiles=4,
+                    num_attention_heads=16,
+                    intermediate_layers_indices=[0, 1, 2, 3, 5],
+                    vision_output_dim=7680,
+                ),
+            )
+        )
     for base, model in ((q_small, qwen), (m_small, mllama)):
         assert est.total_params(base) == sum(p.numel() for p in model.parameters()), base.name
         lora = peft.get_peft_model(model, lora_config(model, r=16))

@@ -45,8 +45,11 @@ def test_accuracy_and_macro_f1_by_hand():
     assert classification_metrics([0, 0, 0], [0, 1, 0])["macro_f1"] == pytest.approx((0.8 + 0) / 2)
     # An explicit label set brings an absent class back, scored zero_division.
     assert load_metric("macro_f1").compute(predictions=[0, 1], references=[0, 1], labels=[0, 1, 2])[
-        "macro_f1"] == pytest.approx(2 / 3)
-    perfect = load_metric("macro_f1").compute(predictions=[0, 1], references=[0, 1], labels=[0, 1, 2], zero_division=1.0)
+        "macro_f1"
+    ] == pytest.approx(2 / 3)
+    perfect = load_metric("macro_f1").compute(
+        predictions=[0, 1], references=[0, 1], labels=[0, 1, 2], zero_division=1.0
+    )
     assert perfect["macro_f1"] == pytest.approx(1.0)
     assert "parse_failure_rate" not in out and "auc" not in out
 
@@ -66,12 +69,14 @@ def test_macro_f1_equals_sklearn_on_random_cases(seed):
     refs = rng.integers(0, num_classes, n).tolist()
     preds = [None if rng.random() < 0.15 else int(p) for p in rng.integers(0, num_classes, n)]
     present = sorted(set(refs) | {p for p in preds if p is not None})
-    expected = f1_score(refs, [-1 if p is None else p for p in preds], labels=present, average="macro",
-                        zero_division=0)
+    expected = f1_score(
+        refs, [-1 if p is None else p for p in preds], labels=present, average="macro", zero_division=0
+    )
     assert classification_metrics(preds, refs, num_classes=num_classes)["macro_f1"] == pytest.approx(expected)
     if None not in preds:
         assert classification_metrics(preds, refs)["macro_f1"] == pytest.approx(
-            f1_score(refs, preds, average="macro", zero_division=0))
+            f1_score(refs, preds, average="macro", zero_division=0)
+        )
 
 
 def test_none_predictions_are_wrong_and_reported():
@@ -90,9 +95,9 @@ def test_binary_auc_from_ranked_pairs():
     pos_scores = [0.1, 0.4, 0.35, 0.8, 0.6, 0.6]
     # positives 0.35, 0.8, 0.6 vs negatives 0.1, 0.4, 0.6: (1 + 0 + 0) + 3 + (1 + 1 + 1/2) = 6.5 of 9 pairs
     expected = 6.5 / 9
-    assert load_metric("roc_auc").compute(prediction_scores=pos_scores, references=refs)["roc_auc"] == pytest.approx(
-        expected
-    )
+    assert load_metric("roc_auc").compute(prediction_scores=pos_scores, references=refs)[
+        "roc_auc"
+    ] == pytest.approx(expected)
     two_columns = [[1 - s, s] for s in pos_scores]
     out = classification_metrics([int(s > 0.5) for s in pos_scores], refs, scores=two_columns)
     assert out["auc"] == pytest.approx(expected) == pytest.approx(roc_auc_score(refs, pos_scores))

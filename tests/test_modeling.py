@@ -21,7 +21,9 @@ def _batch(processor, task, tsm, n=3):
 
 
 def _lora(model):
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=get_family(model).lora_target_modules))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=get_family(model).lora_target_modules)
+    )
 
 
 def test_no_exemplar_path_is_the_plain_vlm(tiny, task, tsm):
@@ -53,7 +55,9 @@ def test_exemplar_tokens_sit_after_the_image_block(tiny, task, tsm):
         where = slots[row].nonzero().flatten()
         assert where.tolist() == [where[0].item(), where[0].item() + 1]
         before = ids[row, where[0] - 1].item()
-        expected = wrapped.image_end_token_id if wrapped.image_end_token_id is not None else wrapped.image_token_id
+        expected = (
+            wrapped.image_end_token_id if wrapped.image_end_token_id is not None else wrapped.image_token_id
+        )
         assert before == expected
         assert (ids[row, where[-1] + 1 :] != wrapped.image_token_id).all()
 
@@ -95,7 +99,9 @@ def test_generate_with_and_without_tsm(tiny, task, tsm):
     images = [make_image(1), make_image(2)]
     prompts = build_prompts(processor, task, images)
     plain = wrapped.generate(**prompts, max_new_tokens=4, do_sample=False)
-    with_tsm = wrapped.generate(**prompts, tsm_pixel_values=tsm.preprocess(images), max_new_tokens=4, do_sample=False)
+    with_tsm = wrapped.generate(
+        **prompts, tsm_pixel_values=tsm.preprocess(images), max_new_tokens=4, do_sample=False
+    )
     assert plain.shape[0] == with_tsm.shape[0] == 2
     assert 1 <= plain.shape[1] <= 4 and 1 <= with_tsm.shape[1] <= 4
 
@@ -107,7 +113,9 @@ def test_save_and_reload(tmp_path, family, task, tsm):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base_dir)
-    wrapped = VITaskModel.from_vlm(_lora(AutoModelForImageTextToText.from_pretrained(base_dir)), processor, tsm=tsm)
+    wrapped = VITaskModel.from_vlm(
+        _lora(AutoModelForImageTextToText.from_pretrained(base_dir)), processor, tsm=tsm
+    )
     with torch.no_grad():  # make the adapter non-trivial
         for n, p in wrapped.vlm.named_parameters():
             if "lora_B" in n:
@@ -119,14 +127,22 @@ def test_save_and_reload(tmp_path, family, task, tsm):
     want_ep = wrapped(**batch, tsm_pixel_values=tsm_pixels).logits
     wrapped.save_pretrained(tmp_path / "out")
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "exemplar_connector.safetensors", "vitask_config.json", "tsm"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "exemplar_connector.safetensors",
+        "vitask_config.json",
+        "tsm",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
 
     loaded = VITaskModel.from_pretrained(tmp_path / "out").eval()  # base found via the adapter config
     assert torch.allclose(loaded(**batch).logits, want_plain, atol=1e-5)
     assert torch.allclose(loaded(**batch, tsm_pixel_values=tsm_pixels).logits, want_ep, atol=1e-5)
     # the adapter alone is the no-TSM model, loadable without hf_vitask
-    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "out").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(base_dir), tmp_path / "out"
+    ).eval()
     plain = peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.allclose(plain, want_plain, atol=1e-5)
 

@@ -9,8 +9,14 @@ from tests.test_families import _losses, _model
 
 
 def _batch(processor, task, tsm, digits, n=6, dataset_top_up=True):
-    collator = VITaskCollator(processor, task, tsm=tsm, with_negatives=True,
-                              negatives_dataset=digits["train"] if dataset_top_up else None, seed=1)
+    collator = VITaskCollator(
+        processor,
+        task,
+        tsm=tsm,
+        with_negatives=True,
+        negatives_dataset=digits["train"] if dataset_top_up else None,
+        seed=1,
+    )
     rows = [digits["train"][i] for i in range(n)]
     rows[1] = dict(rows[1], label=rows[0]["label"])  # some rows share a class
     return collator(rows)
@@ -29,7 +35,11 @@ def test_fused_passes_equal_the_separate_passes(family, tsm, digits, task, mode)
         assert torch.equal(ref.response_targets, got.response_targets), name
         torch.testing.assert_close(got.response_logits, ref.response_logits, atol=2e-5, rtol=1e-4)
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
-    assert set(grads) == set(ref_grads) and any("lora" in n for n in grads) and any("connector" in n for n in grads)
+    assert (
+        set(grads) == set(ref_grads)
+        and any("lora" in n for n in grads)
+        and any("connector" in n for n in grads)
+    )
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 
@@ -40,8 +50,12 @@ def test_rows_without_a_negative_are_left_out(tsm, digits, task):
     batch["crt_negative_index"] = torch.tensor([-1, 2, -1, 0])
     for mode in ("none", "batch", "prefix"):
         _, losses, _ = _losses(model, batch, mode)
-        passes = run_passes(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")},
-                            negative_index=torch.tensor([-1, -1, -1, -1]), mode=mode)
+        passes = run_passes(
+            model,
+            {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")},
+            negative_index=torch.tensor([-1, -1, -1, -1]),
+            mode=mode,
+        )
         assert passes.negative.response_logits.shape[0] == 0 and passes.ep is None
 
 

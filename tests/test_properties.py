@@ -21,8 +21,13 @@ from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
 from hf_vitask.task import TaskSpec
 from hf_vitask.trainers.tsm import train_tsm
 
-PROPERTY = settings(max_examples=12, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # -- the TSM loop -----------------------------------------------------------------------------------
@@ -44,21 +49,33 @@ def test_train_tsm_takes_any_split_and_batch_size(digits, rows, batch_size, epoc
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TSMTrainer, "compute_loss", recorded)
-        history = train_tsm(tsm, digits["train"].select(range(rows)), epochs=epochs, batch_size=batch_size,
-                            learning_rate=1e-3, progress=False)
+        history = train_tsm(
+            tsm,
+            digits["train"].select(range(rows)),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=1e-3,
+            progress=False,
+        )
     # every row once per epoch, the last batch short; each epoch's loss is the mean of its steps' losses
     sizes = [batch_size] * (rows // batch_size) + ([rows % batch_size] if rows % batch_size else [])
     assert [n for n, _ in steps] == sizes * epochs
     per_epoch = [[loss for _, loss in steps[e * len(sizes) : (e + 1) * len(sizes)]] for e in range(epochs)]
     assert history["train_loss"] == pytest.approx([sum(v) / len(v) for v in per_epoch], rel=1e-5)
     assert len(history["train_loss"]) == epochs and history["best_epoch"] == epochs - 1
-    assert any(not torch.equal(before[k], v) for k, v in tsm.state_dict().items()), "no optimizer step was taken"
+    assert any(not torch.equal(before[k], v) for k, v in tsm.state_dict().items()), (
+        "no optimizer step was taken"
+    )
 
 
 @PROPERTY
 @given(rows=st.integers(1, 19), batch_size=st.integers(1, 8))
 def test_tsm_predict_is_the_same_for_any_batch_size(digits, tsm, rows, batch_size):
-    data = digits["test"].select(range(rows)) if rows <= len(digits["test"]) else digits["train"].select(range(rows))
+    data = (
+        digits["test"].select(range(rows))
+        if rows <= len(digits["test"])
+        else digits["train"].select(range(rows))
+    )
     probs = tsm_predict(tsm, data, batch_size=batch_size)
     assert probs.shape == (rows, 10)
     torch.testing.assert_close(probs, tsm_predict(tsm, data, batch_size=rows), atol=1e-5, rtol=1e-4)
@@ -77,8 +94,11 @@ def _processor(name):
 
 # Words of letters, digits, punctuation and symbols of any script (no braces or angle brackets, which
 # a chat template or a special token could claim), joined by single spaces.
-_WORD = st.text(st.characters(categories=("L", "N", "Pd", "Po", "Sm", "So"), exclude_characters="<>{}|"),
-                min_size=1, max_size=8)
+_WORD = st.text(
+    st.characters(categories=("L", "N", "Pd", "Po", "Sm", "So"), exclude_characters="<>{}|"),
+    min_size=1,
+    max_size=8,
+)
 _NAME = st.lists(_WORD, min_size=1, max_size=4).map(" ".join)
 
 
@@ -86,7 +106,9 @@ _NAME = st.lists(_WORD, min_size=1, max_size=4).map(" ".join)
 def _tasks(draw):
     names = draw(st.lists(_NAME, min_size=2, max_size=5))
     try:
-        return TaskSpec(class_names=names, name="property", modality=draw(st.sampled_from(["image", "CT scan"])))
+        return TaskSpec(
+            class_names=names, name="property", modality=draw(st.sampled_from(["image", "CT scan"]))
+        )
     except ValueError:  # names equal once normalised: TaskSpec refuses them (tested in test_task)
         hypothesis.assume(False)
 
@@ -131,17 +153,31 @@ def scorer(tsm):
 
 
 @PROPERTY
-@given(rows=st.integers(1, 40), batch_size=st.integers(1, 3), max_samples=st.none() | st.integers(1, 45),
-       use_tsm=st.booleans())
-def test_evaluation_takes_any_split_size_and_batch_size(scorer, task, digits, rows, batch_size, max_samples, use_tsm):
+@given(
+    rows=st.integers(1, 40),
+    batch_size=st.integers(1, 3),
+    max_samples=st.none() | st.integers(1, 45),
+    use_tsm=st.booleans(),
+)
+def test_evaluation_takes_any_split_size_and_batch_size(
+    scorer, task, digits, rows, batch_size, max_samples, use_tsm
+):
     """Chunks of 16 x batch_size images and batches of batch_size: every row is scored once, in order,
     as it would be in one batch."""
     from hf_vitask.evaluation import evaluate_vlm, score_options
 
     model, processor = scorer
     data = digits["train"].select(range(rows))
-    out = evaluate_vlm(model, processor, task, data, use_tsm=use_tsm, methods=("likelihood",),
-                       batch_size=batch_size, max_samples=max_samples)
+    out = evaluate_vlm(
+        model,
+        processor,
+        task,
+        data,
+        use_tsm=use_tsm,
+        methods=("likelihood",),
+        batch_size=batch_size,
+        max_samples=max_samples,
+    )
     n = rows if max_samples is None else min(rows, max_samples)
     assert out["num_samples"] == n
     whole = score_options(model, processor, task, data["image"][:n], use_tsm=use_tsm, batch_size=n)

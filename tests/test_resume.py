@@ -26,8 +26,16 @@ class Killed(RuntimeError):
 def _config(root: Path, **changes) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
-    values = {**TINY, "output_dir": str(root / "run"), "max_steps": 6, "save_strategy": "steps", "save_steps": 2,
-              "logging_steps": 1, "lora_dropout": 0.1, **changes}
+    values = {
+        **TINY,
+        "output_dir": str(root / "run"),
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "lora_dropout": 0.1,
+        **changes,
+    }
     path.write_text(yaml.safe_dump(values))
     return path
 
@@ -66,13 +74,17 @@ def test_vitask_run_resumes_in_stage_2_past_a_damaged_checkpoint(tmp_path, monke
     assert main(["train-tsm", str(straight)]) == 0 and main(["train", str(straight)]) == 0
 
     broken = _config(tmp_path / "broken")
-    shutil.copytree(tmp_path / "straight" / "run" / "tsm", tmp_path / "broken" / "run" / "tsm")  # one TSM for both
+    shutil.copytree(
+        tmp_path / "straight" / "run" / "tsm", tmp_path / "broken" / "run" / "tsm"
+    )  # one TSM for both
     with monkeypatch.context() as patch:
         _kill_at(patch, VITaskTrainer, 5, stage=2)
         with pytest.raises(Killed):
             main(["train", str(broken), "--debug"])
     run = tmp_path / "broken" / "run"
-    assert (run / "stage1" / "vitask_config.json").is_file() and not (run / "stage2" / "vitask_config.json").exists()
+    assert (run / "stage1" / "vitask_config.json").is_file() and not (
+        run / "stage2" / "vitask_config.json"
+    ).exists()
     assert last_complete_checkpoint(run / "stage2").name == "checkpoint-4"
     assert not (run / "stage2" / "checkpoint-4" / "tsm").exists()  # the frozen TSM is in the bundle only
     # damage the newest checkpoint: resume must fall back to checkpoint-2, with a warning
@@ -81,7 +93,9 @@ def test_vitask_run_resumes_in_stage_2_past_a_damaged_checkpoint(tmp_path, monke
     assert "optimizer.pt has 100 bytes" in checkpoint_problem(optimizer.parent)
     with caplog.at_level(logging.WARNING):
         assert main(["train", str(broken), "--resume_from_checkpoint", "true"]) == 0
-    assert any("Skipping checkpoint" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
+    assert any(
+        "Skipping checkpoint" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records
+    )
     _assert_same_run(tmp_path / "straight" / "run" / "stage2", run / "stage2")
     assert (run / "stage2" / "tsm").is_dir() and (run / "stage2" / "checkpoint-6" / MANIFEST_FILE).is_file()
 
@@ -96,5 +110,9 @@ def test_instruction_free_run_resumes(tmp_path, monkeypatch):
         _kill_at(patch, InstructionFreeTrainer, 3)
         with pytest.raises(Killed):
             main(["train", str(broken), "--method", "instruction-free", "--debug"])
-    assert main(["train", str(broken), "--method", "instruction-free", "--resume_from_checkpoint", "true"]) == 0
-    _assert_same_run(tmp_path / "straight" / "run" / "instruction_free", tmp_path / "broken" / "run" / "instruction_free")
+    assert (
+        main(["train", str(broken), "--method", "instruction-free", "--resume_from_checkpoint", "true"]) == 0
+    )
+    _assert_same_run(
+        tmp_path / "straight" / "run" / "instruction_free", tmp_path / "broken" / "run" / "instruction_free"
+    )

@@ -6,7 +6,9 @@ from hf_vitask.task import TaskSpec, normalize_answer
 
 @pytest.fixture()
 def spec():
-    return TaskSpec(class_names=["normal", "pneumonia", "non-pneumonia infection"], modality="chest X-ray", name="cxr")
+    return TaskSpec(
+        class_names=["normal", "pneumonia", "non-pneumonia infection"], modality="chest X-ray", name="cxr"
+    )
 
 
 def test_instruction_variants(spec):

@@ -75,12 +75,15 @@ def test_forward_backward(tiny, images):
     batch = _train_batch(processor, images)
     out = model(**batch)
     # the loss is the next-token cross-entropy over the labelled tokens
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
-                                                 batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     out.loss.backward()
     lm_grads = {n: p.grad for n, p in model.named_parameters() if "language_model" in n and "layers" in n}
-    assert lm_grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lm_grads.values())
+    assert lm_grads and all(
+        g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lm_grads.values()
+    )
     model.zero_grad()
 
 
@@ -174,7 +177,9 @@ def test_select_images_qwen2_vl():
     )
     swapped = family.select_images(mixed, torch.tensor([1, 0]))  # whole images, whatever their grids
     n0 = int(mixed["image_grid_thw"][0].prod())
-    assert torch.equal(swapped["pixel_values"], torch.cat([mixed["pixel_values"][n0:], mixed["pixel_values"][:n0]]))
+    assert torch.equal(
+        swapped["pixel_values"], torch.cat([mixed["pixel_values"][n0:], mixed["pixel_values"][:n0]])
+    )
     assert torch.equal(swapped["image_grid_thw"], mixed["image_grid_thw"].flip(0))
 
 

@@ -65,7 +65,9 @@ def test_stage1_logs_terms_and_trains_connector(tmp_path, digits, task, tsm, fam
     # the loss is the stage-1 objective: L_van + L_EP + alpha * L_RDA, step by step
     args = trainer.args
     for e in (e for e in trainer.state.log_history if "loss_van" in e):
-        total = args.van_weight * e["loss_van"] + args.ep_weight * e["loss_ep"] + args.rda_weight * e["loss_rda"]
+        total = (
+            args.van_weight * e["loss_van"] + args.ep_weight * e["loss_ep"] + args.rda_weight * e["loss_rda"]
+        )
         assert e["loss"] == pytest.approx(total, rel=1e-5)
     assert args.rda_weight > 0 and max(_logged(trainer, "loss_rda")) > 0
     changed = [not torch.equal(p, connector_before[n]) for n, p in trainer.model.connector.named_parameters()]
@@ -78,7 +80,9 @@ def test_stage2_freezes_connector_and_adds_crt(tmp_path, digits, task, tsm):
     model = stage1.model
     connector_before = _snapshot(model.connector)
     lora_before = _snapshot(model.vlm, "lora_")
-    stage2 = _trainer(tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class, stage=2)
+    stage2 = _trainer(
+        tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class, stage=2
+    )
     assert stage2.args.effective_crt_weight == DEFAULT_CRT_WEIGHT and stage2.args.effective_freeze_connector
     stage2.train()
     assert len(_logged(stage2, "loss_crt")) == 3
@@ -101,8 +105,15 @@ def test_frozen_teacher_stays_frozen(tmp_path, digits, task, tsm):
     stage1.save_model(str(tmp_path / "teacher"))
     model = stage1.model
     stage2 = _trainer(
-        tmp_path / "s2", digits, task, None, model=model, processor=stage1.processing_class,
-        stage=2, rda_teacher="frozen", teacher=str(tmp_path / "teacher"),
+        tmp_path / "s2",
+        digits,
+        task,
+        None,
+        model=model,
+        processor=stage1.processing_class,
+        stage=2,
+        rda_teacher="frozen",
+        teacher=str(tmp_path / "teacher"),
     )
     teacher_lora = _snapshot(model.vlm, ".rda_teacher.")
     student_lora = _snapshot(model.vlm, ".default.")
@@ -115,7 +126,9 @@ def test_frozen_teacher_stays_frozen(tmp_path, digits, task, tsm):
         if ".rda_teacher." in n:
             assert torch.equal(p, teacher_lora[n]) and p.grad is None, n
     assert all(torch.equal(p, teacher_connector[n]) for n, p in stage2.teacher_connector.named_parameters())
-    assert any(not torch.equal(p, student_lora[n]) for n, p in model.vlm.named_parameters() if ".default." in n)
+    assert any(
+        not torch.equal(p, student_lora[n]) for n, p in model.vlm.named_parameters() if ".default." in n
+    )
     # saving the student writes only the trained adapter
     stage2.save_model(str(tmp_path / "student"))
     from safetensors.torch import load_file
@@ -137,7 +150,9 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, digits, task, tsm):
         model.zero_grad()
         for batch in batches:
             trainer.compute_loss(model, batch, num_items_in_batch=num_items).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        return {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
 
     g_full = grads([collate(rows)])
     g_acc = grads([collate(rows[:2]), collate(rows[2:])])
@@ -150,7 +165,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, digits, task, tsm):
     straight = _trainer(tmp_path / "a", digits, task, tsm, max_steps=4, save_strategy="steps", save_steps=2)
     straight.train()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
-    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "exemplar_connector.safetensors").is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (
+        checkpoint / "exemplar_connector.safetensors"
+    ).is_file()
     resumed = _trainer(tmp_path / "b", digits, task, tsm, max_steps=4)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     want = dict(straight.model.named_parameters())
@@ -162,13 +179,31 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, digits, task, tsm):
 def test_configuration_errors(tmp_path, digits, task, tsm):
     model, processor = build_tiny_vlm("llava")
     with pytest.raises(ValueError, match="needs a trained TSM"):
-        VITaskTrainer(model=model, args=_args(tmp_path), processing_class=processor, train_dataset=digits["train"], task=task)
+        VITaskTrainer(
+            model=model,
+            args=_args(tmp_path),
+            processing_class=processor,
+            train_dataset=digits["train"],
+            task=task,
+        )
     with pytest.raises(ValueError, match="train_dataset is empty"):
-        VITaskTrainer(model=model, args=_args(tmp_path), processing_class=processor,
-                      train_dataset=digits["train"].select([]), task=task, tsm=tsm)
+        VITaskTrainer(
+            model=model,
+            args=_args(tmp_path),
+            processing_class=processor,
+            train_dataset=digits["train"].select([]),
+            task=task,
+            tsm=tsm,
+        )
     with pytest.raises(ValueError, match="teacher"):
-        VITaskTrainer(model=model, args=_args(tmp_path, rda_teacher="frozen"), processing_class=processor,
-                      train_dataset=digits["train"], task=task, tsm=tsm)
+        VITaskTrainer(
+            model=model,
+            args=_args(tmp_path, rda_teacher="frozen"),
+            processing_class=processor,
+            train_dataset=digits["train"],
+            task=task,
+            tsm=tsm,
+        )
     with pytest.raises(ValueError, match="processing_class"):
         VITaskTrainer(model=model, args=_args(tmp_path), train_dataset=digits["train"], task=task, tsm=tsm)
     with pytest.raises(ValueError, match="stage"):
@@ -185,8 +220,13 @@ def test_a_collator_given_without_negatives_is_copied_not_changed(tmp_path, digi
     model, processor = build_tiny_vlm("llava")
     given = VITaskCollator(processor, task, tsm=tsm)
     trainer = VITaskTrainer(
-        model=model, args=_args(tmp_path, stage=2, max_steps=2, freeze_connector=False), processing_class=processor,
-        train_dataset=digits["train"], task=task, tsm=tsm, data_collator=given,
+        model=model,
+        args=_args(tmp_path, stage=2, max_steps=2, freeze_connector=False),
+        processing_class=processor,
+        train_dataset=digits["train"],
+        task=task,
+        tsm=tsm,
+        data_collator=given,
     )
     assert trainer.data_collator is not given and trainer.data_collator.with_negatives
     assert not given.with_negatives and not given.return_images
@@ -203,13 +243,26 @@ def test_trainer_evaluate_reports_classification_metrics(tmp_path, digits, task,
 
     model, processor = build_tiny_vlm("llava")
     trainer = VITaskTrainer(
-        model=model, args=_args(tmp_path, max_steps=1, per_device_eval_batch_size=4), processing_class=processor,
-        train_dataset=digits["train"], eval_dataset=digits["validation"], task=task, tsm=tsm,
+        model=model,
+        args=_args(tmp_path, max_steps=1, per_device_eval_batch_size=4),
+        processing_class=processor,
+        train_dataset=digits["train"],
+        eval_dataset=digits["validation"],
+        task=task,
+        tsm=tsm,
         compute_metrics=compute_classification_metrics,
     )
     trainer.train()
     metrics = trainer.evaluate()
-    for key in ("eval_loss", "eval_loss_van", "eval_loss_ep", "eval_loss_rda", "eval_accuracy", "eval_macro_f1", "eval_auc"):
+    for key in (
+        "eval_loss",
+        "eval_loss_van",
+        "eval_loss_ep",
+        "eval_loss_rda",
+        "eval_accuracy",
+        "eval_macro_f1",
+        "eval_auc",
+    ):
         assert key in metrics, key
     # the same numbers as scoring the validation images directly (scikit-learn on the per-class scores)
     from hf_vitask.evaluation import score_options
@@ -227,7 +280,9 @@ def test_gradient_checkpointing_trains(tmp_path, digits, task, tsm):
     lora_before = _snapshot(trainer.model.vlm, "lora_B")
     trainer.train()
     assert len(_logged(trainer, "loss_van")) == 2
-    assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.vlm.named_parameters() if "lora_B" in n)
+    assert any(
+        not torch.equal(p, lora_before[n]) for n, p in trainer.model.vlm.named_parameters() if "lora_B" in n
+    )
     # checkpointing is on: backward runs the decoder layers again (their attention, say), for the gradients of
     # the plain backward
     model = trainer.model.train()
@@ -264,8 +319,19 @@ def test_frozen_teacher_outputs_are_cached_once_per_sample(tmp_path, digits, tas
 
     def stage2(**kw):
         model, processor = build_tiny_vlm("llava")
-        return _trainer(tmp_path / "s2", digits, task, tsm, model=model, processor=processor, stage=1,
-                        ep_weight=0.0, rda_teacher="frozen", teacher=str(tmp_path / "teacher"), **kw)
+        return _trainer(
+            tmp_path / "s2",
+            digits,
+            task,
+            tsm,
+            model=model,
+            processor=processor,
+            stage=1,
+            ep_weight=0.0,
+            rda_teacher="frozen",
+            teacher=str(tmp_path / "teacher"),
+            **kw,
+        )
 
     trainer = stage2(rda_teacher_topk=0)
     rows = [digits["train"][i] for i in range(4)]
@@ -280,7 +346,11 @@ def test_frozen_teacher_outputs_are_cached_once_per_sample(tmp_path, digits, tas
     assert calls == [4, 1]  # only the unseen sample ran through the teacher
     uncached = stage2(rda_teacher_cache=False)
     assert "sample_keys" not in uncached.data_collator(rows)
-    assert cached[0] == pytest.approx(cached[1]) == pytest.approx(uncached.compute_loss(uncached.model, dict(batch)).item(), rel=1e-5)
+    assert (
+        cached[0]
+        == pytest.approx(cached[1])
+        == pytest.approx(uncached.compute_loss(uncached.model, dict(batch)).item(), rel=1e-5)
+    )
     vocab = trainer.model.vlm.get_output_embeddings().weight.shape[0]
     every = stage2(rda_teacher_topk=vocab)  # the sparse form with k = V is the full one
     assert every.compute_loss(every.model, dict(batch)).item() == pytest.approx(cached[0], rel=1e-5)
@@ -303,7 +373,9 @@ def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, ta
     rows = [digits["train"][i] for i in range(6)]
     results = {}
     for mode in ("none", fusion):
-        trainer = _trainer(tmp_path / mode, digits, task, tsm, stage=2, pass_fusion=mode, freeze_connector=False)
+        trainer = _trainer(
+            tmp_path / mode, digits, task, tsm, stage=2, pass_fusion=mode, freeze_connector=False
+        )
         batch = trainer.data_collator(rows)
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, batch)
@@ -344,8 +416,18 @@ def test_a_large_full_teacher_cache_is_announced(tmp_path, digits, task, tsm, ca
     stage1 = _trainer(tmp_path / "s1", digits, task, tsm, max_steps=1)
     stage1.save_model(str(tmp_path / "teacher"))
     model, processor = build_tiny_vlm("llava")
-    trainer = _trainer(tmp_path / "s2", digits, task, tsm, model=model, processor=processor, stage=1, ep_weight=0.0,
-                       rda_teacher="frozen", teacher=str(tmp_path / "teacher"))
+    trainer = _trainer(
+        tmp_path / "s2",
+        digits,
+        task,
+        tsm,
+        model=model,
+        processor=processor,
+        stage=1,
+        ep_weight=0.0,
+        rda_teacher="frozen",
+        teacher=str(tmp_path / "teacher"),
+    )
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_vitask.trainers.vitask"):
         trainer._check_teacher_cache_size(limit_gib=1e-4)
@@ -364,7 +446,9 @@ def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monke
     trainer = _trainer(tmp_path, digits, task, tsm, lora_dropout=0.5, rda_teacher_dropout=teacher_dropout)
     teachers = []
     real = vitask_module.rda_kl
-    monkeypatch.setattr(vitask_module, "rda_kl", lambda s, t, temp, detach: teachers.append(t.detach()) or real(s, t, temp))
+    monkeypatch.setattr(
+        vitask_module, "rda_kl", lambda s, t, temp, detach: teachers.append(t.detach()) or real(s, t, temp)
+    )
     batch = trainer.data_collator([digits["train"][i] for i in range(4)])
     model = trainer.model.train()
     with torch.no_grad():  # LoRA B starts at 0, where dropout on the adapter's input changes nothing
@@ -376,7 +460,9 @@ def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monke
         trainer.compute_loss(model, batch)
     model.eval()
     with torch.no_grad():
-        inputs = {k: v for k, v in batch.items() if k not in ("class_ids", "tsm_pixel_values", "crt_negative_index")}
+        inputs = {
+            k: v for k, v in batch.items() if k not in ("class_ids", "tsm_pixel_values", "crt_negative_index")
+        }
         eval_teacher = model(**inputs, tsm_pixel_values=batch["tsm_pixel_values"]).response_logits
     model.train()
     if teacher_dropout:
@@ -389,9 +475,21 @@ def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monke
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, digits, task, tsm):
     from hf_vitask import NonFiniteLossError, VITaskModel
 
-    trainer = _trainer(tmp_path, digits, task, tsm, max_steps=6, learning_rate=1e30, max_grad_norm=0.0,
-                       save_strategy="steps", save_steps=1, logging_steps=1)
-    with pytest.raises(NonFiniteLossError, match=r"step (\d+): the (loss term 'loss_\w+' is (nan|inf)|trainable weight)") as err:
+    trainer = _trainer(
+        tmp_path,
+        digits,
+        task,
+        tsm,
+        max_steps=6,
+        learning_rate=1e30,
+        max_grad_norm=0.0,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"step (\d+): the (loss term 'loss_\w+' is (nan|inf)|trainable weight)"
+    ) as err:
         trainer.train()
     step = int(err.value.args[0].split(":")[0].split()[1])
     assert step >= 2 and "checkpoint-" in str(err.value)
@@ -429,8 +527,11 @@ def test_a_weight_that_turns_non_finite_stops_training_before_its_checkpoint(tmp
     trainer.add_callback(Poison())
     trainer.callback_handler.callbacks.sort(key=lambda c: type(c).__name__ != "Poison")
     name = next(n for n, _ in trainer.model.named_parameters() if n.startswith("connector."))
-    with pytest.raises(NonFiniteLossError, match=rf"^step 2: the trainable weight '{name}' is no longer finite\. "
-                                                 r"Training stopped .*checkpoint-1, is kept"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"^step 2: the trainable weight '{name}' is no longer finite\. "
+        r"Training stopped .*checkpoint-1, is kept",
+    ):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
@@ -440,9 +541,17 @@ def test_logged_terms_add_up_to_the_loss_under_gradient_accumulation(tmp_path, d
     from hf_vitask.task import TaskSpec
 
     uneven = TaskSpec(class_names=[f"class {'long ' * (i % 4)}{i}" for i in range(10)], name="digits")
-    trainer = _trainer(tmp_path, digits, uneven, tsm, stage=2, freeze_connector=False, max_steps=3,
-                       gradient_accumulation_steps=2,
-                       per_device_train_batch_size=2)
+    trainer = _trainer(
+        tmp_path,
+        digits,
+        uneven,
+        tsm,
+        stage=2,
+        freeze_connector=False,
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
     trainer.train()
     lines = [e for e in trainer.state.log_history if "loss_van" in e]
     assert len(lines) == 3

@@ -10,8 +10,15 @@ def tiny_vit(seed: int = 0, hidden: int = 32) -> TransformersTSM:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=2 * hidden, num_labels=10)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_labels=10,
+    )
     processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return TransformersTSM(ViTForImageClassification(config), processor)
 
@@ -32,8 +39,15 @@ def test_it_trains_saves_and_loads_like_a_timm_tsm(digits, tmp_path):
 
     tsm = tiny_vit()
     before = {k: v.clone() for k, v in tsm.state_dict().items()}
-    history = train_tsm(tsm, digits["train"], eval_dataset=digits["validation"], epochs=3, batch_size=16,
-                        learning_rate=3e-3, progress=False)
+    history = train_tsm(
+        tsm,
+        digits["train"],
+        eval_dataset=digits["validation"],
+        epochs=3,
+        batch_size=16,
+        learning_rate=3e-3,
+        progress=False,
+    )
     assert len(history["train_loss"]) == 3 and history["train_loss"][-1] < history["train_loss"][0]
     assert any(not torch.equal(before[k], v) for k, v in tsm.state_dict().items())
     tsm.save_pretrained(tmp_path / "tsm")
@@ -48,18 +62,48 @@ def test_it_feeds_vitask_and_plugs_in_at_evaluation(digits, task, tmp_path):
     from hf_vitask.models.tiny import build_tiny_vlm
 
     vlm, processor = build_tiny_vlm("llava")
-    args = VITaskConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                        report_to="none", lora_r=4, save_strategy="no", disable_tqdm=True)
-    trainer = VITaskTrainer(model=vlm, args=args, processing_class=processor, train_dataset=digits["train"],
-                            task=task, tsm=tiny_vit())
+    args = VITaskConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        lora_r=4,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = VITaskTrainer(
+        model=vlm,
+        args=args,
+        processing_class=processor,
+        train_dataset=digits["train"],
+        task=task,
+        tsm=tiny_vit(),
+    )
     trainer.train()
     assert trainer.model.connector.config.tsm_dim == 32
     trainer.save_model(str(tmp_path / "bundle"))
     model, processor, task = load_vitask(tmp_path / "bundle")
     assert isinstance(model.tsm, TransformersTSM)
-    own = evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, methods=("likelihood",), max_samples=4,
-                       progress=False)
-    plugged = evaluate_vlm(model, processor, task, digits["test"], use_tsm=True, tsm=tiny_vit(seed=1),
-                           methods=("likelihood",), max_samples=4, progress=False)
+    own = evaluate_vlm(
+        model,
+        processor,
+        task,
+        digits["test"],
+        use_tsm=True,
+        methods=("likelihood",),
+        max_samples=4,
+        progress=False,
+    )
+    plugged = evaluate_vlm(
+        model,
+        processor,
+        task,
+        digits["test"],
+        use_tsm=True,
+        tsm=tiny_vit(seed=1),
+        methods=("likelihood",),
+        max_samples=4,
+        progress=False,
+    )
     assert own["num_samples"] == plugged["num_samples"] == 4
     assert isinstance(model.tsm, TransformersTSM) and model.tsm is not None  # restored after the plug-in

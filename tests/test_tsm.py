@@ -211,17 +211,28 @@ def test_the_tsm_trains_through_the_trainer_with_checkpoints_and_resume(digits, 
     def run(out, resume=None):
         torch.manual_seed(0)
         tsm = make_cnn()
-        args = TrainingArguments(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=16,
-                                 learning_rate=3e-3, save_strategy="epoch", eval_strategy="epoch",
-                                 logging_strategy="epoch", report_to="none", use_cpu=True, seed=0,
-                                 disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(out),
+            num_train_epochs=2,
+            per_device_train_batch_size=16,
+            learning_rate=3e-3,
+            save_strategy="epoch",
+            eval_strategy="epoch",
+            logging_strategy="epoch",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
         trainer = TSMTrainer(tsm, args, digits["train"], digits["validation"])
         trainer.train(resume_from_checkpoint=resume)
         return tsm, trainer
 
     whole, trainer = run(tmp_path / "a")
     checkpoints = sorted((tmp_path / "a").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert len(checkpoints) == 2 and {CONFIG_NAME, WEIGHTS_NAME} <= {p.name for p in checkpoints[-1].iterdir()}
+    assert len(checkpoints) == 2 and {CONFIG_NAME, WEIGHTS_NAME} <= {
+        p.name for p in checkpoints[-1].iterdir()
+    }
     assert [e for e in trainer.state.log_history if "eval_accuracy" in e]  # evaluated every epoch
     reloaded = TaskSpecificModel.from_pretrained(checkpoints[-1])
     for key, value in whole.model.state_dict().items():

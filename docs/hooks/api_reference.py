@@ -23,12 +23,16 @@ def check_coverage(markdown: str) -> None:
     extra = sorted(set(documented) - public)
     twice = sorted({name for name in documented if documented.count(name) > 1})
     if missing or extra or twice:
-        raise ValueError(f"{PAGE}: public names without a '::: hf_vitask.NAME' block {missing}; "
-                         f"blocks for names not in hf_vitask.__all__ {extra}; blocks given twice {twice}")
+        raise ValueError(
+            f"{PAGE}: public names without a '::: hf_vitask.NAME' block {missing}; "
+            f"blocks for names not in hf_vitask.__all__ {extra}; blocks given twice {twice}"
+        )
 
 
 def strip_roles(html: str) -> str:
-    return ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)
+    return ROLE.sub(
+        lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html
+    )
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

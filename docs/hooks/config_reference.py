@@ -69,8 +69,11 @@ def documented_fields(cls: type) -> list[tuple[dataclasses.Field, object]]:
     for a ``TrainingArguments`` subclass only the fields it adds or gives another default."""
     from transformers import TrainingArguments
 
-    base = {f.name: _default(f) for f in dataclasses.fields(TrainingArguments)} if issubclass(
-        cls, TrainingArguments) else {}
+    base = (
+        {f.name: _default(f) for f in dataclasses.fields(TrainingArguments)}
+        if issubclass(cls, TrainingArguments)
+        else {}
+    )
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -102,8 +105,10 @@ def render_fields_table(name: str) -> str:
     table = "\n".join(lines)
     if issubclass(cls, TrainingArguments):
         count = len(dataclasses.fields(TrainingArguments))
-        table += (f"\n\nEvery other field of `transformers.TrainingArguments` ({count} in the installed "
-                  "transformers) applies as well, with its usual default.")
+        table += (
+            f"\n\nEvery other field of `transformers.TrainingArguments` ({count} in the installed "
+            "transformers) applies as well, with its usual default."
+        )
     return table
 
 
@@ -118,8 +123,10 @@ def expand_placeholders(markdown: str) -> str:
     unknown = sorted(set(found) - set(CONFIG_CLASSES))
     missing = [name for name in CONFIG_CLASSES if found.count(name) != 1]
     if unknown or missing:
-        raise ValueError(f"{PAGE}: config-fields placeholders for unknown classes {unknown}; "
-                         f"classes without exactly one placeholder {missing}")
+        raise ValueError(
+            f"{PAGE}: config-fields placeholders for unknown classes {unknown}; "
+            f"classes without exactly one placeholder {missing}"
+        )
     return PLACEHOLDER.sub(lambda m: render_fields_table(m.group(1)), markdown)
 
 

@@ -169,7 +169,9 @@ class VITaskCollator:
             ds = self.negatives_dataset
             task_ids = ds[self.task_column] if self.multi_task else [0] * len(ds)
             for idx, (lab, t) in enumerate(zip(ds[self.label_column], task_ids)):
-                by_class[(int(t), self.tasks[int(t)].check_label(lab, f" in row {idx} of the negatives dataset"))].append(idx)
+                by_class[
+                    (int(t), self.tasks[int(t)].check_label(lab, f" in row {idx} of the negatives dataset"))
+                ].append(idx)
             self._by_class = dict(by_class)
         classes = [key for key in self._by_class if key[0] == task_id and key[1] != label]
         if not classes:
@@ -217,8 +219,13 @@ class VITaskCollator:
         validate_batch(batch, self.image_token_id, self.max_length, n_real, "answer")
 
 
-def validate_batch(batch, image_token_id: int | None, max_length: int | None, n_real: int | None = None,
-                   target: str = "answer") -> None:
+def validate_batch(
+    batch,
+    image_token_id: int | None,
+    max_length: int | None,
+    n_real: int | None = None,
+    target: str = "answer",
+) -> None:
     """Fail naming the rows: no image token after the chat template, nothing to learn (among the
     first ``n_real`` rows), or longer than ``max_length`` (rows are never silently truncated)."""
     ids = batch["input_ids"]
@@ -270,7 +277,14 @@ def generation_prompts(processor, images: list, instructions: Sequence[str]) -> 
         for text in instructions
     ]
     images = [[load_image(img, f" at index {i}")] for i, img in enumerate(images)]
-    return processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    return processor(
+        images=images,
+        text=texts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
 
 
 __all__ = [

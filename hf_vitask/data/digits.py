@@ -204,10 +204,17 @@ def digit_descriptions(label: int, image, threshold: float | None = None, separa
     return separator.join(f"{k}: {attrs[k]}" for k in DIGIT_ATTRIBUTES)
 
 
-def add_digit_descriptions(data, threshold: float | None = None, *, label_column: str = "label",
-                           image_column: str = "image", description_column: str = "description"):
+def add_digit_descriptions(
+    data,
+    threshold: float | None = None,
+    *,
+    label_column: str = "label",
+    image_column: str = "image",
+    description_column: str = "description",
+):
     """Add a ``description`` column (:func:`digit_descriptions`) to a digits ``Dataset`` or ``DatasetDict``.
     The same threshold serves every split."""
+
     def describe(row):
         return {description_column: digit_descriptions(row[label_column], row[image_column], threshold)}
 
@@ -256,14 +263,16 @@ def make_mc_questions(
                 options = ["thick", "thin"]
             rng.shuffle(options)
             wording = rng.randrange(len(wordings[attr]))
-            questions.append({
-                "image": image,
-                "question": wordings[attr][wording],
-                "options": options,
-                "answer": options.index(truth[attr]),
-                "attribute": attr,
-                "wording": wording,
-            })
+            questions.append(
+                {
+                    "image": image,
+                    "question": wordings[attr][wording],
+                    "options": options,
+                    "answer": options.index(truth[attr]),
+                    "attribute": attr,
+                    "wording": wording,
+                }
+            )
     return questions
 
 

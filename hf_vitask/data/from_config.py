@@ -24,13 +24,18 @@ def load_data_and_tasks(data_args: DataArguments) -> tuple:
 
     if data_args.dataset_paths:
         parts = [_load_one(data_args, path) for path in data_args.dataset_paths]
-        tasks = [_task_for(data_args, part, name=Path(path).stem) for part, path in zip(parts, data_args.dataset_paths)]
+        tasks = [
+            _task_for(data_args, part, name=Path(path).stem)
+            for part, path in zip(parts, data_args.dataset_paths)
+        ]
         splits = set.intersection(*(set(p) for p in parts))
         data = DatasetDict(
             {
                 split: concatenate_datasets(
                     [
-                        part[split].cast_column("label", Value("int64")).add_column("task", [i] * len(part[split]))
+                        part[split]
+                        .cast_column("label", Value("int64"))
+                        .add_column("task", [i] * len(part[split]))
                         for i, part in enumerate(parts)
                     ]
                 )
@@ -45,7 +50,9 @@ def load_data_and_tasks(data_args: DataArguments) -> tuple:
 
             data = load_textures_dataset(image_size=data_args.image_size, seed=data_args.data_seed_split)
         elif not data_args.dataset_path:
-            raise ValueError(f"dataset={data_args.dataset!r} needs dataset_path (or dataset_paths for several tasks)")
+            raise ValueError(
+                f"dataset={data_args.dataset!r} needs dataset_path (or dataset_paths for several tasks)"
+            )
         else:
             data = _load_one(data_args, data_args.dataset_path)
         tasks = _task_for(data_args, data)
@@ -65,12 +72,17 @@ def _load_one(data_args: DataArguments, path):
 
     source = data_args.dataset.lower()
     kwargs = {}
-    if source not in ("npz", "medmnist"):  # MedMNIST files come split; other sources are split here, reproducibly
+    if source not in (
+        "npz",
+        "medmnist",
+    ):  # MedMNIST files come split; other sources are split here, reproducibly
         kwargs["seed"] = data_args.data_seed_split
     if data_args.class_names is not None and not data_args.dataset_paths:
         kwargs["class_names"] = data_args.class_names  # labels encoded in the task's class order
     if source == "hf" or source not in SOURCES:  # the sources read from tables, whose columns are named
-        kwargs.update(image_column=data_args.dataset_image_column, label_column=data_args.dataset_label_column)
+        kwargs.update(
+            image_column=data_args.dataset_image_column, label_column=data_args.dataset_label_column
+        )
     if source in SOURCES:
         return load_source(source, path, **kwargs)
     return load_data_files(source, path, **kwargs)
@@ -82,7 +94,11 @@ def _task_for(data_args: DataArguments, data, name: str | None = None) -> TaskSp
 
     if data_args.dataset == "digits" and data_args.class_names is None and not data_args.dataset_paths:
         task = digits_task()
-        return task if data_args.question is None else TaskSpec(**{**task.to_dict(), "question": data_args.question})
+        return (
+            task
+            if data_args.question is None
+            else TaskSpec(**{**task.to_dict(), "question": data_args.question})
+        )
     names = (None if data_args.dataset_paths else data_args.class_names) or class_names_of(data)
     if not names:
         raise ValueError("The dataset has no ClassLabel names: set class_names in the config")

@@ -75,12 +75,18 @@ def slot_token_of(processor, slot_token: str | None = None) -> tuple[str, int]:
         raise ValueError("The tokenizer has no pad token to use as proxy slot; set proxy_slot_token")
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"The proxy slot token {token!r} tokenizes to {len(ids)} tokens; it must be exactly one")
+        raise ValueError(
+            f"The proxy slot token {token!r} tokenizes to {len(ids)} tokens; it must be exactly one"
+        )
     return token, int(ids[0])
 
 
 def find_proxy_slots(
-    input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, slot_token_id: int, num_slots: int
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    slot_token_id: int,
+    num_slots: int,
 ) -> torch.Tensor:
     """``(B, L)`` mask of the proxy slots: ``slot_token_id`` on attended prompt positions.
 
@@ -171,7 +177,11 @@ class InstructionFreeCollator:
 
     def _rng(self) -> random.Random:
         info = torch.utils.data.get_worker_info()
-        key = f"{self.seed}:{self.batch_index}" if info is None else f"{self.seed}:{info.seed}:{self.batch_index}"
+        key = (
+            f"{self.seed}:{self.batch_index}"
+            if info is None
+            else f"{self.seed}:{info.seed}:{self.batch_index}"
+        )
         self.batch_index += 1
         return random.Random(key)
 
@@ -192,7 +202,8 @@ class InstructionFreeCollator:
         if self.training:
             rng = self._rng()
             pairs = [
-                (img, shuffle_segments(text, self.shuffle_separator, rng, self.shuffle_prob)) for img, text in pairs
+                (img, shuffle_segments(text, self.shuffle_separator, rng, self.shuffle_prob))
+                for img, text in pairs
             ]
         examples = [
             {"images": [img], "prompt": user_message(self.prompt_text), "completion": assistant_message(text)}
@@ -202,7 +213,11 @@ class InstructionFreeCollator:
         self._validate(batch)
         if self.use_proxy:
             batch[PROXY_SLOT_MASK] = find_proxy_slots(
-                batch["input_ids"], batch["labels"], batch["attention_mask"], self.slot_token_id, self.num_proxy_tokens
+                batch["input_ids"],
+                batch["labels"],
+                batch["attention_mask"],
+                self.slot_token_id,
+                self.num_proxy_tokens,
             )
         return batch
 

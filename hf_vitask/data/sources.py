@@ -337,8 +337,10 @@ def load_medmnist_npz(
             _check_label_range(labels, len(names), f"{path.name}[{_SPLIT_ALIASES[split]}]")
         except ValueError as err:
             if class_names is None and flag not in MEDMNIST_CLASS_NAMES:
-                raise ValueError(f"{err} (the classes are those of the train split, {len(names)}; if that split lacks "
-                                 "some, list every class in class_names)") from None
+                raise ValueError(
+                    f"{err} (the classes are those of the train split, {len(names)}; if that split lacks "
+                    "some, list every class in class_names)"
+                ) from None
             raise
 
     features = _features(names)

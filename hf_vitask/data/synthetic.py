@@ -37,7 +37,9 @@ def _pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
         u = x * np.cos(angle) + y * np.sin(angle)
         v = -x * np.sin(angle) + y * np.cos(angle)
         phase = rng.uniform(0, 2 * np.pi, 2)
-        return 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * freq * u + phase[0]) * np.sin(2 * np.pi * freq * v + phase[1]))
+        return 0.5 + 0.5 * np.sign(
+            np.sin(2 * np.pi * freq * u + phase[0]) * np.sin(2 * np.pi * freq * v + phase[1])
+        )
     if label == 2:  # rings around a random centre
         cy, cx = rng.uniform(0.25, 0.75, 2)
         freq = rng.uniform(3.0, 6.0)
@@ -77,14 +79,22 @@ def load_textures_dataset(
     if samples_per_class < 3:
         raise ValueError(f"samples_per_class must be >= 3 (one per split), got {samples_per_class}")
     if not 0 <= validation_size < 1 or not 0 <= test_size < 1 or validation_size + test_size >= 1:
-        raise ValueError(f"validation_size + test_size must be in [0, 1), got {validation_size} + {test_size}")
+        raise ValueError(
+            f"validation_size + test_size must be in [0, 1), got {validation_size} + {test_size}"
+        )
     rng = np.random.default_rng(seed)
-    splits: dict[str, dict[str, list]] = {name: {"image": [], "label": []} for name in ("train", "validation", "test")}
+    splits: dict[str, dict[str, list]] = {
+        name: {"image": [], "label": []} for name in ("train", "validation", "test")
+    }
     n_test = round(test_size * samples_per_class)
     n_val = round(validation_size * samples_per_class)
     for label in range(len(TEXTURE_NAMES)):
         images = [_render(label, image_size, rng, noise) for _ in range(samples_per_class)]
-        parts = {"test": images[:n_test], "validation": images[n_test : n_test + n_val], "train": images[n_test + n_val :]}
+        parts = {
+            "test": images[:n_test],
+            "validation": images[n_test : n_test + n_val],
+            "train": images[n_test + n_val :],
+        }
         for name, part in parts.items():
             splits[name]["image"] += part
             splits[name]["label"] += [label] * len(part)

@@ -34,7 +34,9 @@ class Accuracy(evaluate.Metric):
             features=datasets.Features(
                 {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
             ),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
+            ],
         )
 
     def _compute(self, predictions, references, sample_weight=None):
@@ -43,5 +45,7 @@ class Accuracy(evaluate.Metric):
         if predictions.size == 0:
             raise ValueError("accuracy needs at least one prediction")
         correct = (predictions == references).astype(np.float64)
-        weights = np.ones_like(correct) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        weights = (
+            np.ones_like(correct) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        )
         return {"accuracy": float((correct * weights).sum() / weights.sum())}

@@ -19,7 +19,9 @@ import evaluate
 import numpy as np
 from sklearn.metrics import f1_score
 
-_DESCRIPTION = "Macro-averaged F1 over the classes present (sklearn f1_score, average='macro', zero_division=0)."
+_DESCRIPTION = (
+    "Macro-averaged F1 over the classes present (sklearn f1_score, average='macro', zero_division=0)."
+)
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -47,7 +49,9 @@ class MacroF1(evaluate.Metric):
             features=datasets.Features(
                 {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
             ),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"
+            ],
         )
 
     def _compute(self, predictions, references, num_classes=None, labels=None, zero_division=0.0):
@@ -69,7 +73,5 @@ class MacroF1(evaluate.Metric):
             raise ValueError(f"references contain class ids {outside} outside the label set {labels}")
         # "No class" predictions get an id outside the label set: counted, but for no class.
         predictions = np.where(predictions < 0, -1, predictions)
-        score = f1_score(
-            references, predictions, labels=labels, average="macro", zero_division=zero_division
-        )
+        score = f1_score(references, predictions, labels=labels, average="macro", zero_division=zero_division)
         return {"macro_f1": float(score)}

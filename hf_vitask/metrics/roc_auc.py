@@ -60,7 +60,9 @@ class RocAuc(evaluate.Metric):
                     {"prediction_scores": datasets.Value("float64"), "references": datasets.Value("int64")}
                 ),
             ],
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.roc_auc_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.roc_auc_score.html"
+            ],
         )
 
     def _compute(self, prediction_scores, references):

@@ -52,9 +52,19 @@ class ConnectorConfig:
         """The config as read from a bundle's ``vitask_config.json``, type-checked field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"{where} must be an object, got {type(data).__name__}")
-        check_fields(data, {"tsm_dim": "positive", "llm_dim": "positive", "num_tokens": "positive",
-                            "feature": "str", "hidden_dim": "positive?"},
-                     where, required=("tsm_dim", "llm_dim"), allow_unknown=False)
+        check_fields(
+            data,
+            {
+                "tsm_dim": "positive",
+                "llm_dim": "positive",
+                "num_tokens": "positive",
+                "feature": "str",
+                "hidden_dim": "positive?",
+            },
+            where,
+            required=("tsm_dim", "llm_dim"),
+            allow_unknown=False,
+        )
         try:
             return cls(**data)
         except ValueError as err:
@@ -85,11 +95,15 @@ class ExemplarConnector(nn.Module):
         cfg = self.config
         if cfg.feature == "pooled":
             if features.dim() != 2:
-                raise ValueError(f"pooled connector expects (batch, dim) features, got {tuple(features.shape)}")
+                raise ValueError(
+                    f"pooled connector expects (batch, dim) features, got {tuple(features.shape)}"
+                )
             x = self.fc2(F.gelu(self.fc1(self.norm(features))))
             return x.view(features.shape[0], cfg.num_tokens, cfg.llm_dim)
         if features.dim() != 3:
-            raise ValueError(f"patch connector expects (batch, tokens, dim) features, got {tuple(features.shape)}")
+            raise ValueError(
+                f"patch connector expects (batch, tokens, dim) features, got {tuple(features.shape)}"
+            )
         pooled = F.adaptive_avg_pool1d(features.transpose(1, 2), cfg.num_tokens).transpose(1, 2)
         return self.fc2(F.gelu(self.fc1(self.norm(pooled))))
 
@@ -101,7 +115,9 @@ def exemplar_positions(
     is_image = input_ids == image_token_id
     missing = (~is_image.any(dim=1)).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"rows {missing} have no image token (id {image_token_id}); cannot place the exemplar")
+        raise ValueError(
+            f"rows {missing} have no image token (id {image_token_id}); cannot place the exemplar"
+        )
     length = input_ids.shape[1]
     last = length - 1 - is_image.flip(1).int().argmax(dim=1)
     pos = last + 1
@@ -142,10 +158,14 @@ def insert_exemplar_slots(
             continue
         t = batch[key]
         if t.shape[:2] != (bsz, length):
-            raise ValueError(f"{key} has shape {tuple(t.shape)}, expected (batch, length, ...) = {(bsz, length)}")
+            raise ValueError(
+                f"{key} has shape {tuple(t.shape)}, expected (batch, length, ...) = {(bsz, length)}"
+            )
         fill = fills.get(key, 0)
         index = src_previous if fill == "previous" else src
-        moved = t.gather(1, index.view(bsz, new_len, *([1] * (t.dim() - 2))).expand(bsz, new_len, *t.shape[2:]))
+        moved = t.gather(
+            1, index.view(bsz, new_len, *([1] * (t.dim() - 2))).expand(bsz, new_len, *t.shape[2:])
+        )
         if fill != "previous":
             moved = moved.masked_fill(slot.view(bsz, new_len, *([1] * (t.dim() - 2))), fill)
         out[key] = moved

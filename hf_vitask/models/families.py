@@ -38,7 +38,7 @@ __all__ = [
     "support_matrix",
 ]
 
-FAMILIES_GUIDE = "docs/families.md (\"Adding a family\")"
+FAMILIES_GUIDE = 'docs/families.md ("Adding a family")'
 
 
 def lora_regex(decoder: str = "language_model", attention: tuple[str, ...] = ("self_attn",)) -> str:
@@ -172,7 +172,9 @@ class VLMFamily:
         """How many dim-0 entries of the :attr:`tiled_keys` each row's image owns (None: no tiled keys)."""
         if not self.tiled_keys:
             return None
-        raise TypeError(f"{self.name}: a family with tiled_keys must override tiles_per_image (see TiledFamily)")
+        raise TypeError(
+            f"{self.name}: a family with tiled_keys must override tiles_per_image (see TiledFamily)"
+        )
 
     def select_images(self, batch: dict, index: torch.Tensor, image_token_id: int | None = None) -> dict:
         """Return the image tensors with row ``i`` holding the WHOLE image of row ``index[i]``
@@ -266,7 +268,9 @@ class MRopeFamily(VLMFamily):
 
     def positions(self, model, inputs: dict) -> torch.Tensor:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        kwargs = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in inputs}
+        kwargs = {
+            k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "attention_mask") if k in inputs
+        }
         positions, _ = base.model.get_rope_index(inputs["input_ids"], **kwargs)
         return positions
 
@@ -286,7 +290,9 @@ class CrossAttentionFamily(VLMFamily):
         ids, tiles = batch["input_ids"], batch["aspect_ratio_mask"]
         spans = [get_cross_attention_token_mask(row.tolist(), image_token_id) for row in ids]
         if not all(spans):
-            raise ValueError(f"{self.name}: rows {[i for i, s in enumerate(spans) if not s]} have no image token")
+            raise ValueError(
+                f"{self.name}: rows {[i for i, s in enumerate(spans) if not s]} have no image token"
+            )
         num_tiles = tiles.sum(-1).tolist()  # (B, images): valid tiles of each image
         dense = convert_sparse_cross_attention_mask_to_dense(spans, num_tiles, tiles.shape[-1], ids.shape[1])
         return {**batch, "cross_attention_mask": torch.from_numpy(dense).to(ids.device)}
@@ -476,13 +482,15 @@ def support_matrix() -> list[dict[str, str]]:
     runs, the modules kept out of 4-bit quantisation (``hf-vitask info`` prints it)."""
     rows = []
     for family in FAMILIES.values():
-        rows.append({
-            "family": family.name,
-            "model_type": ", ".join(family.model_types),
-            "pass_fusion": ", ".join(family.fusion_modes),
-            "gradient_checkpointing": family.fusion_modes[0],
-            "4-bit (kept full precision)": ", ".join(family.vision_modules),
-        })
+        rows.append(
+            {
+                "family": family.name,
+                "model_type": ", ".join(family.model_types),
+                "pass_fusion": ", ".join(family.fusion_modes),
+                "gradient_checkpointing": family.fusion_modes[0],
+                "4-bit (kept full precision)": ", ".join(family.vision_modules),
+            }
+        )
     return rows
 
 

@@ -100,7 +100,9 @@ def _resolve_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | str |
         return torch_dtype
     dtype = getattr(torch, str(torch_dtype), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"Unknown torch_dtype {torch_dtype!r}; use 'auto', 'bfloat16', 'float16' or 'float32'")
+        raise ValueError(
+            f"Unknown torch_dtype {torch_dtype!r}; use 'auto', 'bfloat16', 'float16' or 'float32'"
+        )
     return dtype
 
 
@@ -178,8 +180,12 @@ def load_vlm(
         torch_dtype = torch_dtype if torch_dtype is not None else dtype_kwarg
     if model_name_or_path.startswith(TINY_PREFIX):
         return _load_tiny(
-            model_name_or_path, torch_dtype=torch_dtype, load_in_4bit=load_in_4bit, device_map=device_map,
-            attn_implementation=attn_implementation, **kwargs,
+            model_name_or_path,
+            torch_dtype=torch_dtype,
+            load_in_4bit=load_in_4bit,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            **kwargs,
         )
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -192,7 +198,8 @@ def load_vlm(
 
         # The family (hence the modules to keep unquantised) must be known before the weights load.
         config = AutoConfig.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code,
+            model_name_or_path,
+            trust_remote_code=trust_remote_code,
             **{k: v for k, v in kwargs.items() if k in _LOCATION_KWARGS},
         )
         family = get_family(config.model_type)
@@ -208,7 +215,9 @@ def load_vlm(
         model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
     processor_kwargs = {k: v for k, v in kwargs.items() if k in _LOCATION_KWARGS}
-    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **processor_kwargs)
+    processor = AutoProcessor.from_pretrained(
+        model_name_or_path, trust_remote_code=trust_remote_code, **processor_kwargs
+    )
     family = get_family(model)
     if getattr(processor, "chat_template", None) is None and family.default_chat_template is not None:
         # e.g. PaliGemma checkpoints ship no chat template; prompts and answers still need one
@@ -247,7 +256,10 @@ def _load_tiny(name: str, *, torch_dtype, load_in_4bit: bool, device_map, attn_i
     with tempfile.TemporaryDirectory(prefix="hf_vitask-tiny-") as tmp:
         save_tiny_vlm(tmp, family, **kwargs)
         model, processor = load_vlm(
-            tmp, torch_dtype=torch_dtype, load_in_4bit=True, device_map=device_map,
+            tmp,
+            torch_dtype=torch_dtype,
+            load_in_4bit=True,
+            device_map=device_map,
             attn_implementation=attn_implementation,
         )
     # Name it like the in-memory tiny model, so saved adapters point at a base load_vlm can rebuild.
@@ -292,7 +304,9 @@ def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targ
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=target_modules if target_modules is not None else get_family(model).lora_target_modules,
+        target_modules=target_modules
+        if target_modules is not None
+        else get_family(model).lora_target_modules,
         task_type="CAUSAL_LM",
         **kwargs,
     )

@@ -124,7 +124,9 @@ class VITaskModel(nn.Module):
         if with_connector:
             dim = tsm_dim or (tsm.feature_dim if tsm is not None else None)
             if dim is None:
-                raise ValueError("Creating an exemplar connector needs the TSM (or tsm_dim) to know its feature size")
+                raise ValueError(
+                    "Creating an exemplar connector needs the TSM (or tsm_dim) to know its feature size"
+                )
             emb = vlm.get_input_embeddings()
             connector = ExemplarConnector(
                 ConnectorConfig(
@@ -177,7 +179,10 @@ class VITaskModel(nn.Module):
         self.vlm.enable_input_require_grads()
 
     def activation_checkpointing_disable(self):
-        disable = getattr(self.vlm, "activation_checkpointing_disable", None) or self.vlm.gradient_checkpointing_disable
+        disable = (
+            getattr(self.vlm, "activation_checkpointing_disable", None)
+            or self.vlm.gradient_checkpointing_disable
+        )
         disable()
 
     @property
@@ -198,7 +203,9 @@ class VITaskModel(nn.Module):
             raise ValueError("This model has no exemplar connector (it was trained without EP)")
         if tsm_features is None:
             if self.tsm is None:
-                raise ValueError("tsm_pixel_values were given but the model has no TSM; attach one with model.tsm = ...")
+                raise ValueError(
+                    "tsm_pixel_values were given but the model has no TSM; attach one with model.tsm = ..."
+                )
             with torch.no_grad():
                 self.tsm.eval()
                 tsm_features = self.tsm.features(
@@ -211,7 +218,11 @@ class VITaskModel(nn.Module):
         tensors and the ``(B, L + k)`` slot mask that :meth:`inject` fills."""
         positions = exemplar_positions(inputs["input_ids"], self.image_token_id, self.image_end_token_id)
         return insert_exemplar_slots(
-            inputs, positions, exemplar.shape[1], self.slot_token_id, self.family.per_token_keys,
+            inputs,
+            positions,
+            exemplar.shape[1],
+            self.slot_token_id,
+            self.family.per_token_keys,
             dict(self.family.slot_fill),
         )
 
@@ -247,8 +258,9 @@ class VITaskModel(nn.Module):
         if exemplar_embeds is None and (tsm_pixel_values is not None or tsm_features is not None):
             exemplar_embeds = self.exemplar_embeds(tsm_pixel_values, tsm_features)
         if passes is not None:
-            out = run_passes(self, {k: v for k, v in inputs.items() if v is not None}, exemplar=exemplar_embeds,
-                             **passes)
+            out = run_passes(
+                self, {k: v for k, v in inputs.items() if v is not None}, exemplar=exemplar_embeds, **passes
+            )
             out.exemplar = exemplar_embeds
             return out
         labels_used = labels
@@ -315,8 +327,12 @@ class VITaskModel(nn.Module):
             "connector": None if self.connector is None else self.connector.config.to_dict(),
         }
 
-    def save_pretrained(self, save_directory: str | PathLike, save_tsm: bool = True,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | PathLike,
+        save_tsm: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write the adapter (or full model), the connector and the TSM, all as safetensors.
 
         ``state_dict``: this model's full state dict, when FSDP or DeepSpeed ZeRO-3 gathered it from
@@ -325,12 +341,20 @@ class VITaskModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         vlm_state = None if state_dict is None else submodule_state(state_dict, "vlm.")
         if self.is_peft:
-            self.vlm.save_pretrained(path, selected_adapters=[self.vlm.active_adapter], state_dict=vlm_state,
-                                     save_embedding_layers=_embedding_layers_setting(self.vlm))
+            self.vlm.save_pretrained(
+                path,
+                selected_adapters=[self.vlm.active_adapter],
+                state_dict=vlm_state,
+                save_embedding_layers=_embedding_layers_setting(self.vlm),
+            )
         else:
             self.vlm.save_pretrained(path, state_dict=vlm_state)
         if self.connector is not None:
-            connector = self.connector.state_dict() if state_dict is None else submodule_state(state_dict, "connector.")
+            connector = (
+                self.connector.state_dict()
+                if state_dict is None
+                else submodule_state(state_dict, "connector.")
+            )
             state = {k: v.detach().contiguous().cpu() for k, v in connector.items()}
             save_file(state, str(path / CONNECTOR_FILE))
         if save_tsm and self.tsm is not None:
@@ -396,7 +420,9 @@ class VITaskModel(nn.Module):
             else:
                 if base_model is None:
                     base_model = _load_base(read_json(path / ADAPTER_CONFIG_FILE), **model_kwargs)
-                vlm = PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+                vlm = PeftModel.from_pretrained(
+                    base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
+                )
         else:
             from transformers import AutoModelForImageTextToText
 
@@ -437,7 +463,7 @@ def _embedding_layers_setting(peft_model) -> bool | str:
 
 def submodule_state(state_dict: dict, prefix: str) -> dict:
     """The entries of a submodule in its parent's state dict, with the submodule's own key names."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def read_vitask_config(path: str | PathLike) -> dict:
@@ -446,9 +472,20 @@ def read_vitask_config(path: str | PathLike) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"No {VITASK_CONFIG_FILE} in {path}: not a directory written by hf_vitask")
     cfg = read_json(file)
-    check_fields(cfg, {"hf_vitask_version": "str?", "family": "str?", "base_model_name_or_path": "str?",
-                       "image_token_id": "size", "image_end_token_id": "size?", "slot_token_id": "size",
-                       "connector": "object?"}, str(file), required=("image_token_id",))
+    check_fields(
+        cfg,
+        {
+            "hf_vitask_version": "str?",
+            "family": "str?",
+            "base_model_name_or_path": "str?",
+            "image_token_id": "size",
+            "image_end_token_id": "size?",
+            "slot_token_id": "size",
+            "connector": "object?",
+        },
+        str(file),
+        required=("image_token_id",),
+    )
     if cfg.get("connector") is not None:
         cfg["connector"] = ConnectorConfig.from_dict(cfg["connector"], where=f"{file}: connector").to_dict()
     return cfg
@@ -461,8 +498,10 @@ def load_connector(path: Path, cfg: dict) -> ExemplarConnector:
         connector.load_state_dict(load_file(str(path / CONNECTOR_FILE)))
     except RuntimeError as err:
         detail = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{path / CONNECTOR_FILE} does not fit the connector that {VITASK_CONFIG_FILE} describes "
-                         f"({detail}); the two files come from different runs: copy the whole bundle") from None
+        raise ValueError(
+            f"{path / CONNECTOR_FILE} does not fit the connector that {VITASK_CONFIG_FILE} describes "
+            f"({detail}); the two files come from different runs: copy the whole bundle"
+        ) from None
     connector.trained = True
     return connector
 
@@ -472,9 +511,14 @@ def _check_bundle_files(path: Path, cfg: dict) -> None:
     missing = []
     if (path / ADAPTER_CONFIG_FILE).is_file() and not (path / ADAPTER_WEIGHTS_FILE).is_file():
         missing.append(ADAPTER_WEIGHTS_FILE)
-    if not (path / ADAPTER_CONFIG_FILE).is_file() and not (path / ADAPTER_WEIGHTS_FILE).is_file() \
-            and not (path / "config.json").is_file():
-        missing.append(f"{ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE} (or config.json + weights of a full model)")
+    if (
+        not (path / ADAPTER_CONFIG_FILE).is_file()
+        and not (path / ADAPTER_WEIGHTS_FILE).is_file()
+        and not (path / "config.json").is_file()
+    ):
+        missing.append(
+            f"{ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE} (or config.json + weights of a full model)"
+        )
     elif (path / ADAPTER_WEIGHTS_FILE).is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
         missing.append(ADAPTER_CONFIG_FILE)
     if cfg.get("connector") is not None and not (path / CONNECTOR_FILE).is_file():

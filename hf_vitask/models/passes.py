@@ -101,9 +101,11 @@ def run_passes(
     if mode == "batch":
         if model.family.feature_route is not None:
             return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
-        _warn_once(f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
-                   "reach the language model neither through the input embedding nor as precomputed encoder "
-                   "outputs); running the passes separately ('none')")
+        _warn_once(
+            f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
+            "reach the language model neither through the input embedding nor as precomputed encoder "
+            "outputs); running the passes separately ('none')"
+        )
     return _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward or model)
 
 
@@ -152,7 +154,8 @@ def negative_rows(model, inputs: dict, negative_index: torch.Tensor, neg_rows: t
     length = max(part["input_ids"].shape[0] for part in spliced)
     pad = {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX}
     out = {
-        k: torch.stack([_pad_seq(part[k][None], length, pad.get(k, 0))[0] for part in spliced]) for k in tokens
+        k: torch.stack([_pad_seq(part[k][None], length, pad.get(k, 0))[0] for part in spliced])
+        for k in tokens
     }
     out.update(fam.select_images(inputs, sources, model.image_token_id))
     return fam.rebuild_token_tensors(out, model.image_token_id)
@@ -226,7 +229,9 @@ def _stack(parts: list[dict], pad: dict) -> dict:
     return out
 
 
-def _split(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, row_counts: list[int]) -> list[PassOutput]:
+def _split(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, row_counts: list[int]
+) -> list[PassOutput]:
     """Cut the flat (N, V) logits of a stacked forward back into one PassOutput per pass."""
     targets = labels[:, 1:][keep[:, :-1]]
     per_row = keep.sum(1)
@@ -270,7 +275,9 @@ def _pass_parts(model, inputs, exemplar, negative_index, neg_rows, positions=Non
     return parts, slot_parts, sources, [len(s) for s in sources]
 
 
-def _run_stacked(model, parts, slot_parts, exemplar_rows, dense_features, counts, mode, exemplar, neg_rows, **kwargs):
+def _run_stacked(
+    model, parts, slot_parts, exemplar_rows, dense_features, counts, mode, exemplar, neg_rows, **kwargs
+):
     """One forward of the stacked passes; exemplar (and, in "batch" mode, image features) are
     written into the input embedding at their positions."""
     batch = _stack(parts, {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX})
@@ -331,8 +338,10 @@ def _encoder_outputs_for(outputs, rows: list[int], n_images: int):
     all images at once are dropped (the model reads the per-image ones)."""
 
     def per_image(value) -> bool:
-        return isinstance(value, (list, tuple)) and len(value) == n_images and all(
-            isinstance(v, torch.Tensor) for v in value
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == n_images
+            and all(isinstance(v, torch.Tensor) for v in value)
         )
 
     fields = {}
@@ -354,8 +363,18 @@ def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     if model.family.feature_route == "encoder_outputs":
         outputs = _vision_outputs(model, inputs)
         encoder = {"image": _encoder_outputs_for(outputs, source, len(outputs.pooler_output))}
-        return _run_stacked(model, parts, slot_parts, exemplar_rows, None, counts, "batch", exemplar, neg_rows,
-                            mm_encoder_outputs=encoder)
+        return _run_stacked(
+            model,
+            parts,
+            slot_parts,
+            exemplar_rows,
+            None,
+            counts,
+            "batch",
+            exemplar,
+            neg_rows,
+            mm_encoder_outputs=encoder,
+        )
     features = _image_features(model, inputs)
 
     def dense(image_mask: torch.Tensor) -> torch.Tensor:
@@ -405,15 +424,20 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
     ids = inputs["input_ids"]
     p = int(exemplar_positions(ids, model.image_token_id, model.image_end_token_id)[0])
     tokens = dict(_token_tensors(inputs, fam), position_ids=fam.positions(model.vlm, inputs))
-    parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows,
-                                                     positions=tokens["position_ids"])
-    prefix = {k: (v[..., :p] if k == "position_ids" else v[:, :p]) for k, v in tokens.items() if k != "labels"}
+    parts, slot_parts, sources, counts = _pass_parts(
+        model, inputs, exemplar, negative_index, neg_rows, positions=tokens["position_ids"]
+    )
+    prefix = {
+        k: (v[..., :p] if k == "position_ids" else v[:, :p]) for k, v in tokens.items() if k != "labels"
+    }
     checkpointed = _checkpointing(_base(model.vlm)) and model.training and torch.is_grad_enabled()
     # under checkpointing, transformers turns use_cache off in training: hand the model a cache instead
     given = _new_cache(model.vlm) if checkpointed else None
     context = cache_through_checkpointing(model.vlm) if checkpointed else contextlib.nullcontext()
     with context:
-        kwargs = _cache_kwargs(model.vlm, given, use_cache=False) if given is not None else {"use_cache": True}
+        kwargs = (
+            _cache_kwargs(model.vlm, given, use_cache=False) if given is not None else {"use_cache": True}
+        )
         cache = _cache_of(model.vlm(**prefix, **fam.image_inputs(inputs), **kwargs, logits_to_keep=1))
         cache = given if given is not None else cache
         if cache is None or cache.get_seq_length() != p:
@@ -425,9 +449,19 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
         slot_parts = [s[:, p:] for s in slot_parts]
         prefix_mask = torch.ones(len(cache_index), p, dtype=inputs["attention_mask"].dtype, device=ids.device)
         rows = _rows_with_response(inputs["labels"])
-        return _run_stacked(model, parts, slot_parts, None if exemplar is None else exemplar[rows], None, counts,
-                            "prefix", exemplar, neg_rows, attention_mask=prefix_mask,
-                            **_cache_kwargs(model.vlm, cache, use_cache=not checkpointed))
+        return _run_stacked(
+            model,
+            parts,
+            slot_parts,
+            None if exemplar is None else exemplar[rows],
+            None,
+            counts,
+            "prefix",
+            exemplar,
+            neg_rows,
+            attention_mask=prefix_mask,
+            **_cache_kwargs(model.vlm, cache, use_cache=not checkpointed),
+        )
 
 
 def _new_cache(vlm):
@@ -447,8 +481,10 @@ def _assemble(outs: list[PassOutput], exemplar, neg_rows, mode: str) -> Passes:
     if exemplar is not None:
         passes.ep = outs.pop(0)
     if neg_rows is not None:
-        passes.negative = outs.pop(0) if len(neg_rows) else PassOutput(
-            passes.plain.response_logits[:0], passes.plain.response_targets[:0]
+        passes.negative = (
+            outs.pop(0)
+            if len(neg_rows)
+            else PassOutput(passes.plain.response_logits[:0], passes.plain.response_targets[:0])
         )
     return passes
 
@@ -504,11 +540,20 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
     length = labels.shape[1]
     start = positions[..., q : q + 1].repeat_interleave(c, dim=-2)  # row (i, c) continues prompt i
     suffix["position_ids"] = start + torch.arange(length, device=labels.device)
-    suffix["attention_mask"] = torch.cat([torch.ones(n * c, q, dtype=suffix["attention_mask"].dtype,
-                                                     device=labels.device), suffix["attention_mask"]], 1)
+    suffix["attention_mask"] = torch.cat(
+        [
+            torch.ones(n * c, q, dtype=suffix["attention_mask"].dtype, device=labels.device),
+            suffix["attention_mask"],
+        ],
+        1,
+    )
     keep = _keep_mask(labels)
     if bool(keep.any()):
         logits = model.vlm(**suffix, **_cache_kwargs(model.vlm, cache), logits_to_keep=keep).logits
-        token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, 1:][keep[:, :-1]][:, None]).squeeze(1)
+        token_logp = (
+            torch.log_softmax(logits.float(), dim=-1)
+            .gather(1, labels[:, 1:][keep[:, :-1]][:, None])
+            .squeeze(1)
+        )
         scores = scores.flatten().index_add(0, keep.nonzero()[:, 0], token_logp).view(n, c)
     return scores

@@ -87,7 +87,9 @@ class ProxyInstruction(nn.Module):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         if ids:
-            init = resize_tokens(weight[torch.tensor(ids, device=weight.device)].float().cpu(), num_tokens, resize)
+            init = resize_tokens(
+                weight[torch.tensor(ids, device=weight.device)].float().cpu(), num_tokens, resize
+            )
         else:
             std = weight.float().std().item()
             init = torch.randn(num_tokens, weight.shape[1], generator=generator) * std
@@ -121,7 +123,9 @@ class ProxyInstruction(nn.Module):
         """Restore raw, EMA and step in place (exact resume)."""
         state = load_file(str(path))
         if state["proxy"].shape != self.weight.shape:
-            raise ValueError(f"{path} holds a proxy of shape {tuple(state['proxy'].shape)}, expected {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"{path} holds a proxy of shape {tuple(state['proxy'].shape)}, expected {tuple(self.weight.shape)}"
+            )
         with torch.no_grad():
             self.weight.copy_(state["proxy"])
             self.ema.copy_(state["proxy_ema"])

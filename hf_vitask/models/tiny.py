@@ -98,15 +98,31 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-TINY_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "internvl", "llava_next", "llava_onevision", "idefics3", "gemma3", "qwen3_vl", "smolvlm", "paligemma", "mllama")
+TINY_FAMILIES = (
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "internvl",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "gemma3",
+    "qwen3_vl",
+    "smolvlm",
+    "paligemma",
+    "mllama",
+)
 
 
 def tiny_family(name: str) -> str:
     """The family of a demo model name: "tiny-qwen2-vl" / "tiny-qwen2_vl" -> "qwen2_vl"."""
     family = name[len(TINY_PREFIX) :].replace("-", "_")
     if family not in TINY_FAMILIES:
-        raise ValueError(f"Unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
+        raise ValueError(
+            f"Unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in TINY_FAMILIES]}"
+        )
     return family
+
 
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -324,8 +340,13 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
     },
     "idefics3": {
         "special_tokens": [
-            "<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>",
-            "<image>", "<end_of_utterance>", "<global-img>",
+            "<|finetune_right_pad_id|>",
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<end_of_utterance>",
+            "<global-img>",
             *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
         ],
         "pad": "<|finetune_right_pad_id|>",
@@ -342,13 +363,23 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
     },
     "gemma3": {
         "special_tokens": [
-            "<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
-            "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+            "<pad>",
+            "<bos>",
+            "<eos>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
         ],
         "pad": "<pad>",
         "bos": "<bos>",
         "eos": "<end_of_turn>",  # what a Gemma chat turn ends with (its generation eos)
-        "extra": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        "extra": {
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
         "add_bos": True,
         "chat_template": GEMMA3_CHAT_TEMPLATE,
     },
@@ -363,8 +394,14 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
     },
     "mllama": {
         "special_tokens": [
-            "<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<|image|>", "<|python_tag|>",
+            "<|finetune_right_pad_id|>",
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|image|>",
+            "<|python_tag|>",
         ],
         "pad": "<|finetune_right_pad_id|>",
         "bos": "<|begin_of_text|>",
@@ -374,7 +411,15 @@ _TOKENIZER_SPECS: dict[str, dict[str, Any]] = {
         "chat_template": MLLAMA_CHAT_TEMPLATE,
     },
     "internvl": {
-        "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        "special_tokens": [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<img>",
+            "</img>",
+            "<IMG_CONTEXT>",
+            "<video>",
+        ],
         "pad": "<|endoftext|>",
         "bos": None,
         "eos": "<|im_end|>",
@@ -454,7 +499,9 @@ def build_tiny_tokenizer(
     return tokenizer
 
 
-def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size: int, grid: int = 4) -> ProcessorMixin:
+def _build_processor(
+    family: str, tokenizer: PreTrainedTokenizerFast, image_size: int, grid: int = 4
+) -> ProcessorMixin:
     chat_template = _TOKENIZER_SPECS[family]["chat_template"]
     if family == "llava":
         # patch = image_size / 4 -> 4x4 = 16 patches; the "default" feature strategy drops
@@ -481,20 +528,28 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         # The longest edge goes to 2 * image_size, then image_size tiles + one global image: a square
         # image gives 2x2 tiles + global (5 tiles), a 2:1 one 1x2 + global (3); tokens_per_tile each.
         sizes = {"size": {"longest_edge": 2 * image_size}, "max_image_size": {"longest_edge": image_size}}
-        common = {"tokenizer": tokenizer, "image_seq_len": _internvl_tokens_per_tile(grid), "chat_template": chat_template}
+        common = {
+            "tokenizer": tokenizer,
+            "image_seq_len": _internvl_tokens_per_tile(grid),
+            "chat_template": chat_template,
+        }
         if family == "smolvlm":
             return SmolVLMProcessor(
                 image_processor=SmolVLMImageProcessor(**sizes, do_image_splitting=True),
                 video_processor=SmolVLMVideoProcessor(**sizes),
                 **common,
             )
-        return Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes, do_image_splitting=True), **common)
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessor(**sizes, do_image_splitting=True), **common
+        )
     if family == "gemma3":
         # Every image is resized to one image_size square; the vision tower's patch map is average-pooled
         # to grid x grid soft tokens.
         return Gemma3Processor(
             image_processor=Gemma3ImageProcessor(
-                size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                size={"height": image_size, "width": image_size},
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
             ),
             tokenizer=tokenizer,
             image_seq_length=grid * grid,
@@ -503,16 +558,21 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
     if family == "paligemma":
         # One square image_size image, a grid x grid patch map, one token per patch.
         image_processor = SiglipImageProcessor(
-            size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            size={"height": image_size, "width": image_size},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
         )
         image_processor.image_seq_length = grid * grid  # what the checkpoint's preprocessor_config says
         # adds PaliGemma's 1024 <locNNNN> and 128 <segNNN> tokens to the tokenizer
-        return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+        return PaliGemmaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+        )
     if family == "mllama":
         # Tiles of image_size px, at most two per image: a square image is one tile, a 2:1 one two.
         return MllamaProcessor(
             image_processor=MllamaImageProcessor(
-                size={"height": image_size, "width": image_size}, max_image_tiles=_MLLAMA_MAX_TILES,
+                size={"height": image_size, "width": image_size},
+                max_image_tiles=_MLLAMA_MAX_TILES,
             ),
             tokenizer=tokenizer,
             chat_template=chat_template,
@@ -523,7 +583,9 @@ def _build_processor(family: str, tokenizer: PreTrainedTokenizerFast, image_size
         tile = image_size // 2
         size = {"height": tile, "width": tile}
         return InternVLProcessor(
-            image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+            image_processor=GotOcr2ImageProcessor(
+                size=size, crop_to_patches=True, min_patches=1, max_patches=4
+            ),
             tokenizer=tokenizer,
             video_processor=InternVLVideoProcessor(size=size),
             image_seq_length=_internvl_tokens_per_tile(grid),
@@ -564,8 +626,13 @@ _SMALL_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers"
 
 def _pinpoints(family: str, image_size: int) -> list[list[int]]:
     if family == "llava_next":  # every image gets at least two high-resolution tiles
-        return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size],
-                [3 * image_size, image_size], [image_size, 3 * image_size]]
+        return [
+            [image_size, 2 * image_size],
+            [2 * image_size, image_size],
+            [2 * image_size, 2 * image_size],
+            [3 * image_size, image_size],
+            [image_size, 3 * image_size],
+        ]
     return [[image_size * i, image_size * j] for i in range(1, 4) for j in range(1, 4)]
 
 
@@ -587,7 +654,11 @@ def _anyres_processor(family, tokenizer, image_size: int, grid: int, chat_templa
             num_additional_image_tokens=1,  # CLIP's CLS
             chat_template=chat_template,
         )
-    common = {"size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    common = {
+        "size": {"height": image_size, "width": image_size},
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     return LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(
             image_grid_pinpoints=_pinpoints(family, image_size), do_pad=True, **common
@@ -601,12 +672,16 @@ def _anyres_processor(family, tokenizer, image_size: int, grid: int, chat_templa
     )
 
 
-def _anyres_model(family, tokenizer, image_size: int, grid: int, text_common: dict, image_id: int) -> PreTrainedModel:
+def _anyres_model(
+    family, tokenizer, image_size: int, grid: int, text_common: dict, image_id: int
+) -> PreTrainedModel:
     patch = image_size // grid
     small = _SMALL_VISION
     if family == "llava_next":
         config = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(**small, image_size=image_size, patch_size=patch, projection_dim=32),
+            vision_config=CLIPVisionConfig(
+                **small, image_size=image_size, patch_size=patch, projection_dim=32
+            ),
             text_config=LlamaConfig(**text_common),
             image_token_index=image_id,
             image_grid_pinpoints=_pinpoints(family, image_size),
@@ -617,7 +692,9 @@ def _anyres_model(family, tokenizer, image_size: int, grid: int, text_common: di
         )
         return LlavaNextForConditionalGeneration(config)
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**small, image_size=image_size, patch_size=patch, vision_use_head=False),
+        vision_config=SiglipVisionConfig(
+            **small, image_size=image_size, patch_size=patch, vision_use_head=False
+        ),
         text_config=Qwen2Config(**text_common),
         image_token_index=image_id,
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
@@ -696,7 +773,8 @@ def _build_model(
         }[family]
         vision = vision_config(
             **_SMALL_VISION,
-            image_size=image_size, patch_size=image_size // (2 * g),
+            image_size=image_size,
+            patch_size=image_size // (2 * g),
         )
         config = config_class(
             text_config=LlamaConfig(**text_common),
@@ -710,11 +788,16 @@ def _build_model(
     elif family == "gemma3":
         vision = SiglipVisionConfig(
             **_SMALL_VISION,
-            image_size=image_size, patch_size=image_size // (2 * grid), vision_use_head=False,
+            image_size=image_size,
+            patch_size=image_size // (2 * grid),
+            vision_use_head=False,
         )
         text = Gemma3TextConfig(
-            **text_common, head_dim=hidden_size // num_heads, query_pre_attn_scalar=hidden_size // num_heads,
-            sliding_window=16, tie_word_embeddings=False,
+            **text_common,
+            head_dim=hidden_size // num_heads,
+            query_pre_attn_scalar=hidden_size // num_heads,
+            sliding_window=16,
+            tie_word_embeddings=False,
         )
         config = Gemma3Config(
             text_config=text,
@@ -732,7 +815,9 @@ def _build_model(
     elif family == "paligemma":
         vision = SiglipVisionConfig(
             **_SMALL_VISION,
-            image_size=image_size, patch_size=image_size // grid, vision_use_head=False,
+            image_size=image_size,
+            patch_size=image_size // grid,
+            vision_use_head=False,
         )
         config = PaliGemmaConfig(
             vision_config=vision,
@@ -747,8 +832,14 @@ def _build_model(
         model = PaliGemmaForConditionalGeneration(config)
     elif family == "mllama":
         vision = MllamaVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-            image_size=image_size, patch_size=image_size // grid, max_num_tiles=_MLLAMA_MAX_TILES,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=2,
+            image_size=image_size,
+            patch_size=image_size // grid,
+            max_num_tiles=_MLLAMA_MAX_TILES,
             # the image processor's tile arrangements, in its order (aspect_ratio_ids index them)
             supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(_MLLAMA_MAX_TILES)],
             intermediate_layers_indices=[0],
@@ -758,7 +849,8 @@ def _build_model(
         # Llama-3.2-Vision, layer 0 is self-attention: the KV cache counts its tokens)
         text = MllamaTextConfig(
             **{k: v for k, v in text_common.items() if k != "num_hidden_layers"},
-            num_hidden_layers=num_layers + 1, cross_attention_layers=[1],
+            num_hidden_layers=num_layers + 1,
+            cross_attention_layers=[1],
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
         config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
@@ -818,8 +910,13 @@ def _build_model(
             config = Qwen3VLConfig(
                 text_config=dict(text, head_dim=head_dim),
                 vision_config={
-                    "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                    "patch_size": vision["patch_size"], "spatial_merge_size": 2, "temporal_patch_size": 2,
+                    "depth": 2,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_heads": 2,
+                    "patch_size": vision["patch_size"],
+                    "spatial_merge_size": 2,
+                    "temporal_patch_size": 2,
                     "out_hidden_size": hidden_size,
                     "num_position_embeddings": (2 * grid) ** 2,  # learnt, interpolated to each image's grid
                     "deepstack_visual_indexes": [0],  # vision layer 0's features join decoder layer 0
@@ -832,11 +929,17 @@ def _build_model(
             config = Qwen2_5_VLConfig(
                 text_config=text,
                 vision_config={
-                    "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                    "patch_size": vision["patch_size"], "spatial_merge_size": 2, "temporal_patch_size": 2,
+                    "depth": 2,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_heads": 2,
+                    "patch_size": vision["patch_size"],
+                    "spatial_merge_size": 2,
+                    "temporal_patch_size": 2,
                     "out_hidden_size": hidden_size,
                     # windows of 2x2 merged patches in block 0, full attention in block 1 (as 3 of 4 blocks in the real model)
-                    "window_size": 2 * 2 * vision["patch_size"], "fullatt_block_indexes": [1],
+                    "window_size": 2 * 2 * vision["patch_size"],
+                    "fullatt_block_indexes": [1],
                 },
                 **tokens,
                 pad_token_id=pad_id,
@@ -844,7 +947,11 @@ def _build_model(
             model = Qwen2_5_VLForConditionalGeneration(config)
         else:
             config = Qwen2VLConfig(
-                text_config=text, vision_config=vision, **tokens, pad_token_id=pad_id, bos_token_id=bos_id,
+                text_config=text,
+                vision_config=vision,
+                **tokens,
+                pad_token_id=pad_id,
+                bos_token_id=bos_id,
                 eos_token_id=eos_id,
             )
             model = Qwen2VLForConditionalGeneration(config)
@@ -882,7 +989,9 @@ def build_tiny_vlm(
     if grid * grid != image_tokens:
         raise ValueError(f"image_tokens must be a square number (a grid of patches), got {image_tokens}")
     if image_size % (2 * grid):
-        raise ValueError(f"image_size must be a multiple of {2 * grid} for {image_tokens} image tokens, got {image_size}")
+        raise ValueError(
+            f"image_size must be a multiple of {2 * grid} for {image_tokens} image tokens, got {image_size}"
+        )
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
         raise ValueError("hidden_size / num_heads must be an even integer")
     tokenizer = build_tiny_tokenizer(family, corpus)

@@ -55,7 +55,9 @@ class TaskSpecificModel(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         kwargs = dict(pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
         try:
-            self.model = timm.create_model(model_name, **kwargs, **({} if img_size is None else {"img_size": img_size}))
+            self.model = timm.create_model(
+                model_name, **kwargs, **({} if img_size is None else {"img_size": img_size})
+            )
         except TypeError as err:
             if img_size is None or "img_size" not in str(err):
                 raise
@@ -63,12 +65,14 @@ class TaskSpecificModel(nn.Module):
             self.model = timm.create_model(model_name, **kwargs)
         # What it takes to rebuild this model; weights then come from model.safetensors, so
         # `pretrained` is deliberately not part of it.
-        self.config = TSMConfig({
-            "model_name": model_name,
-            "num_classes": num_classes,
-            "img_size": img_size,
-            "timm_kwargs": dict(timm_kwargs),
-        })
+        self.config = TSMConfig(
+            {
+                "model_name": model_name,
+                "num_classes": num_classes,
+                "img_size": img_size,
+                "timm_kwargs": dict(timm_kwargs),
+            }
+        )
         self.feature_dim: int = self.model.num_features
         self.num_prefix_tokens: int = int(getattr(self.model, "num_prefix_tokens", 0))
 
@@ -163,8 +167,12 @@ class TaskSpecificModel(nn.Module):
         config = read_json(config_path)
         if config.get("backend") == TransformersTSM.backend:
             return TransformersTSM.load(path, map_location)
-        check_fields(config, {"model_name": "str", "num_classes": "positive", "img_size": "sizes?",
-                              "timm_kwargs": "object"}, config_path, required=("model_name", "num_classes"))
+        check_fields(
+            config,
+            {"model_name": "str", "num_classes": "positive", "img_size": "sizes?", "timm_kwargs": "object"},
+            config_path,
+            required=("model_name", "num_classes"),
+        )
         tsm = cls(
             config["model_name"],
             config["num_classes"],
@@ -193,8 +201,10 @@ class TransformersTSM(TaskSpecificModel):
         num_classes = int(model.config.num_labels)
         heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
         if not heads:
-            raise ValueError(f"{type(model).__name__} has no linear layer with num_labels={num_classes} outputs: "
-                             "not an image classifier")
+            raise ValueError(
+                f"{type(model).__name__} has no linear layer with num_labels={num_classes} outputs: "
+                "not an image classifier"
+            )
         self._head = heads[-1]
         self.config = TSMConfig({"backend": self.backend, "num_classes": num_classes})
         self.feature_dim = self._head.in_features
@@ -213,8 +223,10 @@ class TransformersTSM(TaskSpecificModel):
 
     def features(self, pixel_values: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
         if kind != "pooled":
-            raise ValueError(f"a transformers classifier gives the pooled feature only, not {kind!r} (timm TSMs "
-                             "give patch tokens too)")
+            raise ValueError(
+                f"a transformers classifier gives the pooled feature only, not {kind!r} (timm TSMs "
+                "give patch tokens too)"
+            )
         seen: list[torch.Tensor] = []
         handle = self._head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         try:
@@ -279,8 +291,13 @@ def tsm_predict(
 
 
 def checked_labels(
-    dataset, num_classes: int, image_column: str, label_column: str, name: str,
-    task_sizes: Sequence[int] | None = None, task_column: str = "task",
+    dataset,
+    num_classes: int,
+    image_column: str,
+    label_column: str,
+    name: str,
+    task_sizes: Sequence[int] | None = None,
+    task_column: str = "task",
 ) -> tuple[list[int], list[int] | None]:
     """Read all labels once, failing early (before any training step) on bad data.
 
@@ -301,14 +318,18 @@ def checked_labels(
                 raise ValueError(f"{name} row {row} has label {label}, outside [0, {num_classes})")
         return labels, None
     if sum(task_sizes) != num_classes:
-        raise ValueError(f"task_sizes {list(task_sizes)} sum to {sum(task_sizes)}, but the TSM has {num_classes} classes")
+        raise ValueError(
+            f"task_sizes {list(task_sizes)} sum to {sum(task_sizes)}, but the TSM has {num_classes} classes"
+        )
     offsets = task_offsets(task_sizes)
     task_ids = [int(t) for t in dataset[task_column]]
     for row, (label, task) in enumerate(zip(labels, task_ids)):
         if not 0 <= task < len(task_sizes):
             raise ValueError(f"{name} row {row} has task {task}, outside [0, {len(task_sizes)})")
         if not 0 <= label < task_sizes[task]:
-            raise ValueError(f"{name} row {row} has label {label}, outside task {task}'s [0, {task_sizes[task]})")
+            raise ValueError(
+                f"{name} row {row} has label {label}, outside task {task}'s [0, {task_sizes[task]})"
+            )
     return [offsets[t] + label for label, t in zip(labels, task_ids)], task_ids
 
 
@@ -321,7 +342,9 @@ def task_offsets(task_sizes: Sequence[int]) -> list[int]:
     return offsets
 
 
-def restrict_to_tasks(logits: torch.Tensor, task_ids: torch.Tensor, task_sizes: Sequence[int]) -> torch.Tensor:
+def restrict_to_tasks(
+    logits: torch.Tensor, task_ids: torch.Tensor, task_sizes: Sequence[int]
+) -> torch.Tensor:
     """Set every logit outside the row's own task range to -inf (shared head, per-task softmax)."""
     offsets = torch.tensor(task_offsets(task_sizes), device=logits.device)
     sizes = torch.tensor(list(task_sizes), device=logits.device)
@@ -337,7 +360,11 @@ def running_batchnorm(model: nn.Module, active: bool):
     """On a one-row batch (a one-row split, or ``batch_size=1``) BatchNorm cannot compute batch
     statistics; let it normalise with its running statistics for that step (its affine weights
     still train) instead of failing."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if active else []
+    norms = (
+        [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if active
+        else []
+    )
     for m in norms:
         m.eval()
     try:

@@ -45,11 +45,17 @@ def wrap_lora(model, args: VLMTuningArguments, peft_config=None):
             raise ValueError("A 4-bit model cannot be trained without adapters: set use_lora=True (QLoRA)")
         return model
     if quantized:
-        model = prepare_for_training(model, gradient_checkpointing=bool(args.gradient_checkpointing), quantized=True)
+        model = prepare_for_training(
+            model, gradient_checkpointing=bool(args.gradient_checkpointing), quantized=True
+        )
     from peft import get_peft_model
 
     peft_config = peft_config or lora_config(
-        model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=args.lora_target_modules
+        model,
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
     )
     return get_peft_model(model, peft_config)
 
@@ -68,8 +74,17 @@ def check_datasets(columns: list[str], **datasets) -> None:
                 raise ValueError(f"{name} has no column(s) {missing}; columns: {available}")
 
 
-def check_trainer_inputs(args, config_class, default_output_dir: str, processing_class, *, column_fields: tuple[str, ...],
-                         data_collator=None, train_dataset=None, eval_dataset=None):
+def check_trainer_inputs(
+    args,
+    config_class,
+    default_output_dir: str,
+    processing_class,
+    *,
+    column_fields: tuple[str, ...],
+    data_collator=None,
+    train_dataset=None,
+    eval_dataset=None,
+):
     """The checks every trainer constructor starts with; returns ``args`` (a default config when None).
     ``column_fields``: the config fields naming the columns the default collator reads (not
     checked when a custom ``data_collator`` is given)."""
@@ -139,13 +154,17 @@ class VLMTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}")
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}"
+                )
             resume_from_checkpoint = str(resume_from_checkpoint)
         elif resume_from_checkpoint:
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None and Path(resume_from_checkpoint, MANIFEST_FILE).exists():
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}")
-        lock = OutputDirLock(self.args.output_dir) if self.args.process_index == 0 else contextlib.nullcontext()
+        lock = (
+            OutputDirLock(self.args.output_dir) if self.args.process_index == 0 else contextlib.nullcontext()
+        )
         with lock:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -174,8 +193,11 @@ class VLMTrainer(Trainer):
         """Per term and step: [sum of value x weight, sum of weights], over every process."""
         from hf_vitask.distributed import everyone
 
-        local = [(name, step, weighted, weight) for name, entries in recorded.items()
-                 for step, weighted, weight in entries]
+        local = [
+            (name, step, weighted, weight)
+            for name, entries in recorded.items()
+            for step, weighted, weight in entries
+        ]
         sums: dict[str, dict[int, list[float]]] = {}
         for part in everyone(local) if self.args.world_size > 1 else [local]:  # log() runs on every process
             for name, step, weighted, weight in part:
@@ -199,8 +221,13 @@ class VLMTrainer(Trainer):
 
     # -- the Hub -----------------------------------------------------------------------------------
     def push_to_hub(
-        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
-        revision: str | None = None, private: bool | None = None, **kwargs,
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
     ) -> str | None:
         """Save the bundle to ``output_dir`` and upload it (adapter, connector, TSM, processor, task,
         model card; safetensors only) to ``hub_model_id``. Extra keywords: ``metrics``, ``datasets``,
@@ -229,8 +256,11 @@ class VLMTrainer(Trainer):
 
         if self.is_world_process_zero() and self.args.hub_model_id:
             push_bundle(
-                checkpoint_folder, self.args.hub_model_id, private=bool(self.args.hub_private_repo),
-                commit_message=f"Training in progress, step {self.state.global_step}", token=self.args.hub_token,
+                checkpoint_folder,
+                self.args.hub_model_id,
+                private=bool(self.args.hub_private_repo),
+                commit_message=f"Training in progress, step {self.state.global_step}",
+                token=self.args.hub_token,
             )
 
     # -- saving / loading ----------------------------------------------------------------------------
@@ -256,7 +286,9 @@ class VLMTrainer(Trainer):
         target.mkdir(parents=True, exist_ok=True)
         try:
             model = self.accelerator.unwrap_model(self.model)
-            if isinstance(model, VITaskModel):  # the TSM is frozen: in the final bundle, not in every checkpoint
+            if isinstance(
+                model, VITaskModel
+            ):  # the TSM is frozen: in the final bundle, not in every checkpoint
                 model.save_pretrained(target, save_tsm=not checkpoint, state_dict=state_dict)
             else:
                 model.save_pretrained(target, state_dict=state_dict)
@@ -278,8 +310,11 @@ class VLMTrainer(Trainer):
         from hf_vitask.hub import README_FILE, render_model_card
 
         evaluated = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
-        metrics = {k: v for k, v in (evaluated[-1] if evaluated else {}).items()
-                   if k.startswith("eval_") and isinstance(v, int | float)}
+        metrics = {
+            k: v
+            for k, v in (evaluated[-1] if evaluated else {}).items()
+            if k.startswith("eval_") and isinstance(v, int | float)
+        }
         (folder / README_FILE).write_text(render_model_card(folder, metrics=metrics or None))
 
     def _load_trainable(self, path, model=None) -> None:
@@ -288,7 +323,9 @@ class VLMTrainer(Trainer):
         self.load_extras(Path(path), model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # their own sharded checkpoint holds every weight
+        if (
+            self.is_fsdp_enabled or self.is_deepspeed_enabled
+        ):  # their own sharded checkpoint holds every weight
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_trainable(resume_from_checkpoint, model)
 

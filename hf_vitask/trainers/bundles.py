@@ -37,12 +37,32 @@ __all__ = ["BUNDLE_LIST_FILE", "OutputDirLock", "publish_bundle", "staging_dir"]
 MARKER = VITASK_CONFIG_FILE
 #: Names an hf_vitask bundle may hold (removed from a directory whose bundle predates the list).
 KNOWN_ENTRIES = (
-    MARKER, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONNECTOR_FILE, TSM_DIR,
-    TASK_FILE, TASKS_FILE, TRAINING_CONFIG_FILE, PROXY_FILE, README_FILE, "config.json",
-    "generation_config.json", "model.safetensors", "model.safetensors.index.json", "chat_template.jinja",
-    "chat_template.json", "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model",
+    MARKER,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CONNECTOR_FILE,
+    TSM_DIR,
+    TASK_FILE,
+    TASKS_FILE,
+    TRAINING_CONFIG_FILE,
+    PROXY_FILE,
+    README_FILE,
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
 )
 
 

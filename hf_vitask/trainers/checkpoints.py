@@ -80,8 +80,11 @@ def is_checkpoint_dir(path: str | Path, output_dir: str | Path) -> bool:
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``output_dir``; newer incomplete ones are skipped with a warning."""
-    folders = sorted((p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and _step(p) >= 0),
-                     key=_step, reverse=True)
+    folders = sorted(
+        (p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and _step(p) >= 0),
+        key=_step,
+        reverse=True,
+    )
     for folder in folders:
         problem = checkpoint_problem(folder)
         if problem is None:

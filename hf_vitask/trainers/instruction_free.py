@@ -99,22 +99,34 @@ class InstructionFreeTrainer(VLMTrainer):
         **kwargs,
     ):
         args = check_trainer_inputs(
-            args, InstructionFreeConfig, "instruction-free-output", processing_class,
+            args,
+            InstructionFreeConfig,
+            "instruction-free-output",
+            processing_class,
             column_fields=("image_column", "description_column"),
-            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
         )
         model = build_model(model, args, processing_class, peft_config=peft_config)
         if args.use_proxy:
             proxy = getattr(model, "proxy", None)
             if proxy is None:
                 proxy = ProxyInstruction.from_text(
-                    model.get_input_embeddings(), processing_class, args.proxy_init_text, args.num_proxy_tokens,
-                    resize=args.proxy_init_resize, momentum=args.proxy_momentum, feed=args.proxy_feed,
+                    model.get_input_embeddings(),
+                    processing_class,
+                    args.proxy_init_text,
+                    args.num_proxy_tokens,
+                    resize=args.proxy_init_resize,
+                    momentum=args.proxy_momentum,
+                    feed=args.proxy_feed,
                     generator=torch.Generator().manual_seed(args.seed),
                 )
                 model.proxy = proxy  # a submodule: optimised, moved, counted with the model
             elif proxy.num_tokens != args.num_proxy_tokens:
-                raise ValueError(f"the model's proxy has {proxy.num_tokens} vectors, args ask for {args.num_proxy_tokens}")
+                raise ValueError(
+                    f"the model's proxy has {proxy.num_tokens} vectors, args ask for {args.num_proxy_tokens}"
+                )
             proxy.momentum, proxy.feed = args.proxy_momentum, args.proxy_feed
         if data_collator is None:
             data_collator = InstructionFreeCollator(
@@ -143,7 +155,9 @@ class InstructionFreeTrainer(VLMTrainer):
 
     @property
     def proxy(self) -> ProxyInstruction | None:
-        return getattr(self.accelerator.unwrap_model(self.model), "proxy", None) if self.args.use_proxy else None
+        return (
+            getattr(self.accelerator.unwrap_model(self.model), "proxy", None) if self.args.use_proxy else None
+        )
 
     # -- optimizer: the proxy gets its own group (own lr, no weight decay) ------------------------------
     def create_optimizer(self, model=None):
@@ -155,7 +169,11 @@ class InstructionFreeTrainer(VLMTrainer):
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p is not weight]
             optimizer.add_param_group(
-                {"params": [weight], "weight_decay": 0.0, "lr": self.args.proxy_learning_rate or self.args.learning_rate}
+                {
+                    "params": [weight],
+                    "weight_decay": 0.0,
+                    "lr": self.args.proxy_learning_rate or self.args.learning_rate,
+                }
             )
         return optimizer
 
@@ -166,7 +184,9 @@ class InstructionFreeTrainer(VLMTrainer):
         proxy = self.proxy
         if proxy is not None:
             if slot_mask is None:
-                raise ValueError(f"The batch has no {PROXY_SLOT_MASK}: use InstructionFreeCollator(use_proxy=True)")
+                raise ValueError(
+                    f"The batch has no {PROXY_SLOT_MASK}: use InstructionFreeCollator(use_proxy=True)"
+                )
             with inject_proxy(self.accelerator.unwrap_model(model), proxy, slot_mask):
                 out = model(**inputs)
         else:

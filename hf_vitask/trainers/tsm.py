@@ -33,15 +33,25 @@ class TSMCollator:
     """Rows -> ``pixel_values`` (the TSM's own preprocessing, augmented when ``train``), ``labels`` (ids of
     the shared head) and, with ``task_sizes``, ``task_ids``."""
 
-    def __init__(self, tsm: TaskSpecificModel, *, train: bool, image_column: str = "image", label_column: str = "label",
-                 task_sizes: Sequence[int] | None = None, task_column: str = "task"):
+    def __init__(
+        self,
+        tsm: TaskSpecificModel,
+        *,
+        train: bool,
+        image_column: str = "image",
+        label_column: str = "label",
+        task_sizes: Sequence[int] | None = None,
+        task_column: str = "task",
+    ):
         self.tsm, self.train = tsm, train
         self.image_column, self.label_column, self.task_column = image_column, label_column, task_column
         self.task_sizes = list(task_sizes) if task_sizes is not None else None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([int(row[self.label_column]) for row in rows])
-        batch = {"pixel_values": self.tsm.preprocess([row[self.image_column] for row in rows], train=self.train)}
+        batch = {
+            "pixel_values": self.tsm.preprocess([row[self.image_column] for row in rows], train=self.train)
+        }
         if self.task_sizes is not None:
             task_ids = torch.tensor([int(row[self.task_column]) for row in rows])
             labels = labels + torch.tensor(task_offsets(self.task_sizes))[task_ids]
@@ -63,21 +73,43 @@ class TSMTrainer(Trainer):
     saved model are the TSM's own ``model.safetensors`` + ``tsm_config.json``.
     """
 
-    def __init__(self, model: TaskSpecificModel, args: TrainingArguments, train_dataset=None, eval_dataset=None, *,
-                 image_column: str = "image", label_column: str = "label", task_sizes: Sequence[int] | None = None,
-                 task_column: str = "task", **kwargs):
+    def __init__(
+        self,
+        model: TaskSpecificModel,
+        args: TrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        image_column: str = "image",
+        label_column: str = "label",
+        task_sizes: Sequence[int] | None = None,
+        task_column: str = "task",
+        **kwargs,
+    ):
         if args.remove_unused_columns:  # the collator reads the image and label columns itself
             args.remove_unused_columns = False
         args.label_names = ["labels"]
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
-                checked_labels(dataset, model.num_classes, image_column, label_column, name, task_sizes, task_column)
-        columns = dict(image_column=image_column, label_column=label_column, task_sizes=task_sizes,
-                       task_column=task_column)
+                checked_labels(
+                    dataset, model.num_classes, image_column, label_column, name, task_sizes, task_column
+                )
+        columns = dict(
+            image_column=image_column,
+            label_column=label_column,
+            task_sizes=task_sizes,
+            task_column=task_column,
+        )
         self.eval_collator = TSMCollator(model, train=False, **columns)
         kwargs.setdefault("compute_metrics", _accuracy)
-        super().__init__(model=model, args=args, data_collator=TSMCollator(model, train=True, **columns),
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=TSMCollator(model, train=True, **columns),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            **kwargs,
+        )
         self.task_sizes = list(task_sizes) if task_sizes is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -107,7 +139,9 @@ class TSMTrainer(Trainer):
         from hf_vitask.models.tsm import WEIGHTS_NAME
 
         tsm = self.accelerator.unwrap_model(model or self.model)
-        load_model(tsm.model, f"{resume_from_checkpoint}/{WEIGHTS_NAME}", device=str(next(tsm.parameters()).device))
+        load_model(
+            tsm.model, f"{resume_from_checkpoint}/{WEIGHTS_NAME}", device=str(next(tsm.parameters()).device)
+        )
 
     def _load_best_model(self):
         self._load_from_checkpoint(self.state.best_model_checkpoint)
@@ -135,7 +169,9 @@ class _KeepBest(TrainerCallback):
 def _callers_rng_kept():
     """The Trainer seeds the global generators; give the caller's states back afterwards."""
     python, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+    with torch.random.fork_rng(
+        devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    ):
         try:
             yield
         finally:
@@ -181,23 +217,45 @@ def train_tsm(
         if args is None:
             output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf-vitask-tsm-"))
             args = TrainingArguments(
-                output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-                per_device_eval_batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-                lr_scheduler_type="cosine", optim="adamw_torch", seed=seed, data_seed=seed,
-                eval_strategy="epoch" if eval_dataset is not None else "no", logging_strategy="epoch",
-                save_strategy="no", report_to="none", disable_tqdm=not progress, use_cpu=where.type == "cpu",
-                dataloader_pin_memory=False, remove_unused_columns=False,
+                output_dir=output_dir,
+                num_train_epochs=epochs,
+                per_device_train_batch_size=batch_size,
+                per_device_eval_batch_size=batch_size,
+                learning_rate=learning_rate,
+                weight_decay=weight_decay,
+                lr_scheduler_type="cosine",
+                optim="adamw_torch",
+                seed=seed,
+                data_seed=seed,
+                eval_strategy="epoch" if eval_dataset is not None else "no",
+                logging_strategy="epoch",
+                save_strategy="no",
+                report_to="none",
+                disable_tqdm=not progress,
+                use_cpu=where.type == "cpu",
+                dataloader_pin_memory=False,
+                remove_unused_columns=False,
             )
         keep_best = _KeepBest()
-        trainer = TSMTrainer(tsm, args, train_dataset, eval_dataset, image_column=image_column,
-                             label_column=label_column, task_sizes=task_sizes, task_column=task_column,
-                             callbacks=[keep_best] if not args.load_best_model_at_end else None)
+        trainer = TSMTrainer(
+            tsm,
+            args,
+            train_dataset,
+            eval_dataset,
+            image_column=image_column,
+            label_column=label_column,
+            task_sizes=task_sizes,
+            task_column=task_column,
+            callbacks=[keep_best] if not args.load_best_model_at_end else None,
+        )
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     history: dict = {"train_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
     accuracies = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
     if eval_dataset is not None:
         history["eval_accuracy"] = accuracies
-    history["best_epoch"] = accuracies.index(max(accuracies)) if accuracies else len(history["train_loss"]) - 1
+    history["best_epoch"] = (
+        accuracies.index(max(accuracies)) if accuracies else len(history["train_loss"]) - 1
+    )
     tsm.zero_grad(set_to_none=True)  # leave no stale gradients on a model others will freeze
     tsm.eval()
     return history

@@ -129,8 +129,14 @@ class VITaskTrainer(VLMTrainer):
         **kwargs,
     ):
         args = check_trainer_inputs(
-            args, VITaskConfig, "vitask-output", processing_class, column_fields=("image_column", "label_column"),
-            data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            args,
+            VITaskConfig,
+            "vitask-output",
+            processing_class,
+            column_fields=("image_column", "label_column"),
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
         )
         frozen_teacher = args.rda_teacher == "frozen" and args.rda_weight > 0
         if frozen_teacher and teacher is None:
@@ -138,7 +144,9 @@ class VITaskTrainer(VLMTrainer):
         if teacher is not None and not frozen_teacher:
             raise ValueError("A teacher was passed but rda_teacher is not 'frozen' (or rda_weight is 0)")
         has_tsm = tsm is not None or getattr(model, "tsm", None) is not None
-        if (args.uses_exemplar or frozen_teacher) and not has_tsm:  # checked before the user's model is wrapped
+        if (
+            args.uses_exemplar or frozen_teacher
+        ) and not has_tsm:  # checked before the user's model is wrapped
             raise ValueError(
                 "This configuration runs the exemplar (EP) pass or an EP teacher, which needs a trained TSM: pass tsm=... "
                 "(or set ep_weight=0 and rda_weight=0 for plain instruction tuning)"
@@ -146,10 +154,15 @@ class VITaskTrainer(VLMTrainer):
         check_tsm_matches_tasks(tsm if tsm is not None else getattr(model, "tsm", None), task)
         model = build_model(model, args, processing_class, tsm=tsm, peft_config=peft_config)
         if args.uses_exemplar and model.connector is None:
-            raise ValueError("This model has no exemplar connector (it was built without a TSM); EP cannot run")
+            raise ValueError(
+                "This model has no exemplar connector (it was built without a TSM); EP cannot run"
+            )
         needs = {
-            "return_sample_keys": bool(frozen_teacher and args.rda_teacher_cache),  # the teacher-output cache key
-            "return_images": kwargs.get("compute_metrics") is not None,  # prediction_step scores every class option
+            "return_sample_keys": bool(
+                frozen_teacher and args.rda_teacher_cache
+            ),  # the teacher-output cache key
+            "return_images": kwargs.get("compute_metrics")
+            is not None,  # prediction_step scores every class option
         }
         if data_collator is None:
             if task is None:
@@ -169,8 +182,12 @@ class VITaskTrainer(VLMTrainer):
                 **{flag: True for flag, needed in needs.items() if needed},
             )
         elif isinstance(data_collator, VITaskCollator):
-            needs["with_negatives"] = args.effective_crt_weight > 0  # CRT negatives are picked by the collator only
-            missing = {flag: True for flag, needed in needs.items() if needed and not getattr(data_collator, flag)}
+            needs["with_negatives"] = (
+                args.effective_crt_weight > 0
+            )  # CRT negatives are picked by the collator only
+            missing = {
+                flag: True for flag, needed in needs.items() if needed and not getattr(data_collator, flag)
+            }
             if missing:  # a configured copy: the caller's collator is left as it was given
                 data_collator = dataclasses.replace(data_collator, **missing)
         super().__init__(
@@ -210,8 +227,10 @@ class VITaskTrainer(VLMTrainer):
         if not (path / VITASK_CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a saved VITask model (no {VITASK_CONFIG_FILE})")
         if not model.is_peft:
-            raise ValueError("A frozen teacher loaded from disk shares the base weights as a second LoRA adapter; "
-                             "the model being trained must be a peft model (use_lora=True)")
+            raise ValueError(
+                "A frozen teacher loaded from disk shares the base weights as a second LoRA adapter; "
+                "the model being trained must be a peft model (use_lora=True)"
+            )
         model.vlm.load_adapter(str(path), adapter_name=TEACHER_ADAPTER, is_trainable=False)
         model.vlm.set_adapter(model.vlm.active_adapter)  # keep training the student adapter
         cfg = read_vitask_config(path)
@@ -225,14 +244,21 @@ class VITaskTrainer(VLMTrainer):
         """Warn when caching the teacher's full distribution would take more than ``limit_gib`` of RAM."""
         args = self.args
         tasks = self.task if isinstance(self.task, list) else [self.task]
-        if not args.rda_teacher_cache or args.rda_teacher_topk or self.task is None or self.train_dataset is None:
+        if (
+            not args.rda_teacher_cache
+            or args.rda_teacher_topk
+            or self.task is None
+            or self.train_dataset is None
+        ):
             return
         try:
             rows = len(self.train_dataset)
         except TypeError:  # an iterable dataset: size unknown
             return
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        tokens = max(len(tokenizer(t.response(c))["input_ids"]) + 1 for t in tasks for c in range(t.num_classes))
+        tokens = max(
+            len(tokenizer(t.response(c))["input_ids"]) + 1 for t in tasks for c in range(t.num_classes)
+        )
         vocab = self.model.vlm.get_output_embeddings().weight.shape[0]
         gib = rows * tokens * vocab * 4 / 2**30
         if gib > limit_gib:
@@ -274,7 +300,9 @@ class VITaskTrainer(VLMTrainer):
         """L_RDA against the frozen teacher: from the per-sample cache when the batch names its samples."""
         temperature = self.args.rda_temperature
         if sample_keys is None or not self.args.rda_teacher_cache:
-            return rda_kl(student_logits, self._frozen_teacher_logits(model, inputs, tsm_pixel_values), temperature)
+            return rda_kl(
+                student_logits, self._frozen_teacher_logits(model, inputs, tsm_pixel_values), temperature
+            )
         logprobs, index = self._cached_teacher(model, inputs, tsm_pixel_values, sample_keys)
         return rda_kl_cached(student_logits, logprobs, index, temperature)
 
@@ -303,7 +331,8 @@ class VITaskTrainer(VLMTrainer):
             for i in missing:
                 end = start + counts[i]
                 new[sample_keys[i]] = (
-                    logprobs[start:end].cpu(), None if index is None else index[start:end].to(torch.int32).cpu()
+                    logprobs[start:end].cpu(),
+                    None if index is None else index[start:end].to(torch.int32).cpu(),
                 )
                 start = end
         self.teacher_passes += len(new)
@@ -348,9 +377,14 @@ class VITaskTrainer(VLMTrainer):
             )
         # one forward for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes),
         # through the distributed wrapper when there is one
-        passes = model(**inputs, tsm_pixel_values=tsm_pixel_values if args.uses_exemplar else None,
-                       passes={"mode": args.pass_fusion,
-                               "negative_index": negative_index if args.effective_crt_weight > 0 else None})
+        passes = model(
+            **inputs,
+            tsm_pixel_values=tsm_pixel_values if args.uses_exemplar else None,
+            passes={
+                "mode": args.pass_fusion,
+                "negative_index": negative_index if args.effective_crt_weight > 0 else None,
+            },
+        )
         exemplar = passes.exemplar
         student = passes.plain
         targets = student.response_targets
@@ -362,21 +396,35 @@ class VITaskTrainer(VLMTrainer):
                 teacher = passes.ep.response_logits
                 if not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
                     teacher = self._self_teacher_without_dropout(model, inputs, exemplar)
-                terms["rda"] = rda_kl(student.response_logits, teacher, args.rda_temperature, detach=args.rda_detach)
+                terms["rda"] = rda_kl(
+                    student.response_logits, teacher, args.rda_temperature, detach=args.rda_detach
+                )
             else:
-                terms["rda"] = self._frozen_rda(unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys)
+                terms["rda"] = self._frozen_rda(
+                    unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys
+                )
         scale = {}
         if args.effective_crt_weight > 0:
             keep = (negative_index >= 0)[response_row_ids(inputs["labels"])]
-            terms["crt"] = crt_loss(student.response_logits[keep], passes.negative.response_logits, targets[keep])
+            terms["crt"] = crt_loss(
+                student.response_logits[keep], passes.negative.response_logits, targets[keep]
+            )
             self._log_crt_coverage(model, inputs["labels"], negative_index)
-            if num_items_in_batch is not None and keep.any():  # sum / all tokens -> mean over the covered ones
+            if (
+                num_items_in_batch is not None and keep.any()
+            ):  # sum / all tokens -> mean over the covered ones
                 scale["crt"] = keep.numel() / keep.sum().item()
 
-        weights = {"van": args.van_weight, "ep": args.ep_weight, "rda": args.rda_weight, "crt": args.effective_crt_weight}
+        weights = {
+            "van": args.van_weight,
+            "ep": args.ep_weight,
+            "rda": args.rda_weight,
+            "crt": args.effective_crt_weight,
+        }
         loss = sum(
             weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
-            for k, v in terms.items() if weights[k] > 0
+            for k, v in terms.items()
+            if weights[k] > 0
         )
         weight = targets.numel() if num_items_in_batch is not None else 1.0  # as the terms enter the loss
         for k, v in terms.items():
@@ -384,7 +432,9 @@ class VITaskTrainer(VLMTrainer):
                 self.record(model, f"loss_{k}", v, weight)
         loss = self.scale_for_devices(loss, num_items_in_batch)
         if return_outputs:
-            return loss, VITaskOutput(loss=loss, response_logits=student.response_logits, response_targets=targets)
+            return loss, VITaskOutput(
+                loss=loss, response_logits=student.response_logits, response_targets=targets
+            )
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -399,14 +449,24 @@ class VITaskTrainer(VLMTrainer):
         class_ids = inputs.get("class_ids")
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        if prediction_loss_only or self.compute_metrics is None or images is None or not isinstance(self.task, TaskSpec):
+        if (
+            prediction_loss_only
+            or self.compute_metrics is None
+            or images is None
+            or not isinstance(self.task, TaskSpec)
+        ):
             return loss.detach(), None, None
         from hf_vitask.evaluation import score_options
 
         scores = score_options(
-            self.accelerator.unwrap_model(model), self.processing_class, self.task, images,
-            use_tsm=self.args.metric_use_tsm, complete_instruction=self.args.instruction == "complete",
-            batch_size=len(images), option_score=self.args.metric_option_score,
+            self.accelerator.unwrap_model(model),
+            self.processing_class,
+            self.task,
+            images,
+            use_tsm=self.args.metric_use_tsm,
+            complete_instruction=self.args.instruction == "complete",
+            batch_size=len(images),
+            option_score=self.args.metric_option_score,
         )
         return loss.detach(), scores.to(loss.device), class_ids[: len(images)]
 
