@@ -320,6 +320,9 @@ def test_resume_restores_proxy_ema_and_lora_exactly(tmp_path, described):
     want = _lora(straight.model)
     for n, p in _lora(resumed.model).items():
         assert torch.allclose(p, want[n], atol=1e-6), n
+    # each run collated with its own copy: the trainers' collators are as configured
+    assert resumed.data_collator.batch_index == straight.data_collator.batch_index == 0
+    assert resumed.train_collator is not resumed.data_collator and resumed.train_collator.batch_index > 0
 
 
 def test_fixed_instruction_baseline_runs(tmp_path, described):

@@ -27,24 +27,17 @@ from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
 
 
 class ProxyEMACallback(TrainerCallback):
-    """Updates the proxy EMA after every optimizer step. On train begin, the training dataloader
-    gets a copy of the collator whose shuffling stream starts at the first batch still to be
-    trained (exact resume); the collator the trainer was given is left as it is."""
+    """Updates the proxy EMA after every optimizer step. On train begin, points the shuffling stream
+    of this run's collator (the trainer's own copy, see ``get_train_dataloader``) at the first
+    batch still to be trained (exact resume)."""
 
     def __init__(self, trainer: InstructionFreeTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        collator = self.trainer.data_collator
-        if not isinstance(collator, InstructionFreeCollator) or train_dataloader is None:
-            return
-        if train_dataloader.collate_fn is not collator:
-            raise TypeError(
-                "The training dataloader does not collate with the trainer's InstructionFreeCollator "
-                f"(it uses {type(train_dataloader.collate_fn).__name__}); keep remove_unused_columns=False"
-            )
-        start = _batches_consumed(args, state.global_step, len(train_dataloader))
-        train_dataloader.collate_fn = dataclasses.replace(collator, batch_index=start)
+        collator = self.trainer.train_collator
+        if collator is not None and train_dataloader is not None:
+            collator.batch_index = _batches_consumed(args, state.global_step, len(train_dataloader))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.proxy is not None:
@@ -151,6 +144,8 @@ class InstructionFreeTrainer(VLMTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self.train_collator: InstructionFreeCollator | None = None
+        """The copy of ``data_collator`` the current training run collates with."""
         self.add_callback(ProxyEMACallback(self))
 
     @property
@@ -199,7 +194,20 @@ class InstructionFreeTrainer(VLMTrainer):
         loss = self.scale_for_devices(loss, num_items_in_batch)
         return (loss, out) if return_outputs else loss
 
-    # -- evaluation reads the descriptions as written: a configured copy of the collator, never a flag flip --
+    # -- each run collates with a copy of the collator: the one given is never changed ---------------------------
+    def get_train_dataloader(self):
+        """The training dataloader, collating with a fresh copy of ``data_collator`` whose shuffling
+        stream this run owns (``train_collator``; the callback starts it where a resumed run stopped)."""
+        given = self.data_collator
+        if isinstance(given, InstructionFreeCollator):
+            self.train_collator = dataclasses.replace(given)
+            self.data_collator = self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = given
+
+    # evaluation reads the descriptions as written: a configured copy of the collator, never a flag flip
     def get_eval_dataloader(self, eval_dataset=None):
         with self._collating_without_shuffling():
             return super().get_eval_dataloader(eval_dataset)
