@@ -149,3 +149,43 @@ def test_rda_kl_cached_topk_spreads_the_rest_evenly():
     near = peaked + 0.3 * torch.randn_like(peaked)
     values, index = torch.log_softmax(peaked, dim=-1).topk(2, dim=-1)
     torch.testing.assert_close(rda_kl_cached(near, values, index), rda_kl(near, peaked), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["token_ce", "rda_kl", "rda_kl_cached", "crt_loss"])
+def test_losses_keep_only_their_inputs_for_backward_and_give_the_same_gradients(name):
+    """The (N, V) intermediates are recomputed in backward: autograd stores nothing beyond the
+    inputs, and values and gradients equal the plain computation's."""
+    from hf_vitask import losses
+
+    torch.manual_seed(0)
+    student = torch.randn(6, 500, requires_grad=True)
+    other = torch.randn(6, 500, requires_grad=name == "crt_loss")
+    targets = torch.randint(0, 500, (6,))
+    args = {
+        "token_ce": (student, targets),
+        "rda_kl": (student, other),
+        "rda_kl_cached": (student, torch.log_softmax(other, -1)),
+        "crt_loss": (student, other, targets),
+    }[name]
+    fn = getattr(losses, name)
+    inputs = {t.untyped_storage().data_ptr() for t in args}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in inputs:
+            saved[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = fn(*args)
+    assert sum(saved.values()) < 6 * 500 * 4  # less than one (N, V) float tensor
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    plain = fn.__wrapped__(*args)
+    (want,) = torch.autograd.grad(plain.sum(), student)
+    torch.testing.assert_close(value, plain)
+    torch.testing.assert_close(grad, want)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved.clear()
+        fn.__wrapped__(*args)
+    assert sum(saved.values()) >= 6 * 500 * 4  # the plain computation stores at least one
