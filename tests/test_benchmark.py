@@ -3,8 +3,9 @@ times it compares, the evaluation methods agree where they must, the teacher the
 
 import importlib.util
 import json
-import re
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
 
@@ -23,90 +24,78 @@ def _ratio_of(ratio: float, numerator: float, denominator: float, decimals: int,
     return low - 0.5 * 10**-decimals - 1e-9 <= ratio <= high + 0.5 * 10**-decimals + 1e-9
 
 
-def test_bench_step_smoke(tmp_path, capsys):
-    bench = _load(BENCH)
-    bench.main(
-        [
-            "--hidden",
-            "32",
-            "--layers",
-            "1",
-            "--heads",
-            "2",
-            "--batch",
-            "4",
-            "--steps",
-            "1",
-            "--teacher-steps",
-            "1",
-            "--image-tokens",
-            "16",
-            "--vocab",
-            "600",
-            "--eval-images",
-            "2",
-            "--output-dir",
-            str(tmp_path),
-        ]
-    )
-    out = capsys.readouterr().out
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--batch", "4", "--teacher-steps", "1"]
+TINY += ["--image-tokens", "16", "--vocab", "600", "--eval-images", "2"]
 
-    # the step table: one row per variant, in order; ratios to the SFT step and to the vanilla step
+
+def _check_step_table(bench, report: dict, out: str, names: list[str]) -> None:
+    """The JSON and the printed table agree, and every ratio is the quotient of the times it compares."""
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
         for line in out.splitlines()
         if line.startswith("| ") and not line.startswith("| variant")
     ]
-    assert [r[0] for r in rows] == list(bench.VARIANTS)
-    table = {r[0]: (float(r[1]), float(r[2].rstrip("x")), float(r[3].rstrip("x")), float(r[4])) for r in rows}
-    sft, vanilla = table[bench.SFT][0], table["vanilla (VITaskTrainer)"][0]
-    assert table[bench.SFT][1] == 1.0 and table["vanilla (VITaskTrainer)"][2] == 1.0
-    for name, (ms, vs_sft, vs_vanilla, memory) in table.items():
-        assert ms > 0 and memory > 0, name
-        assert _ratio_of(vs_sft, ms, sft, 2, 1) and _ratio_of(vs_vanilla, ms, vanilla, 2, 1), name
+    variants = {v["name"]: v for v in report["variants"]}
+    assert [r[0] for r in rows] == list(variants) == names
+    base = {
+        key: variants[name]["step_ms"]
+        for key, name in (("sft", bench.SFT), ("trl", bench.TRL), ("vanilla", bench.VANILLA))
+    }
+    for row in rows:
+        v = variants[row[0]]
+        assert v["step_ms"] > 0 and float(row[1]) == pytest.approx(v["step_ms"], abs=0.05)
+        for key, column in (("sft", 2), ("trl", 3), ("vanilla", 4)):
+            assert v[f"vs_{key}"] == pytest.approx(v["step_ms"] / base[key], rel=1e-9)
+            assert float(row[column].rstrip("x")) == pytest.approx(v[f"vs_{key}"], abs=0.005)
+        # CPU memory: what autograd saves, and what a step adds to a forked child's resident memory
+        assert v["saved_for_backward_mb"] > 0 and v["step_rss_mb"] >= 0, row[0]
+    assert variants[bench.SFT]["vs_sft"] == 1.0 and variants[bench.TRL]["vs_trl"] == 1.0
 
-    # the collator against the stage-2 and the SFT step rates: the two ratios differ by stage-2 / SFT
-    collate_ms, vs_stage2, vs_sft = map(
-        float,
-        re.search(
-            r"TSM pixels\): ([\d.]+) ms/batch, ([\d.]+)x the stage-2 step rate \(([\d.]+)x the SFT", out
-        ).groups(),
+
+def test_bench_step_smoke(tmp_path, capsys):
+    bench = _load(BENCH)
+    report = bench.main(
+        [*TINY, "--steps", "1", "--output-dir", str(tmp_path), "--json", str(tmp_path / "r.json")]
     )
-    stage2 = table["stage 2 (EP + RDA + CRT)"][0]
-    assert _ratio_of(vs_stage2, stage2, collate_ms, 1, 1) and _ratio_of(vs_sft, sft, collate_ms, 1, 1)
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report))
+    assert report["command"].startswith("python benchmarks/bench_step.py --hidden 32")
+    assert report["config"]["vocab"] == 600 and report["config"]["gradient_checkpointing"] is False
+    _check_step_table(bench, report, out, list(bench.VARIANTS))
+
+    # the collator against the stage-2 and the SFT step rates
+    collator = report["collator"]
+    variants = {v["name"]: v for v in report["variants"]}
+    assert collator["vs_stage2_step"] == pytest.approx(
+        variants[bench.STAGE2]["step_ms"] / collator["ms_per_batch"]
+    )
+    assert collator["vs_sft_step"] == pytest.approx(variants[bench.SFT]["step_ms"] / collator["ms_per_batch"])
 
     # the top-k teacher cache: the more tokens kept, the closer to the full distribution's L_RDA
-    differences = {int(k): float(d) for d, k in re.findall(r"([\d.]+)% \(k=(\d+)\)", out)}
-    assert list(differences) == [64, 256] and differences[256] < differences[64]
+    errors = report["teacher_topk_relative_error"]
+    assert list(errors) == ["64", "256"] and errors["256"] < errors["64"]
 
     # evaluation: both likelihood forms score the same, so they predict the same; accuracies are counts of 2
-    evaluation = {
-        name: (float(seconds), float(accuracy))
-        for name, seconds, accuracy in re.findall(
-            r"evaluation of 2 images, (.+?): ([\d.]+) s, accuracy ([\d.]+)", out
-        )
-    }
-    assert list(evaluation) == [
+    evaluation = report["evaluation"]
+    methods = evaluation["methods"]
+    assert list(methods) == [
         "likelihood, shared prompt",
         "likelihood, full sequences",
         "generate-and-parse",
         "generate-and-parse, 16 new tokens",
     ]
-    assert evaluation["likelihood, shared prompt"][1] == evaluation["likelihood, full sequences"][1]
-    assert all(accuracy in (0.0, 0.5, 1.0) for _, accuracy in evaluation.values())
-    faster, new_tokens, full_faster = re.search(
-        r"likelihood \(shared prompt\) is ([\d.]+)x faster than generate-and-parse \((\d+) new tokens\), "
-        r"([\d.]+)x faster than full-sequence",
-        out,
-    ).groups()
-    shared = evaluation["likelihood, shared prompt"][0]
-    assert _ratio_of(float(faster), evaluation["generate-and-parse"][0], shared, 2, 3)
-    assert _ratio_of(float(full_faster), evaluation["likelihood, full sequences"][0], shared, 1, 3)
+    assert (
+        methods["likelihood, shared prompt"]["accuracy"] == methods["likelihood, full sequences"]["accuracy"]
+    )
+    assert all(m["accuracy"] in (0.0, 0.5, 1.0) and m["seconds"] > 0 for m in methods.values())
+    assert evaluation["prefill_seconds"] > 0
     from hf_vitask.data.digits import digits_task
     from hf_vitask.models.tiny import build_tiny_tokenizer
 
     tokenizer, task = build_tiny_tokenizer("llava"), digits_task()  # the answer's tokens + 1
-    assert int(new_tokens) == 1 + max(len(tokenizer(task.response(c))["input_ids"]) for c in range(10))
+    assert evaluation["new_tokens"] == 1 + max(
+        len(tokenizer(task.response(c))["input_ids"]) for c in range(10)
+    )
 
     # the frozen teacher: a stage-1 bundle of --teacher-steps steps, with its connector and TSM
     teacher = tmp_path / "teacher"
@@ -114,6 +103,35 @@ def test_bench_step_smoke(tmp_path, capsys):
         assert (teacher / name).is_file(), name
     config = json.loads((teacher / "training_config.json").read_text())
     assert (config["stage"], config["max_steps"]) == (1, 1)
+
+
+def test_bench_step_with_checkpointing_runs_the_fused_prefix(tmp_path, capsys, caplog):
+    """--gradient-checkpointing turns checkpointing on for every variant, and stage 2 still shares its
+    prefix (no fallback warning); --variants keeps the baselines and stage 2."""
+    import logging
+
+    from hf_vitask.models import passes
+
+    bench = _load(BENCH)
+    passes._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=passes.__name__):
+        report = bench.main(
+            [
+                *TINY,
+                "--steps",
+                "1",
+                "--gradient-checkpointing",
+                "--no-eval",
+                "--variants",
+                "stage 1 (EP + RDA)",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    assert not [r for r in caplog.records if r.name == passes.__name__], "the prefix fell back"
+    assert report["config"]["gradient_checkpointing"] is True and "evaluation" not in report
+    names = [bench.SFT, bench.TRL, bench.VANILLA, "stage 1 (EP + RDA)", bench.STAGE2]
+    _check_step_table(bench, report, capsys.readouterr().out, names)
 
 
 def test_bench_distributed_runs_each_layout_with_its_process_count(capsys):
