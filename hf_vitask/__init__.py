@@ -42,6 +42,7 @@ _EXPORTS = {
     "TaskSpecificModel": "hf_vitask.models.tsm",
     "TransformersTSM": "hf_vitask.models.tsm",
     "tsm_predict": "hf_vitask.models.tsm",
+    "VITaskProcessor": "hf_vitask.processing",
     "TaskSpec": "hf_vitask.task",
     "NonFiniteLossError": "hf_vitask.trainers.base",
     "InstructionFreeTrainer": "hf_vitask.trainers.instruction_free",
@@ -65,6 +66,7 @@ __all__ = [
     "VITaskCollator",
     "VITaskConfig",
     "VITaskModel",
+    "VITaskProcessor",
     "VITaskTrainer",
     "evaluate_tsm",
     "evaluate_vlm",
@@ -122,6 +124,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from hf_vitask.models.modeling import VITaskModel
     from hf_vitask.models.proxy import ProxyInstruction
     from hf_vitask.models.tsm import TaskSpecificModel, TransformersTSM, tsm_predict
+    from hf_vitask.processing import VITaskProcessor
     from hf_vitask.task import TaskSpec
     from hf_vitask.trainers.base import NonFiniteLossError
     from hf_vitask.trainers.instruction_free import InstructionFreeTrainer

@@ -7,6 +7,7 @@ A bundle directory holds the peft adapter, the package's own files and, optional
     exemplar_connector.safetensors                     the EP connector (VITask runs)
     proxy.safetensors                                  the proxy instruction (instruction-free runs)
     task.json | tasks.json                             the TaskSpec(s)
+    vitask_processor.json                              the VITaskProcessor (TSM transform; points to the rest)
     training_config.json, eval_results.json, README.md the run's settings, metrics and model card
     tsm/model.safetensors, tsm/tsm_config.json         the task-specific model
     hf_vitask_bundle.json                              which files make the bundle (local bookkeeping)
@@ -21,6 +22,7 @@ CONNECTOR_FILE = "exemplar_connector.safetensors"
 PROXY_FILE = "proxy.safetensors"
 TASK_FILE = "task.json"
 TASKS_FILE = "tasks.json"  # a multi-task bundle: a list of TaskSpec dicts
+VITASK_PROCESSOR_FILE = "vitask_processor.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 README_FILE = "README.md"

@@ -35,6 +35,7 @@ from hf_vitask.files import (
     TSM_DIR,
     TSM_WEIGHTS_FILE,
     VITASK_CONFIG_FILE,
+    VITASK_PROCESSOR_FILE,
 )
 from hf_vitask.jsonfile import read_json
 from hf_vitask.models.modeling import VITaskModel
@@ -51,6 +52,7 @@ __all__ = [
     "load_vitask",
     "push_bundle",
     "render_model_card",
+    "resolve_bundle",
 ]
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -72,6 +74,7 @@ IGNORE_PATTERNS = (
 class LoadedVITask(NamedTuple):
     model: VITaskModel
     processor: Any
+    """The bundle's :class:`~hf_vitask.processing.VITaskProcessor` (it also stands in for the VLM's processor)."""
     task: TaskSpec | list[TaskSpec] | None
     """The bundle's TaskSpec; a list of them for a multi-task bundle (the order of ``tasks.json``)."""
 
@@ -79,7 +82,9 @@ class LoadedVITask(NamedTuple):
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _resolve_bundle(path: str | PathLike, revision: str | None, token: str | bool | None) -> Path:
+def resolve_bundle(
+    path: str | PathLike, revision: str | None = None, token: str | bool | None = None
+) -> Path:
     """A local bundle directory as is; a hub repo id is downloaded (``snapshot_download``) first."""
     local = Path(path).expanduser()
     if local.is_dir():
@@ -111,21 +116,23 @@ def load_vitask(
     adapter's ``base_model_name_or_path`` unless ``base_model`` is given; ``model_kwargs`` go to
     :func:`hf_vitask.models.loading.load_vlm` (``torch_dtype``, ``device_map``,
     ``load_in_4bit=True`` for a QLoRA base, ...).
-    """
-    from transformers import AutoProcessor
 
-    bundle = _resolve_bundle(path, revision, token)
+    ``processor`` is the bundle's :class:`~hf_vitask.processing.VITaskProcessor`: ``processor(images=...)``
+    gives the inputs of ``model.generate`` and ``processor.parse`` reads the answer; it also goes
+    wherever the VLM's processor went (unknown attributes and ``text=`` calls are the VLM processor's).
+    """
+    from hf_vitask.processing import TSMTransform, VITaskProcessor
+
+    bundle = resolve_bundle(path, revision, token)
     if token is not None and base_model is None:
         model_kwargs.setdefault("token", token)  # a gated base model needs it too
     model = VITaskModel.from_pretrained(bundle, base_model, load_tsm=load_tsm, **model_kwargs)
-    try:
-        processor = AutoProcessor.from_pretrained(str(bundle))
-    except (OSError, ValueError, TypeError) as err:
-        raise FileNotFoundError(
-            f"Cannot load the processor saved in {bundle} (tokenizer / processor files missing or damaged: "
-            f"{' '.join(str(err).split())[:300]})"
-        ) from err
-    return LoadedVITask(model, processor, load_tasks(bundle))
+    processor = VITaskProcessor.from_pretrained(bundle)
+    if model.tsm is None or model.connector is None:  # no exemplar without both: no TSM pixels either
+        processor.tsm_transform = None
+    elif processor.tsm_transform is None:  # a bundle saved before vitask_processor.json
+        processor.tsm_transform = TSMTransform.from_tsm(model.tsm)
+    return LoadedVITask(model, processor, processor.task)
 
 
 # -- which files go up ---------------------------------------------------------------------------------
@@ -204,6 +211,7 @@ _FILE_NOTES = {
     VITASK_CONFIG_FILE: "family, image token ids, connector shape",
     TASK_FILE: "class names and instruction templates (TaskSpec)",
     TASKS_FILE: "the TaskSpecs of a multi-task run",
+    VITASK_PROCESSOR_FILE: "VITaskProcessor: the TSM image transform (loads with the processor and task)",
     TRAINING_CONFIG_FILE: "VITaskConfig used for training",
     EVAL_RESULTS_FILE: "last evaluation",
     f"{TSM_DIR}/{TSM_WEIGHTS_FILE}": "task-specific model (timm) weights",

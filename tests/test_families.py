@@ -318,3 +318,36 @@ def test_lora_targets_the_text_decoder_only(name):
     layers = vlm.config.get_text_config().num_hidden_layers  # Mllama adds a cross-attention layer
     assert len(targets) == layers * 7  # q, k, v, o (self- or cross-attention), gate, up, down per layer
     assert not any(f".{kept}." in t for t in targets for kept in family.vision_modules)
+
+
+def test_processor_renders_the_collators_batch_and_the_generation_prompt(name, digits, task, tsm):
+    from hf_vitask.data.collator import build_prompts, generation_prompts
+    from hf_vitask.processing import VITaskProcessor
+
+    _, processor = build_tiny_vlm(name, seed=0)
+    vp = VITaskProcessor(processor, task, tsm)
+    rows = _rows(digits, n=3)
+    images, labels = [r["image"] for r in rows], [r["label"] for r in rows]
+    batch = vp(images=images, responses=labels)
+    expected = VITaskCollator(processor, task, tsm=tsm)(rows)
+    expected.pop("class_ids")
+    assert sorted(batch) == sorted(expected)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    for i, (image, label) in enumerate(zip(images, labels)):
+        prompt = generation_prompts(processor, [image], [task.instruction()])["input_ids"][0]
+        ids, row_labels = batch["input_ids"][i], batch["labels"][i]
+        length = int(batch["attention_mask"][i].sum())
+        assert batch["attention_mask"][i, :length].all()  # right padding
+        assert torch.equal(ids[: len(prompt)], prompt)  # the training prompt is the generation prompt
+        assert (row_labels[: len(prompt)] == IGNORE_INDEX).all()
+        assert (row_labels[length:] == IGNORE_INDEX).all()
+        assert torch.equal(row_labels[len(prompt) : length], ids[len(prompt) : length])
+        learnt = processor.tokenizer.decode(ids[len(prompt) : length], skip_special_tokens=True)
+        assert learnt.strip().startswith(task.response(label)), (learnt, task.response(label))
+    inputs = vp(images=images)
+    assert torch.equal(inputs.pop("tsm_pixel_values"), tsm.preprocess(images))
+    prompts = build_prompts(processor, task, images)
+    assert sorted(inputs) == sorted(prompts)
+    for key in prompts:
+        assert torch.equal(inputs[key], prompts[key]), key

@@ -40,6 +40,7 @@ BUNDLE_FILES = {
     "tsm/model.safetensors",
     "tsm/tsm_config.json",
     "vitask_config.json",
+    "vitask_processor.json",
 }
 JUNK = [  # what a training directory also holds; none of it may go up
     "training_args.bin", "pytorch_model.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "notes.pkl",

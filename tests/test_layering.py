@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_vitask"
 LAYERS = [
     {"version", "files", "config", "losses", "task", "metrics", "jsonfile", "distributed"},
     {"models", "data"},
-    {"evaluation", "hub"},
+    {"evaluation", "hub", "processing"},
     {"trainers"},
     {"pipeline", "ablation", "quickstart"},
     {"cli"},

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.files import TRAINING_CONFIG_FILE
 from hf_vitask.models.modeling import VITaskModel, is_peft_model
+from hf_vitask.processing import VITaskProcessor
 from hf_vitask.trainers.bundles import OutputDirLock, publish_bundle, staging_dir
 from hf_vitask.trainers.checkpoints import (
     MANIFEST_FILE,
@@ -295,6 +296,9 @@ class VLMTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(target))
             self.save_extras(target, state_dict)
+            if self.processing_class is not None:  # renders the inputs this run trained on
+                tsm = getattr(model, "tsm", None) if getattr(model, "connector", None) is not None else None
+                VITaskProcessor(self.processing_class, getattr(self, "task", None), tsm).save_config(target)
             (target / TRAINING_CONFIG_FILE).write_text(json.dumps(self.args.effective_dict(), indent=2))
             self._write_model_card(target)
         except BaseException:

@@ -30,6 +30,7 @@ from hf_vitask.files import (
     TRAINING_CONFIG_FILE,
     TSM_DIR,
     VITASK_CONFIG_FILE,
+    VITASK_PROCESSOR_FILE,
 )
 
 __all__ = ["BUNDLE_LIST_FILE", "OutputDirLock", "publish_bundle", "staging_dir"]
@@ -44,6 +45,7 @@ KNOWN_ENTRIES = (
     TSM_DIR,
     TASK_FILE,
     TASKS_FILE,
+    VITASK_PROCESSOR_FILE,
     TRAINING_CONFIG_FILE,
     PROXY_FILE,
     README_FILE,
