@@ -2,7 +2,7 @@
 
 A bundle is the directory ``VITaskTrainer.save_model`` writes: the LoRA adapter (or full model),
 the exemplar connector and the TSM (all safetensors), the processor, ``task.json``,
-``vitask_config.json`` and ``training_config.json``. :func:`push_bundle` uploads exactly those
+``vitask_processor.json``, ``vitask_config.json`` and ``training_config.json``. :func:`push_bundle` uploads exactly those
 files plus a ``README.md`` model card — never pickles, optimizer / scheduler / RNG state or
 ``checkpoint-*`` directories.
 """

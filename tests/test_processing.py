@@ -171,7 +171,8 @@ def test_transformers_tsm_transform_round_trips(digits):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, digits, task):
-    """One VITask stage-1 step with a TSM on tiny llava, saved with save_model."""
+    """One VITask stage-1 step with a TSM on tiny llava, saved with save_model; the trainer is given a
+    VITaskProcessor as its processing_class (the plain VLM processor is what the other suites give)."""
     from hf_vitask import VITaskConfig, VITaskTrainer
 
     root = tmp_path_factory.mktemp("processing")
@@ -179,8 +180,8 @@ def bundle(tmp_path_factory, digits, task):
     args = VITaskConfig(output_dir=str(root / "run"), max_steps=1, per_device_train_batch_size=2, report_to="none",
                         save_strategy="no", lora_r=4, disable_tqdm=True)  # fmt: skip
     tsm = TaskSpecificModel("test_resnet", num_classes=10, img_size=32)
-    trainer = VITaskTrainer(model=vlm, args=args, processing_class=processor, train_dataset=digits["train"],
-                            task=task, tsm=tsm)  # fmt: skip
+    trainer = VITaskTrainer(model=vlm, args=args, processing_class=VITaskProcessor(processor, task, tsm),
+                            train_dataset=digits["train"], task=task, tsm=tsm)  # fmt: skip
     trainer.train()
     trainer.save_model(str(root / "vitask-digits"))
     return root / "vitask-digits", processor, tsm
