@@ -153,6 +153,23 @@ def test_save_and_from_pretrained_give_the_same_tensors(llava, cnn, digits, task
         VITaskProcessor.from_pretrained(str(tmp_path / "missing") + "/")
 
 
+def test_a_repo_id_resolves_as_load_vitask_does(llava, task, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, processor = llava
+    VITaskProcessor(processor, task).save_pretrained(tmp_path)
+    calls = []
+
+    def snapshot_download(**kwargs):  # the Hub, intercepted
+        calls.append(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = VITaskProcessor.from_pretrained("me/digits-vitask", revision="v1")
+    assert calls == [{"repo_id": "me/digits-vitask", "revision": "v1", "token": None}]
+    assert loaded.task == task and loaded.tsm_transform is None
+
+
 def test_transformers_tsm_transform_round_trips(digits):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
