@@ -17,6 +17,8 @@ PROXY_INIT_RESIZES = ("linear", "repeat")
 DEFAULT_INSTRUCTION = "Describe the findings in this image."
 CRT_NEGATIVES = ("batch", "batch+dataset")
 PASS_MODES = ("prefix", "batch", "none")
+#: Where the frozen RDA teacher's outputs are cached ("auto": chosen from the estimated size).
+TEACHER_CACHE_MODES = ("auto", "memory", "disk", "off")
 #: How a class's answer is scored from its token log-probabilities: their sum (the answer's
 #: log-likelihood) or their mean (per token: no preference for short class names).
 OPTION_SCORES = ("sum", "mean")
@@ -194,20 +196,25 @@ class VITaskConfig(VLMTuningArguments):
             "no effect when lora_dropout is 0)."
         },
     )
-    rda_teacher_cache: bool = field(
-        default=True,
+    rda_teacher_cache: str = field(
+        default="auto",
         metadata={
             "help": "With rda_teacher='frozen': keep the teacher's response-token log-probabilities per training sample "
-            "(keyed by image and text), so the frozen teacher runs once per sample instead of once per step."
+            "(keyed by image and text), so the frozen teacher runs once per sample instead of once per step. 'memory': "
+            "in RAM; 'disk': in <output_dir>/teacher_cache (RAM holds only its index; a resumed run reuses it); "
+            "'auto': in RAM when the estimate (samples x response tokens x per-token size) fits 4 GiB, else on disk; "
+            "'off': the teacher runs on every step. True and False mean 'auto' and 'off'. The choice and its size "
+            "are logged when the trainer starts.",
+            "choices": list(TEACHER_CACHE_MODES),
         },
     )
-    rda_teacher_topk: int = field(
-        default=0,
+    rda_teacher_topk: int | None = field(
+        default=None,
         metadata={
-            "help": "0: the cache keeps the teacher's full distribution (exact; V float32 per response token, on CPU). "
+            "help": "What the cache keeps per response token. 0: the teacher's full distribution (exact; V float32). "
             "k > 0: only its top-k log-probabilities, the rest of the mass spread evenly over the other tokens "
-            "(k floats + k ids per token; changes L_RDA by a few percent for a weakly trained teacher, see "
-            "docs/performance.md)."
+            "(k float32 + k int32 ids). Default: the full distribution when the whole cache of it fits 4 GiB, else "
+            "the top 256 (docs/training.md gives the measured change in L_RDA)."
         },
     )
     pass_fusion: str = field(
@@ -275,13 +282,15 @@ class VITaskConfig(VLMTuningArguments):
     )
 
     def __post_init__(self):
+        if isinstance(self.rda_teacher_cache, bool):  # the on/off switch this field was before
+            self.rda_teacher_cache = "auto" if self.rda_teacher_cache else "off"
         check_choices(self)
         for name in ("van_weight", "ep_weight", "rda_weight", "crt_weight"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.van_weight + self.ep_weight + self.rda_weight + self.effective_crt_weight == 0:
             raise ValueError("All loss weights are 0: nothing to train")
-        if self.rda_teacher_topk < 0:
+        if self.rda_teacher_topk is not None and self.rda_teacher_topk < 0:
             raise ValueError(f"rda_teacher_topk must be >= 0, got {self.rda_teacher_topk}")
         if self.num_exemplar_tokens < 1:
             raise ValueError(f"num_exemplar_tokens must be >= 1, got {self.num_exemplar_tokens}")

@@ -12,8 +12,11 @@ The losses themselves are the pure functions of :mod:`hf_vitask.losses`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,8 +42,17 @@ from hf_vitask.models.modeling import (
 )
 from hf_vitask.task import TaskSpec, save_tasks
 from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
+from hf_vitask.trainers.teacher_cache import (
+    MEMORY_BUDGET_GIB,
+    CachePlan,
+    DiskTeacherCache,
+    plan_cache,
+    size_text,
+)
 
 TEACHER_ADAPTER = "rda_teacher"
+#: The frozen teacher's on-disk cache, in the output directory (a resumed run finds it there).
+TEACHER_CACHE_DIR = "teacher_cache"
 logger = logging.getLogger(__name__)
 
 
@@ -159,7 +171,7 @@ class VITaskTrainer(VLMTrainer):
             )
         needs = {
             "return_sample_keys": bool(
-                frozen_teacher and args.rda_teacher_cache
+                frozen_teacher and args.rda_teacher_cache != "off"
             ),  # the teacher-output cache key
             "return_images": kwargs.get("compute_metrics")
             is not None,  # prediction_step scores every class option
@@ -201,12 +213,14 @@ class VITaskTrainer(VLMTrainer):
         )
         self.task = task
         self.teacher_model: VITaskModel | None = None
-        self._teacher_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._teacher_store: dict | DiskTeacherCache | None = None  # opened on first use
+        self._announced_cache_plans: set[CachePlan] = set()
         self.teacher_passes = 0  # samples this process ran the cached frozen teacher on
         self.teacher_connector: ExemplarConnector | None = None
+        self.teacher_cache_plan = CachePlan("off", 0, 0)
         if frozen_teacher:
             self._setup_frozen_teacher(teacher)
-            self._check_teacher_cache_size()
+            self.teacher_cache_plan = self._check_teacher_cache_size()
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
@@ -240,33 +254,96 @@ class VITaskTrainer(VLMTrainer):
         connector.requires_grad_(False)
         self.teacher_connector = connector.to(self.args.device)
 
-    def _check_teacher_cache_size(self, limit_gib: float = 4.0) -> None:
-        """Warn when caching the teacher's full distribution would take more than ``limit_gib`` of RAM."""
+    def _check_teacher_cache_size(self, limit_gib: float = MEMORY_BUDGET_GIB) -> CachePlan:
+        """Choose how the frozen teacher's outputs are cached (``rda_teacher_cache``, ``rda_teacher_topk``;
+        ``limit_gib``: the most ``"auto"`` keeps in RAM) from the estimated size, and announce the choice
+        once (each distinct choice once) on the main process."""
         args = self.args
         tasks = self.task if isinstance(self.task, list) else [self.task]
-        if (
-            not args.rda_teacher_cache
-            or args.rda_teacher_topk
-            or self.task is None
-            or self.train_dataset is None
-        ):
-            return
-        try:
-            rows = len(self.train_dataset)
-        except TypeError:  # an iterable dataset: size unknown
-            return
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        tokens = max(
-            len(tokenizer(t.response(c))["input_ids"]) + 1 for t in tasks for c in range(t.num_classes)
-        )
         vocab = self.model.vlm.get_output_embeddings().weight.shape[0]
-        gib = rows * tokens * vocab * 4 / 2**30
-        if gib > limit_gib:
-            logger.warning(
-                f"The frozen-teacher cache will hold up to {gib:.1f} GiB ({rows} samples x {tokens} response tokens "
-                f"x {vocab} log-probs, float32, CPU). Set rda_teacher_topk (e.g. 256) to keep only the top-k per "
-                "token, or rda_teacher_cache=False to run the teacher on every step."
+        rows = tokens = None
+        if self.task is not None and self.train_dataset is not None:
+            with contextlib.suppress(TypeError):  # an iterable dataset: size unknown
+                rows = len(self.train_dataset)
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            tokens = max(
+                len(tokenizer(t.response(c))["input_ids"]) + 1 for t in tasks for c in range(t.num_classes)
             )
+        plan = plan_cache(args.rda_teacher_cache, args.rda_teacher_topk, vocab, rows, tokens, limit_gib)
+        if plan.mode != "off" and plan not in self._announced_cache_plans and self.is_world_process_zero():
+            self._announced_cache_plans.add(plan)
+            message = plan.describe(self._teacher_cache_dir)
+            if plan.mode == "disk" and plan.nbytes() is not None:
+                folder = next(
+                    p for p in (self._teacher_cache_dir, *self._teacher_cache_dir.parents) if p.exists()
+                )
+                free = shutil.disk_usage(folder).free
+                if plan.nbytes() > free:
+                    message += f" That is more than the {size_text(free)} free there."
+            logger.warning(message)
+        return plan
+
+    @property
+    def _teacher_cache_dir(self) -> Path:
+        return Path(self.args.output_dir) / TEACHER_CACHE_DIR
+
+    @property
+    def _teacher_cache(self) -> dict | DiskTeacherCache:
+        """The frozen teacher's outputs per sample key: a dict in RAM, or the store in the output directory
+        (opened on first use; a resumed run reuses what it holds)."""
+        if self._teacher_store is None:
+            self._teacher_store = self._open_teacher_cache()
+        return self._teacher_store
+
+    def _open_teacher_cache(self) -> dict | DiskTeacherCache:
+        """The main process opens (and if need be repairs) the store first; the other processes then read
+        it. A process that cannot see it (``output_dir`` not shared between machines) keeps its entries in
+        RAM instead."""
+        plan = self.teacher_cache_plan
+        if plan.mode != "disk":
+            return {}
+        meta = {
+            "vocab": plan.vocab,
+            "topk": plan.topk,
+            "temperature": self.args.rda_temperature,
+            "teacher": self._teacher_fingerprint(),
+        }
+        main = self.is_world_process_zero()
+        store = DiskTeacherCache(self._teacher_cache_dir, meta, writer=True) if main else None
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+        if not main:
+            try:
+                store = DiskTeacherCache(self._teacher_cache_dir, meta, writer=False)
+            except (OSError, ValueError) as err:
+                logger.warning(
+                    f"Process {self.args.process_index} cannot read the teacher cache in "
+                    f"{self._teacher_cache_dir} ({err}): it keeps the teacher's outputs in RAM"
+                )
+                return {}
+        if len(store):
+            logger.info(f"Frozen-teacher cache: {len(store)} samples already in {self._teacher_cache_dir}")
+        return store
+
+    def _teacher_fingerprint(self) -> str:
+        """A digest of the frozen teacher's weights (a strided sample of each tensor: cheap for a large
+        teacher, different for any retrained one): the on-disk cache is reused only for the same teacher."""
+        model: VITaskModel = self.accelerator.unwrap_model(self.model)
+        if self.teacher_model is not None:
+            named = list(self.teacher_model.named_parameters())
+        else:
+            named = [(n, p) for n, p in model.vlm.named_parameters() if f".{TEACHER_ADAPTER}." in n]
+            named += [(f"connector.{n}", p) for n, p in self.teacher_connector.named_parameters()]
+            if model.tsm is not None:
+                named += [(f"tsm.{n}", p) for n, p in model.tsm.named_parameters()]
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in named:
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() and flat.device.type != "meta":
+                sample = flat[:: max(1, flat.numel() // 65536)].float().cpu()
+                digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def _frozen_teacher_logits(self, model: VITaskModel, inputs: dict, tsm_pixel_values) -> torch.Tensor:
@@ -299,7 +376,7 @@ class VITaskTrainer(VLMTrainer):
     def _frozen_rda(self, model: VITaskModel, inputs: dict, tsm_pixel_values, student_logits, sample_keys):
         """L_RDA against the frozen teacher: from the per-sample cache when the batch names its samples."""
         temperature = self.args.rda_temperature
-        if sample_keys is None or not self.args.rda_teacher_cache:
+        if sample_keys is None or self.teacher_cache_plan.mode == "off":
             return rda_kl(
                 student_logits, self._frozen_teacher_logits(model, inputs, tsm_pixel_values), temperature
             )
@@ -313,7 +390,8 @@ class VITaskTrainer(VLMTrainer):
 
         Under several processes each one computes the samples of its own batch and the new entries
         are shared with all of them at once, so a sample that a later epoch deals to another process
-        is not computed again: once per sample for the whole job."""
+        is not computed again: once per sample for the whole job. On disk, the main process writes
+        them and the others read them from there (see :mod:`hf_vitask.trainers.teacher_cache`)."""
         cache = self._teacher_cache
         labels = inputs["labels"]
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
@@ -325,8 +403,8 @@ class VITaskTrainer(VLMTrainer):
             logits = self._frozen_teacher_logits(model, sub, tsm_pixel_values[rows])
             logprobs = torch.log_softmax(logits.float() / self.args.rda_temperature, dim=-1)
             index = None
-            if self.args.rda_teacher_topk:
-                logprobs, index = logprobs.topk(min(self.args.rda_teacher_topk, logprobs.shape[-1]), dim=-1)
+            if self.teacher_cache_plan.topk:
+                logprobs, index = logprobs.topk(min(self.teacher_cache_plan.topk, logprobs.shape[-1]), dim=-1)
             start = 0
             for i in missing:
                 end = start + counts[i]
@@ -336,8 +414,9 @@ class VITaskTrainer(VLMTrainer):
                 )
                 start = end
         self.teacher_passes += len(new)
-        cache.update(_shared(new, self.args))
-        entries = [cache[key] for i, key in enumerate(sample_keys) if counts[i]]
+        new = _shared(new, self.args)
+        cache.update(new)
+        entries = [new[key] if key in new else cache[key] for i, key in enumerate(sample_keys) if counts[i]]
         logprobs = torch.cat([e[0] for e in entries]).to(labels.device)
         index = None if entries[0][1] is None else torch.cat([e[1] for e in entries]).to(labels.device).long()
         return logprobs, index
