@@ -62,6 +62,7 @@ def test_fields_with_a_fixed_set_of_values_declare_it():
             "exemplar_feature",
             "instruction",
             "metric_option_score",
+            "rda_teacher_cache",
         )
     } | {("InstructionFreeConfig", "proxy_init_resize"), ("InstructionFreeConfig", "proxy_feed")} | {
         ("EvalArguments", name)
