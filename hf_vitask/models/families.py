@@ -100,6 +100,11 @@ class VLMFamily:
     #: Whether the image prefix can run once into a KV cache shared by all passes (not when the
     #: image attends to the text after it: PaliGemma's bidirectional prefix).
     prefix_fusion: bool = True
+    #: Whether the decoder takes ``attention_mask`` as a dict of 4-D masks keyed by layer type
+    #: (``config.layer_types``). Option scoring packs a prompt's responses in one row under a custom
+    #: mask; where a sliding window hides part of the prompt from some layers only, it needs one mask
+    #: per layer type, and otherwise copies the prompt's KV cache per response instead.
+    layer_type_masks: bool = False
     #: Tokenise text that comes without images (the completion half of trl's collator) with the
     #: tokenizer: the processor refuses it (PaliGemma) or adds a bos to it (Mllama).
     tokenize_text_alone: bool = False
@@ -420,6 +425,7 @@ register_family(
         lora_target_modules=LANGUAGE_MODEL_LORA_REGEX,
         vision_modules=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
         per_token_keys=("token_type_ids",),
+        layer_type_masks=True,
     )
 )
 

@@ -506,9 +506,13 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
     ``prompts``: a collated batch of the N image prompts (each row with any one response, which
     marks where the prompt ends); ``candidates``: a collated batch of C rows holding the SAME prompt
     text with each candidate response (the image of its rows is not used). Each image prompt runs
-    once into a KV cache, and the N x C responses run as one batch on it, instead of N x C full
-    sequences. ``exemplar`` (N, k, D) adds the EP tokens. Returns None when the rows do not share
-    one prompt layout (the caller then scores full sequences).
+    once into a KV cache; then all C responses of prompt i run as ONE continuation row on cache row
+    i, packed one after the other, with a block-diagonal 4-D attention mask (each response sees the
+    whole prompt and its own earlier tokens) and positions that restart at the prompt's end for
+    every response: no copy of the cache per response. Where the model cannot take such a mask
+    (see :func:`_packing_blocker`), the cache is copied per (prompt, response) pair instead.
+    ``exemplar`` (N, k, D) adds the EP tokens. Returns None when the rows do not share one prompt
+    layout (the caller then scores full sequences).
     """
     fam = model.family
     tokens = _token_tensors(prompts, fam)
@@ -521,7 +525,9 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
         return None
     if not bool(tokens["attention_mask"][:, :q].all()):
         return None
-    n, c = tokens["input_ids"].shape[0], options["input_ids"].shape[0]
+    spans = _option_spans(options["labels"], qc)
+    if not all(bool(options["attention_mask"][c, qc : qc + n].all()) for c, n in enumerate(spans)):
+        return None  # padding inside a response (left-padded candidates)
     positions = fam.positions(model.vlm, {**prompts, **tokens})
     prefix = {k: v[:, :q] for k, v in tokens.items() if k != "labels"}
     prefix["position_ids"] = positions[..., :q]
@@ -529,7 +535,137 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
         out = model.vlm(**prefix, **fam.image_inputs(prompts), use_cache=True, logits_to_keep=1)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts the first response token
     scores = first_logp[:, options["labels"][:, qc]]  # (N, C)
+    if sum(spans) == 0:  # one-token responses: the prompt's last logits were all that was needed
+        return scores
     cache = _cache_of(out)
+    start = positions[..., q : q + 1]  # where every response starts, per prompt: (N, 1) or (3, N, 1)
+    why = _packing_blocker(model, cache, q, spans)
+    if why is None:
+        return _packed_option_scores(model, tokens, options, cache, scores, start, q, qc, spans)
+    _warn_once(f"option scoring copies the prompt's KV cache per response ({why})")
+    return _copied_option_scores(model, tokens, options, cache, scores, start, q, qc)
+
+
+def _option_spans(labels: torch.Tensor, qc: int) -> list[int]:
+    """Tokens of each candidate row, from its first response token on, that the scoring forward must
+    read: up to the last one whose next token is a response token (the rest predicts nothing)."""
+    keep = _keep_mask(labels)[:, qc:]
+    last = torch.where(keep, torch.arange(keep.shape[1], device=keep.device), -1).max(1).values
+    return (last + 1).tolist()
+
+
+#: Attention implementations that take a custom 4-D mask as it is (flash kernels take none): sdpa a
+#: boolean one (True: attend), eager an additive float one, what ``masking_utils`` builds for each.
+_MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def _packing_blocker(model, cache, q: int, spans: list[int]) -> str | None:
+    """Why the packed form (all responses of a prompt in one row) cannot run (None: it can)."""
+    config = _base(model.vlm).config.get_text_config()
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _MASKED_ATTENTION:
+        return f"attention implementation {implementation!r} takes no custom 4-D mask"
+    # a window that cuts into the prompt needs its own mask; one for all layers only if all slide
+    if _cuts_into_prompt(cache, q, max(spans)) and not all(getattr(cache, "is_sliding", [True])):
+        types = set(getattr(config, "layer_types", None) or ())
+        if not model.family.layer_type_masks or not types <= {"full_attention", "sliding_attention"}:
+            return "a sliding window cuts into the prompt and the decoder takes one mask for all layers"
+    return None
+
+
+def _cuts_into_prompt(cache, q: int, longest: int) -> bool:
+    """Whether a sliding-window layer hides part of the prompt from some response token."""
+    windows = [getattr(layer, "sliding_window", None) for layer in getattr(cache, "layers", [])]
+    return any(w is not None and q + longest > w for w in windows)
+
+
+def _option_rows(options: dict, qc: int, spans: list[int]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The C responses packed into one row: their token tensors (``(1, L)``), the response each
+    token belongs to and its offset in it (``(L,)`` each)."""
+    device = options["input_ids"].device
+    packed = {
+        k: torch.cat([v[c : c + 1, qc : qc + n] for c, n in enumerate(spans)], dim=1)
+        for k, v in options.items()
+    }
+    owner = torch.cat([torch.full((n,), c, device=device) for c, n in enumerate(spans)])
+    offset = torch.cat([torch.arange(n, device=device) for n in spans])
+    return packed, owner, offset
+
+
+def _option_mask(owner, offset, q: int, window: int | None = None, cached: int | None = None):
+    """``(1, 1, L, cached + L)`` bool, True where a packed response token attends: to the cached
+    prompt and the earlier tokens of its own response. ``window``: a sliding-window layer's window,
+    of which the cache holds the last ``cached`` prompt tokens; a response token at offset t
+    (position q + t) sees the keys less than ``window`` positions before it, as in one sequence."""
+    cached = q if cached is None else cached
+    same = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])
+    prompt_key = torch.arange(q - cached, q, device=owner.device)  # positions of the cached keys
+    sees_prompt = torch.ones(len(owner), cached, dtype=torch.bool, device=owner.device)
+    if window is not None:
+        sees_prompt = (q + offset[:, None]) - prompt_key[None, :] < window
+        same = same & (offset[:, None] - offset[None, :] < window)
+    return torch.cat([sees_prompt, same], dim=1)[None, None]
+
+
+def _packed_option_masks(model, cache, owner, offset, q: int, rows: int):
+    """The 4-D mask(s) of the packed forward for ``rows`` prompts, in the convention of the attention
+    implementation: one tensor, or one per layer type where a sliding window hides part of the
+    prompt from some layers only."""
+    base = _base(model.vlm)
+    additive = base.config.get_text_config()._attn_implementation == "eager"
+
+    def convention(allowed):
+        allowed = allowed.expand(rows, *allowed.shape[1:])
+        if not additive:
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=base.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(base.dtype).min)
+
+    layers = getattr(cache, "layers", [])
+    sliding = [i for i, layer in enumerate(layers) if getattr(layer, "sliding_window", None) is not None]
+    if not sliding or not _cuts_into_prompt(cache, q, int(offset.max()) + 1):
+        return convention(_option_mask(owner, offset, q))
+    kv_length, _ = cache.get_mask_sizes(len(owner), sliding[0])
+    window = convention(
+        _option_mask(owner, offset, q, layers[sliding[0]].sliding_window, kv_length - len(owner))
+    )
+    if len(sliding) == len(layers):
+        return window
+    return {"full_attention": convention(_option_mask(owner, offset, q)), "sliding_attention": window}
+
+
+def _packed_option_scores(model, tokens, options, cache, scores, start, q, qc, spans):
+    """Add to ``scores`` (N, C) the log-probs of every response token after the first, all C
+    responses of prompt i in one continuation row on cache row i."""
+    fam = model.family
+    n = tokens["input_ids"].shape[0]
+    packed, owner, offset = _option_rows(options, qc, spans)
+    keep = _keep_mask(options["labels"])
+    keep = torch.cat([keep[c : c + 1, qc : qc + m] for c, m in enumerate(spans)], dim=1)
+    targets = torch.cat([options["labels"][c, qc + 1 : qc + 1 + m] for c, m in enumerate(spans)])[keep[0]]
+    suffix = {
+        k: v.repeat(n, *([1] * (v.dim() - 1)))
+        for k, v in packed.items()
+        if k not in ("labels", "attention_mask")
+    }
+    for key in suffix:  # keys that continue the prompt (a cross-attention mask reading image i)
+        if fam.slot_value(key) == "previous":
+            last = tokens[key][:, q - 1 : q]
+            suffix[key] = last.expand(-1, len(owner), *last.shape[2:]).clone()
+    suffix["position_ids"] = start + offset
+    suffix["attention_mask"] = _packed_option_masks(model, cache, owner, offset, q, n)
+    keep = keep.expand(n, -1)
+    logits = model.vlm(**suffix, **_cache_kwargs(model.vlm, cache), logits_to_keep=keep).logits
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets.repeat(n)[:, None]).squeeze(1)
+    flat = (torch.arange(n, device=owner.device)[:, None] * scores.shape[1] + owner[keep[0]]).flatten()
+    return scores.flatten().index_add(0, flat, token_logp).view_as(scores)
+
+
+def _copied_option_scores(model, tokens, options, cache, scores, start, q, qc):
+    """:func:`_packed_option_scores` for models that cannot take its mask: the cache copied per
+    (prompt, response) pair, the N x C responses as one batch of rows."""
+    fam = model.family
+    n, c = tokens["input_ids"].shape[0], options["input_ids"].shape[0]
     cache.reorder_cache(torch.arange(n, device=scores.device).repeat_interleave(c))
     suffix = {k: v[:, qc:].repeat(n, *([1] * (v.dim() - 1))) for k, v in options.items()}
     for key in suffix:  # keys that continue the prompt (a cross-attention mask reading image i)
@@ -538,8 +674,7 @@ def candidate_logprobs(model, prompts: dict, candidates: dict, exemplar: torch.T
             suffix[key] = last.expand(-1, suffix[key].shape[1], *last.shape[2:]).clone()
     labels = suffix.pop("labels")
     length = labels.shape[1]
-    start = positions[..., q : q + 1].repeat_interleave(c, dim=-2)  # row (i, c) continues prompt i
-    suffix["position_ids"] = start + torch.arange(length, device=labels.device)
+    suffix["position_ids"] = start.repeat_interleave(c, dim=-2) + torch.arange(length, device=labels.device)
     suffix["attention_mask"] = torch.cat(
         [
             torch.ones(n * c, q, dtype=suffix["attention_mask"].dtype, device=labels.device),
