@@ -106,22 +106,15 @@ class VITaskProcessor:
     :meth:`parse` maps a generated answer back to a class id.
 
     Everything else is the VLM's processor: unknown attributes (``apply_chat_template``,
-    ``image_token``, ...) are looked up on it, a call with ``text=`` is its own call, and
-    ``type(processor)`` names its classes too (the family registry matches processor classes by
-    name), so a VITaskProcessor goes wherever the VLM's processor went.
+    ``image_token``, ...) are looked up on it, a call with ``text=`` is its own call, and the family
+    registry looks through it (``vlm_processor``), so a VITaskProcessor goes wherever the VLM's
+    processor went.
 
     Args:
         processor: the VLM's processor (``AutoProcessor.from_pretrained(...)``).
         task: a TaskSpec, a list of them (multi-task), or None (free-form instructions only).
         tsm_transform: a :class:`TSMTransform`, or a TSM (``TaskSpecificModel``) to take it from.
     """
-
-    def __new__(cls, processor=None, *args, **kwargs):
-        if isinstance(processor, VITaskProcessor):
-            processor = processor.processor
-        if cls is VITaskProcessor and processor is not None:
-            cls = _with_processor_names(type(processor))
-        return super().__new__(cls)
 
     def __init__(self, processor, task: TaskSpec | Sequence[TaskSpec] | None = None, tsm_transform=None):
         if processor is None:
@@ -146,12 +139,17 @@ class VITaskProcessor:
             raise AttributeError(name)
         return getattr(self.processor, name)
 
-    def __reduce__(self):  # the class is made per inner processor class: rebuild through the base
+    def __reduce__(self):  # rebuilt from its parts (attribute lookups fall through to the processor)
         return (VITaskProcessor, (self.processor, self.tasks or None, self.tsm_transform))
 
     @property
     def tokenizer(self):
         return self.processor.tokenizer
+
+    @property
+    def vlm_processor(self):
+        """The VLM's processor this one holds (what the family registry looks at)."""
+        return self.processor
 
     @property
     def task(self) -> TaskSpec | list[TaskSpec] | None:
@@ -357,17 +355,3 @@ class VITaskProcessor:
 def _has_connector(bundle: Path) -> bool:
     config = bundle / VITASK_CONFIG_FILE
     return config.is_file() and bool(read_json(config).get("connector"))
-
-
-@functools.cache
-def _with_processor_names(processor_class: type) -> type:
-    """VITaskProcessor, with empty stand-ins named like ``processor_class`` and its bases at the end of
-    its class chain: lookups that match processor classes by name (transformers' processor mapping,
-    the family registry) then treat it as the processor it wraps; ``isinstance`` checks are unaffected."""
-    names = [c.__name__ for c in processor_class.__mro__ if c is not object]
-    stand_ins = tuple(type(name, (), {"__module__": __name__}) for name in dict.fromkeys(names))
-    return type(
-        "VITaskProcessor",
-        (VITaskProcessor, *stand_ins),
-        {"__module__": __name__, "__qualname__": "VITaskProcessor"},
-    )

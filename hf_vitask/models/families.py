@@ -510,9 +510,11 @@ def _model_type(obj: Any) -> str | None:
 
 def family_of_processor(processor: Any) -> VLMFamily | None:
     """The registered family whose model types use ``processor``'s class (or a base class of it) in
-    transformers' processor mapping; None when none or several do."""
+    transformers' processor mapping; None when none or several do. A wrapper that holds the VLM's
+    processor as ``vlm_processor`` (``VITaskProcessor``) is looked through."""
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+    processor = getattr(processor, "vlm_processor", processor)
     classes = {cls.__name__ for cls in type(processor).__mro__}
     found = {
         family.name
