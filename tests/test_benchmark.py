@@ -166,3 +166,19 @@ def test_bench_distributed_runs_each_layout_with_its_process_count(capsys):
 def test_ratio_check_allows_only_rounding():
     assert _ratio_of(1.95, 0.167, 0.086, 2, 3) and not _ratio_of(2.05, 0.167, 0.086, 2, 3)
     assert _ratio_of(0.62, 41.4, 67.2, 2, 1) and not _ratio_of(0.64, 41.4, 67.2, 2, 1)
+
+
+def test_performance_page_tables_come_from_the_committed_results():
+    """Every measured table of docs/performance.md is the rendering of a JSON file bench_step.py wrote:
+    the page cannot drift from its files, and each file names the command that produced it."""
+    tables = _load(BENCH.with_name("performance_tables.py"))
+    text, used = tables.update()
+    assert used, "docs/performance.md has no generated table"
+    assert text == tables.PAGE.read_text(), "run python benchmarks/performance_tables.py"
+    for path in used:
+        report = json.loads((BENCH.parent / path).read_text())
+        assert report["command"].startswith("python benchmarks/bench_step.py")
+        assert f"--json benchmarks/{path}" in report["command"]
+        assert report["command"] in text
+    targets = tables._targets({path: json.loads((BENCH.parent / path).read_text()) for path in used})
+    assert targets and all(f"| {t[0]} |" in text for t in targets)
