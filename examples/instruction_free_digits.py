@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from hf_vitask.data.collator import assistant_message, user_message
+from hf_vitask import VITaskProcessor
 from hf_vitask.data.digits import (
     DIGIT_ATTRIBUTES,
     DIGIT_NAMES,
@@ -132,20 +132,16 @@ class MCCollator:
     """Question rows -> a batch whose only learnt token is the answer letter (and the end of turn)."""
 
     def __init__(self, processor):
-        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-        self._trl = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
+        self.processor = VITaskProcessor.wrap(processor)  # renders prompts as training and evaluation do
 
     def __call__(self, rows: list[dict]) -> dict:
         examples = [
-            {
-                "images": [q["image"]],
-                "prompt": user_message(mc_prompt(q["question"], q["options"])),
-                "completion": assistant_message(LETTERS[q["answer"]]),
-            }
+            self.processor.chat_example(
+                q["image"], mc_prompt(q["question"], q["options"]), LETTERS[q["answer"]]
+            )
             for q in rows
         ]
-        return dict(self._trl.torch_call(examples))
+        return dict(self.processor.encode_examples(examples))
 
 
 # -- training ---------------------------------------------------------------------------------------------

@@ -22,20 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_vitask.config import DEFAULT_OPTION_SCORE, OPTION_SCORES
-from hf_vitask.data.collator import (
-    VITaskCollator,
-    assistant_message,
-    generation_prompts,
-    load_image,
-    user_message,
-)
-from hf_vitask.data.vlm_collator import VLMCollator
+from hf_vitask.data.collator import VITaskCollator
+from hf_vitask.data.images import load_image
 from hf_vitask.distributed import gather, gather_rows, my_block
 from hf_vitask.losses import IGNORE_INDEX, response_logits, response_row_ids, token_ce
 from hf_vitask.metrics import classification_metrics, softmax
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import candidate_logprobs
 from hf_vitask.models.tsm import TaskSpecificModel, tsm_predict
+from hf_vitask.processing import VITaskProcessor
 from hf_vitask.task import TaskSpec
 
 
@@ -200,6 +195,7 @@ def generate_texts(
     without special tokens. ``model``: a :class:`VITaskModel` (``use_tsm`` adds the exemplar), a
     peft model or a plain VLM."""
     tokenizer = processor.tokenizer
+    renderer = VITaskProcessor.wrap(processor)
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
@@ -210,7 +206,7 @@ def generate_texts(
                 load_image(img, f" at index {start + i}")
                 for i, img in enumerate(images[start : start + batch_size])
             ]
-            batch = generation_prompts(processor, chunk, instructions[start : start + batch_size])
+            batch = renderer.encode_prompts(chunk, instructions[start : start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             if use_tsm:
                 batch["tsm_pixel_values"] = model.tsm.preprocess(chunk).to(device)
@@ -586,7 +582,7 @@ def _drop_common_suffix(labels: torch.Tensor, n_options: Sequence[int]) -> torch
 
 @torch.no_grad()
 def _mc_likelihood(model, processor, items, batch_size: int, device) -> list[int]:
-    collator = VLMCollator(processor, completion_only_loss=True)
+    renderer = VITaskProcessor.wrap(processor)
     predictions: list[int] = []
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
@@ -594,15 +590,8 @@ def _mc_likelihood(model, processor, items, batch_size: int, device) -> list[int
         for q, prompt in chunk:
             image = load_image(q["image"], f" in question {s + len(n_options)}")
             n_options.append(len(q["options"]))
-            examples += [
-                {
-                    "images": [image],
-                    "prompt": user_message(prompt),
-                    "completion": assistant_message(LETTERS[j]),
-                }
-                for j in range(len(q["options"]))
-            ]
-        batch = {k: v.to(device) for k, v in collator.torch_call(examples).items()}
+            examples += [renderer.chat_example(image, prompt, LETTERS[j]) for j in range(len(q["options"]))]
+        batch = {k: v.to(device) for k, v in renderer.encode_examples(examples).items()}
         batch["labels"] = _drop_common_suffix(batch["labels"], n_options)
         for scores in response_logprobs(model, batch).cpu().split(n_options):
             predictions.append(int(scores.argmax()))

@@ -28,6 +28,7 @@ from hf_vitask.files import (
     EVAL_RESULTS_FILE,
     MANIFEST_FILE,
     README_FILE,
+    REPO_ID,
     TASK_FILE,
     TASKS_FILE,
     TRAINING_CONFIG_FILE,
@@ -36,6 +37,7 @@ from hf_vitask.files import (
     TSM_WEIGHTS_FILE,
     VITASK_CONFIG_FILE,
     VITASK_PROCESSOR_FILE,
+    resolve_bundle,
 )
 from hf_vitask.jsonfile import read_json
 from hf_vitask.models.modeling import VITaskModel
@@ -77,24 +79,6 @@ class LoadedVITask(NamedTuple):
     """The bundle's :class:`~hf_vitask.processing.VITaskProcessor` (it also stands in for the VLM's processor)."""
     task: TaskSpec | list[TaskSpec] | None
     """The bundle's TaskSpec; a list of them for a multi-task bundle (the order of ``tasks.json``)."""
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_bundle(
-    path: str | PathLike, revision: str | None = None, token: str | bool | None = None
-) -> Path:
-    """A local bundle directory as is; a hub repo id is downloaded (``snapshot_download``) first."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    text = str(path)
-    if local.exists() or text.startswith((".", "/", "~")) or not _REPO_ID.match(text) or text.count("/") > 1:
-        raise FileNotFoundError(f"{text!r} is neither a bundle directory nor a Hugging Face Hub repo id")
-    import huggingface_hub
-
-    return Path(huggingface_hub.snapshot_download(repo_id=text, revision=revision, token=token))
 
 
 def load_vitask(
@@ -160,7 +144,7 @@ def _read_json(path: Path, kind: type = dict) -> Any:
 
 def is_hub_model_id(name: str | None) -> bool:
     """``org/name`` that is not a local path (tiny demo names and local directories are not on the Hub)."""
-    return bool(name and _REPO_ID.match(name) and name.count("/") == 1 and not Path(name).exists())
+    return bool(name and REPO_ID.match(name) and name.count("/") == 1 and not Path(name).exists())
 
 
 _SKIP_METRIC = re.compile(r"(^|_)(runtime|samples_per_second|steps_per_second|num_samples|epoch|step)$")

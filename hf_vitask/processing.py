@@ -3,14 +3,15 @@
 Predicting with a bundle needs four things that live in different places: the task's words
 (:class:`~hf_vitask.task.TaskSpec`), the VLM's processor and chat template, the chat layout of the
 collator, and the TSM's image transform (the exemplar's pixels). :class:`VITaskProcessor` holds
-them together, renders prompts with the same functions the collator and the evaluation use, and is
-saved in every bundle as ``vitask_processor.json`` next to the VLM processor files and ``task.json``.
+them together and is the one place prompts are rendered: the training collators, option scoring,
+generation and multiple-choice evaluation all go through it. It is saved in every bundle as ``vitask_processor.json`` next to the VLM processor files and ``task.json``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -19,23 +20,80 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from hf_vitask.data.collator import (
-    assistant_message,
-    generation_prompts,
-    image_token_id_of,
-    load_image,
-    user_message,
-    validate_batch,
-)
+from hf_vitask.data.images import load_image
 from hf_vitask.data.vlm_collator import VLMCollator
 from hf_vitask.files import TSM_CONFIG_FILE, TSM_DIR, VITASK_CONFIG_FILE, VITASK_PROCESSOR_FILE
 from hf_vitask.jsonfile import read_json
+from hf_vitask.losses import IGNORE_INDEX
 from hf_vitask.task import TaskSpec, load_tasks, save_tasks
 from hf_vitask.version import __version__
 
-__all__ = ["TSMTransform", "VITaskProcessor"]
+__all__ = [
+    "TSMTransform",
+    "VITaskProcessor",
+    "assistant_message",
+    "image_token_id_of",
+    "user_message",
+    "validate_batch",
+]
 
 INSTRUCTIONS = ("complete", "incomplete")
+
+
+def user_message(instruction: str) -> list[dict]:
+    """The user turn of every prompt: the image, then the instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+def assistant_message(text: str) -> list[dict]:
+    """The assistant turn: the response the model learns (or is scored on)."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def validate_batch(
+    batch,
+    image_token_id: int | None,
+    max_length: int | None,
+    n_real: int | None = None,
+    target: str = "answer",
+) -> None:
+    """Fail naming the rows: no image token after the chat template, nothing to learn (among the
+    first ``n_real`` rows), or longer than ``max_length`` (rows are never silently truncated)."""
+    ids = batch["input_ids"]
+    if image_token_id is not None:
+        no_image = (~(ids == image_token_id).any(1)).nonzero().flatten().tolist()
+        if no_image:
+            raise ValueError(
+                f"Rows {no_image} have no image token after the chat template: the processor's chat template "
+                "must render {'type': 'image'} content as the image placeholder"
+            )
+    labels = batch["labels"] if n_real is None else batch["labels"][:n_real]
+    no_target = (~(labels != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
+    if no_target:
+        raise ValueError(f"Rows {no_target} have no response token to learn from (empty {target}?)")
+    if max_length is not None:
+        lengths = batch["attention_mask"].sum(1)
+        too_long = (lengths > max_length).nonzero().flatten().tolist()
+        if too_long:
+            raise ValueError(
+                f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={max_length}. "
+                f"Raise max_length (truncating would cut the {target} or image tokens)."
+            )
+
+
+def image_token_id_of(processor) -> int | None:
+    """The id of the token the processor expands into one token per image feature.
+
+    transformers' ``image_token_ids`` names it; ``image_token_id`` alone may be the token that opens
+    an image block instead (Gemma 3's ``<start_of_image>``)."""
+    ids = getattr(processor, "image_token_ids", None)
+    if ids and ids[0] is not None:
+        return int(ids[0])
+    token_id = getattr(processor, "image_token_id", None)
+    token = getattr(processor, "image_token", None)
+    if token_id is None and token is not None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(token)
+    return token_id
 
 
 class TSMTransform:
@@ -217,7 +275,7 @@ class VITaskProcessor:
             for i, (given, tid) in enumerate(zip(self._per_item(instruction, n, "instruction"), task_ids))
         ]
         if responses is None:
-            batch = generation_prompts(self.processor, images, instructions)
+            batch = self.encode_prompts(images, instructions)
         else:
             if isinstance(responses, (str, int)):
                 responses = [responses]
@@ -230,20 +288,68 @@ class VITaskProcessor:
                 self._response(r, tid, i, raw_responses)
                 for i, (r, tid) in enumerate(zip(responses, task_ids))
             ]
-            examples = [
-                {"images": [image], "prompt": user_message(said), "completion": assistant_message(answer)}
-                for image, said, answer in zip(images, instructions, answers)
-            ]
-            batch = self._collator.torch_call(examples)
+            examples = [self.chat_example(*item) for item in zip(images, instructions, answers)]
+            batch = self.encode_examples(examples)
             validate_batch(batch, image_token_id_of(self.processor), max_length, target="response")
         batch = BatchFeature(dict(batch))
         if self.tsm_transform is not None:
             batch["tsm_pixel_values"] = self.tsm_transform(images)
         return batch
 
+    # -- the one place prompts are rendered ---------------------------------------------------------------
+    # The collators (training, instruction-free), option scoring, generation and multiple-choice
+    # evaluation all render through these four methods, so a training prompt is exactly the prompt
+    # the model is evaluated and served with. A subclass that changes the chat layout changes it
+    # everywhere at once.
+    def prompt_messages(self, instruction: str) -> list[dict]:
+        """The chat turns before the answer: the user turn with the image, then the instruction."""
+        return user_message(instruction)
+
+    def response_messages(self, text: str) -> list[dict]:
+        """The chat turns that make up the answer."""
+        return assistant_message(text)
+
+    def chat_example(self, image: Image.Image, instruction: str, response: str) -> dict:
+        """One conversational example in trl's ``{"images", "prompt", "completion"}`` layout."""
+        return {
+            "images": [image],
+            "prompt": self.prompt_messages(instruction),
+            "completion": self.response_messages(response),
+        }
+
+    def encode_examples(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The training layout of :meth:`chat_example` rows: right-padded, ``labels`` at -100 outside
+        the completion (prompt and completion tokenised apart, so the prompt is the inference prompt)."""
+        return self._collator.torch_call(list(examples))
+
+    def encode_prompts(self, images: Sequence, instructions: Sequence[str]) -> BatchFeature:
+        """The generation layout: each image with its own instruction and the generation prompt,
+        left-padded for ``model.generate``."""
+        texts = [
+            self.processor.apply_chat_template(
+                self.prompt_messages(text), add_generation_prompt=True, tokenize=False
+            )
+            for text in instructions
+        ]
+        images = [[load_image(img, f" at index {i}")] for i, img in enumerate(images)]
+        return self.processor(
+            images=images,
+            text=texts,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+
+    @classmethod
+    def wrap(cls, processor) -> VITaskProcessor:
+        """``processor`` itself when it is a VITaskProcessor, otherwise one holding it (no task, no TSM
+        transform): what the collators and the evaluation functions render with."""
+        return processor if isinstance(processor, VITaskProcessor) else cls(processor)
+
     @functools.cached_property
     def _collator(self) -> VLMCollator:
-        """trl's collator taught the family quirks: the one VITaskCollator tokenises with."""
+        """trl's vision-language collator taught the family quirks (it tokenises the training layout)."""
         return VLMCollator(self.processor, completion_only_loss=True)
 
     @staticmethod
@@ -295,6 +401,7 @@ class VITaskProcessor:
     def to_dict(self) -> dict:
         """What ``vitask_processor.json`` holds; the VLM processor and the tasks have their own files."""
         return {
+            "vitask_processor_class": type(self).__name__,
             "processor_class": type(self.processor).__name__,
             "tsm_transform": None if self.tsm_transform is None else self.tsm_transform.to_dict(),
             "hf_vitask_version": __version__,
@@ -329,7 +436,7 @@ class VITaskProcessor:
         """
         from transformers import AutoProcessor
 
-        from hf_vitask.hub import resolve_bundle
+        from hf_vitask.files import resolve_bundle
 
         bundle = resolve_bundle(path, revision, token)
         try:
@@ -343,6 +450,13 @@ class VITaskProcessor:
         transform = None
         if config_file.is_file():
             data = read_json(config_file)
+            saved = data.get("vitask_processor_class", "VITaskProcessor")
+            if saved != cls.__name__:
+                warnings.warn(
+                    f"{bundle} was saved by {saved}, a VITaskProcessor with its own chat layout, and is loaded "
+                    f"as {cls.__name__}: load it with {saved}.from_pretrained(...) to render prompts as in training",
+                    stacklevel=2,
+                )
             if data.get("tsm_transform") is not None:
                 transform = TSMTransform.from_dict(data["tsm_transform"])
         elif (bundle / TSM_DIR / TSM_CONFIG_FILE).is_file() and _has_connector(bundle):

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hf_vitask"
 #: lowest first; a module may import from its own layer or any layer below
 LAYERS = [
     {"version", "files", "config", "losses", "task", "metrics", "jsonfile", "distributed"},
-    {"models", "data"},
-    {"evaluation", "hub", "processing"},
+    {"models", "data", "processing"},
+    {"evaluation", "hub"},
     {"trainers"},
     {"pipeline", "ablation", "quickstart"},
     {"cli"},

@@ -244,3 +244,104 @@ def test_readme_prediction_snippet_runs(bundle, digits, monkeypatch, capsys):
     model, processor, task = load_vitask(path)
     answers = generate_answers(model, processor, task, images, use_tsm=True, max_new_tokens=8)
     assert predictions == [task.parse(a) for a in answers]
+
+
+# -- one place renders prompts --------------------------------------------------------------------------
+MARK = "Look closely at the strokes."
+
+
+class _Marked(VITaskProcessor):
+    """A chat layout of its own: a sentence after every instruction. Counts what it rendered."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rendered: list[str] = []
+
+    def prompt_messages(self, instruction):
+        self.rendered.append(instruction)
+        return super().prompt_messages(f"{instruction} {MARK}")
+
+
+def _has_mark(ids: torch.Tensor, mark: list[int]) -> bool:
+    ids, n = ids.tolist(), len(mark)
+    return any(ids[i : i + n] == mark for i in range(len(ids) - n + 1))
+
+
+def test_collators_and_evaluation_render_prompts_through_the_processor(llava, cnn, digits, task):
+    """Training batches, option scoring, generation and multiple-choice evaluation all take their
+    prompts from the VITaskProcessor: a processor with another chat layout changes every one of them."""
+    from hf_vitask.data.instruction_free import InstructionFreeCollator
+    from hf_vitask.evaluation import generate_texts, mc_evaluate, score_options
+    from hf_vitask.models.modeling import VITaskModel
+
+    vlm, processor = llava
+    marked = _Marked(processor, task)
+    mark = processor.tokenizer(f" {MARK}", add_special_tokens=False)["input_ids"][2:-1]  # inner words
+    assert len(mark) >= 3
+    images = digits["train"]["image"][:2]
+    rows = [{"image": img, "label": c} for img, c in zip(images, [3, 5])]
+
+    batch = VITaskCollator(marked, task)(rows)
+    plain = VITaskCollator(processor, task)(rows)
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        assert _has_mark(ids[labels == IGNORE_INDEX], mark)  # in the prompt, never learnt
+    assert not any(_has_mark(ids, mark) for ids in plain["input_ids"])
+    assert torch.equal(
+        batch["labels"][batch["labels"] != IGNORE_INDEX], plain["labels"][plain["labels"] != IGNORE_INDEX]
+    )
+    free = InstructionFreeCollator(marked, use_proxy=False, instruction_text="Describe the image.")
+    assert all(
+        _has_mark(ids, mark) for ids in free([{"image": images[0], "description": "a digit"}])["input_ids"]
+    )
+
+    model = VITaskModel.from_vlm(vlm, processor, tsm=cnn).eval()
+    seen: list[torch.Tensor] = []
+    hook = vlm.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    try:
+        for run in (
+            lambda: score_options(model, marked, task, images, shared_prompt=True),
+            lambda: score_options(model, marked, task, images, shared_prompt=False, use_tsm=True),
+            lambda: generate_texts(model, marked, images, ["Which digit?"] * 2, max_new_tokens=2),
+            lambda: mc_evaluate(
+                model,
+                marked,
+                [{"image": images[0], "question": "Which?", "options": ["one", "two"], "answer": 0}],
+            ),
+        ):
+            seen.clear()
+            marked.rendered.clear()
+            run()
+            assert marked.rendered, run
+            assert seen and all(_has_mark(row, mark) for row in seen[0])  # the first pass runs the prompts
+    finally:
+        hook.remove()
+    assert not torch.allclose(
+        score_options(model, marked, task, images), score_options(model, processor, task, images)
+    )
+
+
+def test_a_processor_subclass_trains_with_its_layout_and_is_named_in_the_bundle(
+    llava, digits, task, tmp_path
+):
+    from hf_vitask import VITaskConfig, VITaskTrainer
+
+    vlm, processor = build_tiny_vlm("llava", seed=0)  # the trainer adds LoRA layers to the model it gets
+    marked = _Marked(processor, task)
+    mark = processor.tokenizer(f" {MARK}", add_special_tokens=False)["input_ids"][2:-1]
+    args = VITaskConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, report_to="none",
+                        lora_r=4, ep_weight=0.0, rda_weight=0.0)  # fmt: skip
+    trainer = VITaskTrainer(
+        model=vlm, args=args, processing_class=marked, train_dataset=digits["train"], task=task
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert all(_has_mark(ids, mark) for ids in batch["input_ids"])
+
+    marked.save_pretrained(tmp_path / "saved")
+    assert (
+        json.loads((tmp_path / "saved" / VITASK_PROCESSOR_FILE).read_text())["vitask_processor_class"]
+        == "_Marked"
+    )
+    images = digits["test"]["image"][:2]
+    _equal(_Marked.from_pretrained(tmp_path / "saved")(images=images), marked(images=images))
+    with pytest.warns(UserWarning, match=r"saved by _Marked.*_Marked\.from_pretrained"):
+        VITaskProcessor.from_pretrained(tmp_path / "saved")

@@ -1,8 +1,9 @@
 """VITaskCollator: rows ``{image, label}`` to a VLM training batch with prompt tokens masked.
 
-Tokenisation and masking are trl's vision-language collator (prompt and completion tokenised
-separately, so the training prompt is exactly the inference prompt); this module adds what
-VITask needs on top: the task's instruction/response rendering, TSM pixel values, class ids,
+Prompts are rendered and tokenised by :class:`~hf_vitask.processing.VITaskProcessor` (trl's
+vision-language collator underneath: prompt and completion tokenised separately, so the training
+prompt is exactly the inference prompt); this module adds what VITask needs on top: the task's
+instruction and response words, TSM pixel values, class ids,
 contrastive negatives, and validation that names the offending row instead of failing at step
 3,000 with a shape error.
 """
@@ -20,34 +21,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from hf_vitask.data.images import to_rgb
-from hf_vitask.data.vlm_collator import VLMCollator
+from hf_vitask.data.images import load_image
 from hf_vitask.losses import IGNORE_INDEX
+from hf_vitask.processing import (
+    VITaskProcessor,
+    assistant_message,
+    image_token_id_of,
+    user_message,
+    validate_batch,
+)
 from hf_vitask.task import TaskSpec
-
-
-def load_image(value: Any, where: str) -> Image.Image:
-    """Accept a PIL image, a path, or a datasets ``{"path", "bytes"}`` dict; fail naming the row.
-    Returns 8-bit RGB (16-bit and float images scaled by their value range: :func:`to_rgb`)."""
-    if isinstance(value, dict) and value.get("bytes") is None:
-        value = value.get("path")
-    if value is None:
-        raise ValueError(f"Missing image{where}")
-    # Never put raw bytes in the message: a corrupt 5 MB image would make a 20 MB error.
-    shown = f"<{len(value['bytes'])} bytes>" if isinstance(value, dict) else repr(value)
-    try:
-        if isinstance(value, Image.Image):  # may be lazily loaded: decoding can fail here too
-            return to_rgb(value)
-        if isinstance(value, dict):
-            import io
-
-            return to_rgb(Image.open(io.BytesIO(value["bytes"])))
-        with Image.open(value) as img:
-            return to_rgb(img)
-    except FileNotFoundError:
-        raise ValueError(f"Image file not found{where}: {shown}") from None
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"Cannot read image{where} ({shown}): {e}") from None
 
 
 def sample_key(example: dict) -> str:
@@ -58,14 +41,6 @@ def sample_key(example: dict) -> str:
         digest.update(image.tobytes())
     digest.update(json.dumps([example["prompt"], example["completion"]], sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def user_message(instruction: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-
-
-def assistant_message(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
 def pick_negatives(class_ids: list[int], rng: random.Random, groups: list[int] | None = None) -> list[int]:
@@ -126,7 +101,7 @@ class VITaskCollator:
         if not self.tasks:
             raise ValueError("The collator needs at least one TaskSpec")
         self.image_token_id = image_token_id_of(self.processor)
-        self._trl = VLMCollator(self.processor, completion_only_loss=True)
+        self.vitask_processor = VITaskProcessor.wrap(self.processor)
 
     @property
     def multi_task(self) -> bool:
@@ -147,11 +122,9 @@ class VITaskCollator:
 
     def _example(self, image: Image.Image, label: int, task_id: int) -> dict:
         task = self.tasks[task_id]
-        return {
-            "images": [image],
-            "prompt": user_message(task.instruction(self.complete_instruction)),
-            "completion": assistant_message(task.response(label)),
-        }
+        return self.vitask_processor.chat_example(
+            image, task.instruction(self.complete_instruction), task.response(label)
+        )
 
     def _batch_rng(self, items) -> random.Random:
         """The random stream of one batch, a function of the seed and the batch's content: the same
@@ -199,7 +172,7 @@ class VITaskCollator:
                 negatives += [-1] * (len(items) - n_real)
         examples = [self._example(*item) for item in items]
         keys = [sample_key(example) for example in examples] if self.return_sample_keys else None
-        batch = self._trl.torch_call(examples)
+        batch = self.vitask_processor.encode_examples(examples)
         batch["labels"][n_real:] = IGNORE_INDEX  # extra rows only lend their image to CRT
         self._validate(batch, n_real)
         batch["class_ids"] = torch.tensor([c for _, c, _ in items], dtype=torch.long)
@@ -219,72 +192,14 @@ class VITaskCollator:
         validate_batch(batch, self.image_token_id, self.max_length, n_real, "answer")
 
 
-def validate_batch(
-    batch,
-    image_token_id: int | None,
-    max_length: int | None,
-    n_real: int | None = None,
-    target: str = "answer",
-) -> None:
-    """Fail naming the rows: no image token after the chat template, nothing to learn (among the
-    first ``n_real`` rows), or longer than ``max_length`` (rows are never silently truncated)."""
-    ids = batch["input_ids"]
-    if image_token_id is not None:
-        no_image = (~(ids == image_token_id).any(1)).nonzero().flatten().tolist()
-        if no_image:
-            raise ValueError(
-                f"Rows {no_image} have no image token after the chat template: the processor's chat template "
-                "must render {'type': 'image'} content as the image placeholder"
-            )
-    labels = batch["labels"] if n_real is None else batch["labels"][:n_real]
-    no_target = (~(labels != IGNORE_INDEX).any(1)).nonzero().flatten().tolist()
-    if no_target:
-        raise ValueError(f"Rows {no_target} have no response token to learn from (empty {target}?)")
-    if max_length is not None:
-        lengths = batch["attention_mask"].sum(1)
-        too_long = (lengths > max_length).nonzero().flatten().tolist()
-        if too_long:
-            raise ValueError(
-                f"Rows {too_long} are {lengths[too_long].tolist()} tokens long, over max_length={max_length}. "
-                f"Raise max_length (truncating would cut the {target} or image tokens)."
-            )
-
-
-def image_token_id_of(processor) -> int | None:
-    """The id of the token the processor expands into one token per image feature.
-
-    transformers' ``image_token_ids`` names it; ``image_token_id`` alone may be the token that opens
-    an image block instead (Gemma 3's ``<start_of_image>``)."""
-    ids = getattr(processor, "image_token_ids", None)
-    if ids and ids[0] is not None:
-        return int(ids[0])
-    token_id = getattr(processor, "image_token_id", None)
-    token = getattr(processor, "image_token", None)
-    if token_id is None and token is not None:
-        token_id = processor.tokenizer.convert_tokens_to_ids(token)
-    return token_id
-
-
 def build_prompts(processor, task: TaskSpec, images: list, complete: bool = True) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch (image + the task's instruction + generation prompt) for generation."""
     return generation_prompts(processor, images, [task.instruction(complete) for _ in images])
 
 
 def generation_prompts(processor, images: list, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt batch: each image with its own instruction and the generation prompt."""
-    texts = [
-        processor.apply_chat_template(user_message(text), add_generation_prompt=True, tokenize=False)
-        for text in instructions
-    ]
-    images = [[load_image(img, f" at index {i}")] for i, img in enumerate(images)]
-    return processor(
-        images=images,
-        text=texts,
-        padding=True,
-        padding_side="left",
-        return_tensors="pt",
-        add_special_tokens=False,
-    )
+    """Left-padded prompt batch: each image with its own instruction (:meth:`VITaskProcessor.encode_prompts`)."""
+    return VITaskProcessor.wrap(processor).encode_prompts(images, instructions)
 
 
 __all__ = [

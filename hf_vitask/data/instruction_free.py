@@ -19,15 +19,9 @@ from typing import Any
 
 import torch
 
-from hf_vitask.data.collator import (
-    assistant_message,
-    image_token_id_of,
-    load_image,
-    user_message,
-    validate_batch,
-)
-from hf_vitask.data.vlm_collator import VLMCollator
+from hf_vitask.data.images import load_image
 from hf_vitask.losses import IGNORE_INDEX
+from hf_vitask.processing import VITaskProcessor, image_token_id_of, validate_batch
 
 PROXY_SLOT_MASK = "proxy_slot_mask"
 """Batch key of the ``(B, L)`` boolean mask of the proxy slots."""
@@ -149,7 +143,8 @@ class InstructionFreeCollator:
     batch_index: int = 0
     """Where the shuffling stream starts (the trainer starts a resumed run at its first untrained
     batch); counts up as batches are collated."""
-    _trl: Any = field(init=False, repr=False, default=None)
+    vitask_processor: Any = field(init=False, repr=False, default=None)
+    """Renders and tokenises the examples (:class:`~hf_vitask.processing.VITaskProcessor`)."""
 
     def __post_init__(self):
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -168,7 +163,7 @@ class InstructionFreeCollator:
         else:
             self.slot_token_id = None
         self.image_token_id = image_token_id_of(self.processor)
-        self._trl = VLMCollator(self.processor, completion_only_loss=True)
+        self.vitask_processor = VITaskProcessor.wrap(self.processor)
 
     @property
     def prompt_text(self) -> str:
@@ -205,11 +200,8 @@ class InstructionFreeCollator:
                 (img, shuffle_segments(text, self.shuffle_separator, rng, self.shuffle_prob))
                 for img, text in pairs
             ]
-        examples = [
-            {"images": [img], "prompt": user_message(self.prompt_text), "completion": assistant_message(text)}
-            for img, text in pairs
-        ]
-        batch = dict(self._trl.torch_call(examples))
+        examples = [self.vitask_processor.chat_example(img, self.prompt_text, text) for img, text in pairs]
+        batch = dict(self.vitask_processor.encode_examples(examples))
         self._validate(batch)
         if self.use_proxy:
             batch[PROXY_SLOT_MASK] = find_proxy_slots(
