@@ -111,6 +111,7 @@ VITASK = (
     "instruction",
     "max_length",
     "pass_fusion",
+    "fused_loss_head",
     "crt_negatives",
     "rda_temperature",
     "rda_detach",

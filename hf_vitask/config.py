@@ -221,10 +221,19 @@ class VITaskConfig(VLMTuningArguments):
         default="prefix",
         metadata={
             "help": "How a step runs its no-EP, EP and CRT-negative passes: 'prefix' (the image prefix once into a KV "
-            "cache, the continuations as one batched forward; falls back to 'batch' under gradient checkpointing), "
-            "'batch' (vision tower once, the passes stacked in one forward) or 'none' (one forward per pass). "
-            "All three give the same losses and gradients; the fused ones compute logits only at response tokens.",
+            "cache, the continuations as one batched forward; also under gradient checkpointing), 'batch' (vision "
+            "tower once, the passes stacked in one forward) or 'none' (one forward per pass). All three give the "
+            "same losses and gradients; the fused ones compute logits only at response tokens.",
             "choices": list(PASS_MODES),
+        },
+    )
+    fused_loss_head: bool = field(
+        default=True,
+        metadata={
+            "help": "With a fused pass_fusion, apply the output layer inside the loss, a chunk of response tokens at "
+            "a time, so no (tokens x vocabulary) logits are kept for backward and every term shares each pass's "
+            "softmax (same losses and gradients). Used when the output layer is a plain Linear that the model "
+            "applies last; not with a top-k teacher cache."
         },
     )
     rda_temperature: float = field(

@@ -148,3 +148,188 @@ def reduce_tokens(
     if num_items_in_batch is None:
         return per_token.sum() / max(per_token.numel(), 1)
     return per_token.sum() / num_items_in_batch
+
+
+# -- the output layer and the VITask losses in one pass over the vocabulary ----------------------------
+#: Logit elements (tokens x vocabulary) one chunk of :func:`fused_head_losses` holds at a time: 4M
+#: float32 values, 16 MB per temporary (27 response tokens at a 152k vocabulary).
+HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _head(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap: float | None) -> torch.Tensor:
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def _nll_grad(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``-log p[target]`` and its gradient with respect to the logits, ``p - onehot``."""
+    grad = logp.exp()
+    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return -logp.gather(-1, targets[:, None])[:, 0], grad
+
+
+class _FusedHeadLosses(torch.autograd.Function):
+    """Forward computes the losses and, when a gradient is needed, the gradient of their weighted sum
+    with respect to every input, one chunk of tokens at a time; backward only scales them. Nothing of
+    vocabulary size outlives a chunk (the same trick as Liger's fused linear cross-entropy)."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, student, teacher, negative, teacher_logprobs, targets, keep, options):
+        c = options["coefficients"]
+        temperature, softcap, detach = options["temperature"], options["softcap"], options["detach_teacher"]
+        rda = "rda" in c and (teacher is not None or teacher_logprobs is not None)
+        grads = ctx.needs_input_grad
+        want = any(grads[:5])
+        n = student.shape[0]
+        neg_pos = torch.cumsum(keep.long(), 0) - 1 if negative is not None else None
+        terms = {"van": student.new_zeros(n, dtype=torch.float32)}
+        if teacher is not None:
+            terms["ep"] = torch.zeros_like(terms["van"])
+        if rda:
+            terms["rda"] = torch.zeros_like(terms["van"])
+        if negative is not None:
+            terms["crt"] = student.new_zeros(negative.shape[0], dtype=torch.float32)
+        d_student = torch.zeros_like(student) if want else None
+        d_teacher = torch.zeros_like(teacher) if want and teacher is not None else None
+        d_negative = torch.zeros_like(negative) if want and negative is not None else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if grads[0] else None
+        d_bias = torch.zeros_like(bias, dtype=torch.float32) if grads[1] else None
+        step = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+
+        def backprop(dz, z, hidden, out, rows):  # dL/dlogits -> dL/dhidden (and the layer's weight)
+            if softcap is not None:
+                dz = dz * (1 - (z / softcap) ** 2)
+            dz = dz.to(weight.dtype)
+            out[rows] = (dz @ weight).to(out.dtype)
+            if d_weight is not None:
+                d_weight.add_(dz.t().float() @ hidden.to(weight.dtype).float())
+            if d_bias is not None:
+                d_bias.add_(dz.float().sum(0))
+
+        for a in range(0, n, step):
+            rows = slice(a, min(a + step, n))
+            y = targets[rows]
+            zs = _head(student[rows], weight, bias, softcap)
+            logp_s = torch.log_softmax(zs, -1)
+            terms["van"][rows], g = _nll_grad(logp_s, y)
+            dzs = c.get("van", 0.0) * g
+            if teacher is not None:
+                zt = _head(teacher[rows], weight, bias, softcap)
+                terms["ep"][rows], g = _nll_grad(torch.log_softmax(zt, -1), y)
+                dzt = c.get("ep", 0.0) * g
+            if rda:
+                log_p = logp_s if temperature == 1 else torch.log_softmax(zs / temperature, -1)
+                if teacher_logprobs is not None:
+                    log_q = teacher_logprobs[rows].float()
+                else:
+                    log_q = torch.log_softmax(zt / temperature, -1)
+                p = log_p.exp()
+                gap = log_p - log_q
+                kl = (p * gap).sum(-1)
+                terms["rda"][rows] = kl * temperature**2
+                dzs = dzs + c["rda"] * temperature * p * (gap - kl[:, None])
+                if teacher is not None and teacher_logprobs is None and not detach:
+                    dzt = dzt + c["rda"] * temperature * (log_q.exp() - p)
+            if negative is not None:
+                kept = keep[rows]
+                if kept.any():
+                    at = neg_pos[rows][kept]
+                    zn = _head(negative[at], weight, bias, softcap)
+                    terms["crt"][at], g = _nll_grad(torch.log_softmax(zs[kept] - zn, -1), y[kept])
+                    g = c.get("crt", 0.0) * g
+                    dzs[kept] += g
+                    if want:
+                        backprop(-g, zn, negative[at], d_negative, at)
+            if want:
+                backprop(dzs, zs, student[rows], d_student, rows)
+                if teacher is not None:
+                    backprop(dzt, zt, teacher[rows], d_teacher, rows)
+        total = sum(c.get(k, 0.0) * v.sum() for k, v in terms.items())
+        total = torch.as_tensor(total, dtype=torch.float32, device=student.device)
+        ctx.save_for_backward(d_weight, d_bias, d_student, d_teacher, d_negative)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        per_token = tuple(terms.get(k) for k in ("van", "ep", "rda", "crt"))
+        ctx.mark_non_differentiable(*[t for t in per_token if t is not None])
+        return (total, *per_token)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        d_weight, d_bias, d_student, d_teacher, d_negative = ctx.saved_tensors
+
+        def scaled(t, dtype=None):
+            if t is None:
+                return None
+            out = t * grad_total.to(t.dtype)
+            return out if dtype is None else out.to(dtype)
+
+        return (
+            scaled(d_weight, ctx.dtypes[0]),
+            scaled(d_bias, ctx.dtypes[1]),
+            scaled(d_student),
+            scaled(d_teacher),
+            scaled(d_negative),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_head_losses(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    coefficients: dict[str, float],
+    *,
+    teacher: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    negative: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    detach_teacher: bool = True,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The output layer and the VITask losses together, from final hidden states at response tokens.
+
+    Equal to applying the output layer (``logits = hidden @ weight.T + bias``, then ``softcap *
+    tanh(logits / softcap)`` when the model soft-caps its logits) and then :func:`token_ce` (``van``
+    on the student, ``ep`` on the teacher), :func:`rda_kl` (or :func:`rda_kl_cached` against the full
+    ``teacher_logprobs``) and :func:`crt_loss` (student rows where ``keep`` is True vs ``negative``),
+    but no ``(N, V)`` tensor is kept for backward and each pass's log-softmax is computed once and
+    shared by every loss that reads it. At a 152k vocabulary the logits of a stage-2 step are most
+    of its memory.
+
+    Args:
+        weight, bias: the output layer (``bias`` may be None).
+        student: ``(N, H)`` hidden states of the no-EP pass at the response tokens (see
+            :func:`response_logits` for the order); ``targets``: their ``(N,)`` next tokens.
+        coefficients: the factor of each term in the returned total, e.g.
+            ``{"van": w / num_tokens, ...}``; a term without one (or 0) is computed but not learnt.
+        teacher: ``(N, H)`` hidden states of the EP pass (gives ``ep`` and, as the RDA teacher, ``rda``).
+        teacher_logprobs: ``(N, V)`` teacher log-probabilities at ``temperature`` instead (a frozen or
+            cached teacher), detached.
+        negative, keep: ``(M, H)`` hidden states of the CRT negative pass and the ``(N,)`` mask of the
+            student tokens they pair with (``M = keep.sum()``).
+        detach_teacher: False lets the RDA gradient reach the teacher (ablation control).
+
+    Returns:
+        ``(total, terms)``: the differentiable ``sum_k coefficients[k] * terms[k].sum()`` and the
+        per-token values of each term (``van``, and ``ep``, ``rda``, ``crt`` when computed), detached.
+    """
+    if negative is not None:
+        if keep is None or int(keep.sum()) != negative.shape[0]:
+            raise ValueError("negative hidden states need keep, one True per negative token")
+    else:
+        keep = targets.new_zeros(targets.shape, dtype=torch.bool)
+    options = {
+        "coefficients": {k: float(v) for k, v in coefficients.items()},
+        "temperature": float(temperature),
+        "softcap": softcap,
+        "detach_teacher": detach_teacher,
+    }
+    total, *per_token = _FusedHeadLosses.apply(
+        weight, bias, student, teacher, negative, teacher_logprobs, targets, keep, options
+    )
+    names = ("van", "ep", "rda", "crt")
+    return total, {k: v for k, v in zip(names, per_token) if v is not None}

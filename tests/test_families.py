@@ -28,10 +28,11 @@ from hf_vitask.config import PASS_MODES
 from hf_vitask.data.collator import VITaskCollator
 from hf_vitask.data.digits import add_digit_descriptions
 from hf_vitask.evaluation import generate_answers
-from hf_vitask.losses import IGNORE_INDEX, crt_loss, rda_kl, token_ce
+from hf_vitask.losses import IGNORE_INDEX, crt_loss, fused_head_losses, rda_kl, token_ce
 from hf_vitask.models import passes as passes_module
 from hf_vitask.models.checkpointing import checkpointed_layers
 from hf_vitask.models.families import get_family
+from hf_vitask.models.head import output_layer
 from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import run_passes
 from hf_vitask.models.tiny import TINY_FAMILIES, build_tiny_vlm
@@ -187,6 +188,36 @@ def test_gradient_checkpointing_keeps_the_fused_step_exact(name, tsm, task, digi
     if not mixed and "prefix" in get_family(name).fusion_modes:
         assert got[0].mode == "prefix"
     _assert_same(got, reference)
+
+
+def test_the_deferred_output_layer_gives_the_losses_and_gradients_of_the_logits(name, tsm, task, digits):
+    """The fused passes hand back final hidden states and fused_head_losses applies the output layer
+    itself: the four terms and every gradient equal those of the separate passes' logits."""
+    model, processor = _model(name, tsm)
+    batch = VITaskCollator(processor, task, tsm=tsm, with_negatives=True, seed=1)(_rows(digits, mixed=False))
+    _, ref_losses, ref_grads = _losses(model, batch, "none")
+    layer = output_layer(model.vlm, model.family)
+    assert layer is not None, "every built-in family defers its output layer"
+    batch = dict(batch)
+    tsm_pixels, negative_index = batch.pop("tsm_pixel_values"), batch.pop("crt_negative_index")
+    batch.pop("class_ids")
+    out = run_passes(model, batch, exemplar=model.exemplar_embeds(tsm_pixels), negative_index=negative_index,
+                     mode=get_family(name).fusion_modes[0], logits=False)  # fmt: skip
+    assert out.plain.response_logits is None and out.plain.response_hidden is not None
+    keep = (negative_index >= 0)[torch.nonzero(batch["labels"][:, 1:] != IGNORE_INDEX)[:, 0]]
+    n, m = len(keep), int(keep.sum())
+    model.zero_grad(set_to_none=True)
+    total, terms = fused_head_losses(
+        layer.weight, layer.bias, out.plain.response_hidden, out.plain.response_targets,
+        {"van": 1 / n, "ep": 1 / n, "rda": 1 / n, "crt": 1 / m}, teacher=out.ep.response_hidden,
+        negative=out.negative.response_hidden, keep=keep, softcap=layer.softcap,
+    )  # fmt: skip
+    total.backward()
+    assert {k: v.mean().item() for k, v in terms.items()} == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads)
+    for param_name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[param_name], grad, atol=1e-5, rtol=1e-3, msg=param_name)
 
 
 # -- training, saving, scoring, generation ----------------------------------------------------------------

@@ -189,3 +189,118 @@ def test_losses_keep_only_their_inputs_for_backward_and_give_the_same_gradients(
         saved.clear()
         fn.__wrapped__(*args)
     assert sum(saved.values()) >= 6 * 500 * 4  # the plain computation stores at least one
+
+
+# -- the fused output layer + losses ---------------------------------------------------------------------
+def _reference_head_losses(weight, bias, student, targets, coefficients, *, teacher=None, teacher_logprobs=None,
+                           negative=None, keep=None, temperature=1.0, detach_teacher=True, softcap=None):  # fmt: skip
+    """The unfused path: logits first, then the per-token losses of this module."""
+
+    def head(h):
+        z = torch.nn.functional.linear(h, weight, bias)
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    zs = head(student)
+    terms = {"van": token_ce(zs, targets)}
+    if teacher is not None:
+        zt = head(teacher)
+        terms["ep"] = token_ce(zt, targets)
+    if "rda" in coefficients:
+        if teacher_logprobs is not None:
+            terms["rda"] = rda_kl_cached(zs, teacher_logprobs, None, temperature)
+        else:
+            terms["rda"] = rda_kl(zs, zt, temperature, detach=detach_teacher)
+    if negative is not None:
+        terms["crt"] = crt_loss(zs[keep], head(negative), targets[keep])
+    total = sum(coefficients.get(k, 0.0) * v.sum() for k, v in terms.items())
+    return total, terms
+
+
+FUSED_CASES = {
+    "stage 2 (self teacher, CRT)": dict(teacher=True, negative=True, coefficients=dict(van=1.0, ep=0.5, rda=0.7, crt=0.3)),
+    "temperature, undetached teacher, bias": dict(teacher=True, bias=True, temperature=2.0, detach_teacher=False,
+                                                  coefficients=dict(van=0.2, ep=1.0, rda=1.3)),
+    "soft-capped logits, trained output layer": dict(teacher=True, negative=True, softcap=3.0, train_weight=True,
+                                                     coefficients=dict(van=1.0, ep=1.0, rda=1.0, crt=1.0)),
+    "given teacher log-probs": dict(teacher_logprobs=True, temperature=1.5, coefficients=dict(van=1.0, rda=2.0)),
+    "vanilla": dict(coefficients=dict(van=1.0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_head_losses_equal_the_logits_path_in_values_and_gradients(case, monkeypatch):
+    import hf_vitask.losses as losses
+
+    spec = dict(FUSED_CASES[case])
+    monkeypatch.setattr(losses, "HEAD_CHUNK_ELEMENTS", 3 * 50)  # 3 tokens a chunk: chunk edges are crossed
+    g = torch.Generator().manual_seed(0)
+    n, hidden, vocab = 11, 8, 50
+    weight = torch.randn(vocab, hidden, generator=g, dtype=torch.float64).requires_grad_(
+        spec.pop("train_weight", False)
+    )
+    bias = (
+        torch.randn(vocab, generator=g, dtype=torch.float64).requires_grad_()
+        if spec.pop("bias", False)
+        else None
+    )
+    targets = torch.randint(vocab, (n,), generator=g)
+    keep = torch.tensor([True, False, True, True, False, True, True, True, False, True, True])
+    inputs = {"student": torch.randn(n, hidden, generator=g, dtype=torch.float64, requires_grad=True)}
+    if spec.pop("teacher", False):
+        inputs["teacher"] = torch.randn(n, hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    if spec.pop("negative", False):
+        inputs["negative"] = torch.randn(
+            int(keep.sum()), hidden, generator=g, dtype=torch.float64, requires_grad=True
+        )
+        spec["keep"] = keep
+    if spec.pop("teacher_logprobs", False):
+        spec["teacher_logprobs"] = torch.randn(n, vocab, generator=g, dtype=torch.float64).log_softmax(-1)
+    coefficients = spec.pop("coefficients")
+
+    def run(fn):
+        given = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        w = weight.detach().clone().requires_grad_(weight.requires_grad)
+        b = None if bias is None else bias.detach().clone().requires_grad_()
+        total, terms = fn(
+            w,
+            b,
+            given["student"],
+            targets,
+            coefficients,
+            **{k: v for k, v in given.items() if k != "student"},
+            **spec,
+        )
+        (2.5 * total).backward()
+        grads = {k: v.grad for k, v in given.items()} | {
+            "weight": w.grad,
+            "bias": None if b is None else b.grad,
+        }
+        return total.detach(), {k: v.detach() for k, v in terms.items()}, grads
+
+    fused, reference = run(losses.fused_head_losses), run(_reference_head_losses)
+    torch.testing.assert_close(fused[0], reference[0].to(fused[0].dtype), rtol=1e-5, atol=1e-6)
+    assert sorted(fused[1]) == sorted(reference[1])
+    for name in fused[1]:
+        torch.testing.assert_close(fused[1][name], reference[1][name].float(), rtol=1e-5, atol=1e-6)
+    for name, grad in reference[2].items():
+        if grad is None:
+            assert fused[2][name] is None, name
+        else:
+            torch.testing.assert_close(fused[2][name].double(), grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_head_losses_keep_nothing_of_vocabulary_size_for_backward():
+    from hf_vitask.losses import fused_head_losses
+
+    n, hidden, vocab = 16, 8, 4096
+    weight = torch.randn(vocab, hidden)
+    student, teacher = (torch.randn(n, hidden, requires_grad=True) for _ in range(2))
+    targets = torch.randint(vocab, (n,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        total, _ = fused_head_losses(
+            weight, None, student, targets, dict(van=1.0, ep=1.0, rda=1.0), teacher=teacher
+        )
+    assert saved and max(saved) <= n * hidden  # hidden-sized gradients only, never (N, V)
+    total.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad.abs().sum() > 0

@@ -369,7 +369,14 @@ def test_frozen_teacher_outputs_are_cached_once_per_sample(tmp_path, digits, tas
 
 
 @pytest.mark.parametrize("fusion", ["batch", "prefix"])
-def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, task, tsm, fusion):
+def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, task, tsm, fusion, monkeypatch):
+    """The fused passes, with the output layer applied inside the loss (fused_loss_head), give the
+    loss and gradients of separate passes with full logits."""
+    from hf_vitask.trainers import vitask as vitask_module
+
+    calls = []
+    real = vitask_module.fused_head_losses
+    monkeypatch.setattr(vitask_module, "fused_head_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
     rows = [digits["train"][i] for i in range(6)]
     results = {}
     for mode in ("none", fusion):
@@ -378,7 +385,9 @@ def test_pass_fusion_gives_the_reference_loss_and_gradients(tmp_path, digits, ta
         )
         batch = trainer.data_collator(rows)
         trainer.model.zero_grad()
+        calls.clear()
         loss = trainer.compute_loss(trainer.model, batch)
+        assert len(calls) == (mode != "none")  # separate passes keep their logits
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results[mode] = loss.item(), grads
@@ -437,18 +446,38 @@ def test_a_large_full_teacher_cache_is_announced(tmp_path, digits, task, tsm, ca
         assert caplog.text == ""
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused head", "logits"])
 @pytest.mark.parametrize("teacher_dropout", [True, False])
-def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monkeypatch):
+def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, fused, monkeypatch):
     """rda_teacher_dropout=False: the self-teacher is an EP pass without LoRA dropout (the same on every
-    call); True: the training EP pass, dropout included."""
+    call); True: the training EP pass, dropout included. Compared as teacher log-probabilities."""
     from hf_vitask.trainers import vitask as vitask_module
 
-    trainer = _trainer(tmp_path, digits, task, tsm, lora_dropout=0.5, rda_teacher_dropout=teacher_dropout)
-    teachers = []
-    real = vitask_module.rda_kl
-    monkeypatch.setattr(
-        vitask_module, "rda_kl", lambda s, t, temp, detach: teachers.append(t.detach()) or real(s, t, temp)
+    trainer = _trainer(
+        tmp_path,
+        digits,
+        task,
+        tsm,
+        lora_dropout=0.5,
+        rda_teacher_dropout=teacher_dropout,
+        fused_loss_head=fused,
     )
+    teachers = []
+    real_kl, real_fused = vitask_module.rda_kl, vitask_module.fused_head_losses
+
+    def spy_kl(s, t, temp, detach):
+        teachers.append(t.detach().float().log_softmax(-1))
+        return real_kl(s, t, temp)
+
+    def spy_fused(weight, bias, student, targets, coefficients, **kw):
+        given = kw["teacher_logprobs"]
+        if given is None:
+            given = torch.nn.functional.linear(kw["teacher"].detach(), weight, bias).float().log_softmax(-1)
+        teachers.append(given)
+        return real_fused(weight, bias, student, targets, coefficients, **kw)
+
+    monkeypatch.setattr(vitask_module, "rda_kl", spy_kl)
+    monkeypatch.setattr(vitask_module, "fused_head_losses", spy_fused)
     batch = trainer.data_collator([digits["train"][i] for i in range(4)])
     model = trainer.model.train()
     with torch.no_grad():  # LoRA B starts at 0, where dropout on the adapter's input changes nothing
@@ -465,11 +494,12 @@ def test_rda_teacher_dropout(tmp_path, digits, task, tsm, teacher_dropout, monke
         }
         eval_teacher = model(**inputs, tsm_pixel_values=batch["tsm_pixel_values"]).response_logits
     model.train()
+    assert len(teachers) == 2
     if teacher_dropout:
         assert not torch.allclose(teachers[0], teachers[1])
     else:
         torch.testing.assert_close(teachers[0], teachers[1])
-        torch.testing.assert_close(teachers[0], eval_teacher)
+        torch.testing.assert_close(teachers[0], eval_teacher.float().log_softmax(-1))
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, digits, task, tsm):

@@ -112,6 +112,10 @@ class VLMFamily:
     completion_fill: tuple[tuple[str, int], ...] = ()
     #: Chat template for checkpoints whose processor has none (PaliGemma: image, prompt, newline).
     default_chat_template: str | None = None
+    #: Whether the forward applies the output layer last (only soft-capping after it), so a loss can
+    #: take the final hidden states and apply the layer itself (``hf_vitask.models.head``). Set False
+    #: for a model that transforms its logits in other ways.
+    deferred_output_layer: bool = True
 
     # -- tokens ----------------------------------------------------------------------------------
     def image_token_id(self, tokenizer: Any) -> int:

@@ -38,16 +38,26 @@ from hf_vitask.config import PASS_MODES
 from hf_vitask.losses import IGNORE_INDEX
 from hf_vitask.models.checkpointing import cache_through_checkpointing
 from hf_vitask.models.exemplar import exemplar_positions
+from hf_vitask.models.head import deferred_output_layer, output_layer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PassOutput:
-    """Next-token logits at the response positions of one pass, row-major, and their targets."""
+    """Next-token logits at the response positions of one pass, row-major, and their targets.
 
-    response_logits: torch.Tensor
+    With the output layer deferred (``run_passes(..., logits=False)``) ``response_logits`` is None
+    and ``response_hidden`` holds the final hidden states at those positions instead."""
+
+    response_logits: torch.Tensor | None
     response_targets: torch.Tensor
+    response_hidden: torch.Tensor | None = None
+
+    def take(self, n: int) -> PassOutput:
+        """The first ``n`` tokens (``n=0``: an empty pass of the same kind)."""
+        cut = lambda t: None if t is None else t[:n]  # noqa: E731
+        return PassOutput(cut(self.response_logits), self.response_targets[:n], cut(self.response_hidden))
 
 
 @dataclass
@@ -71,6 +81,7 @@ def run_passes(
     negative_index: torch.Tensor | None = None,
     mode: str = "prefix",
     forward=None,
+    logits: bool = True,
 ) -> Passes:
     """Response logits of the no-EP pass, the EP pass (when ``exemplar`` (B, k, D) is given) and
     the negative pass (when ``negative_index`` is given: row i's text with row ``negative_index[i]``'s
@@ -78,12 +89,17 @@ def run_passes(
 
     ``inputs`` is a collated batch (``input_ids``, ``attention_mask``, ``labels``, image keys).
     ``forward``: what separate passes call instead of ``model`` (a distributed wrapper of it).
+    ``logits=False``: where a fused mode runs and the output layer can be deferred
+    (:func:`~hf_vitask.models.head.output_layer`), return the final hidden states at the response
+    positions (``response_hidden``) instead of logits, for
+    :func:`~hf_vitask.losses.fused_head_losses`; the ``"none"`` mode always returns logits.
     """
     if mode not in PASS_MODES:
         raise ValueError(f"pass mode must be one of {PASS_MODES}, got {mode!r}")
     labels = inputs.get("labels")
     if labels is None:
         raise ValueError("run_passes needs labels (the response tokens)")
+    hidden = not logits and output_layer(model.vlm, model.family) is not None
     neg_rows = None
     if negative_index is not None:
         negative_index = torch.as_tensor(negative_index, device=labels.device)
@@ -93,14 +109,14 @@ def run_passes(
     if mode == "prefix":
         why = _prefix_blocker(model, inputs)
         if why is None:
-            return _prefix_passes(model, inputs, exemplar, negative_index, neg_rows)
+            return _prefix_passes(model, inputs, exemplar, negative_index, neg_rows, hidden)
         # fall back to the next mode the family can run, with one warning naming it
         mode = "batch" if "batch" in model.family.fusion_modes else "none"
         instead = "stacking the passes instead" if mode == "batch" else "running the passes separately"
         _warn_once(f"pass_fusion='prefix' is not possible here ({why}); {instead} ('{mode}')")
     if mode == "batch":
         if model.family.feature_route is not None:
-            return _batch_passes(model, inputs, exemplar, negative_index, neg_rows)
+            return _batch_passes(model, inputs, exemplar, negative_index, neg_rows, hidden)
         _warn_once(
             f"pass_fusion='batch' is not possible for the {model.family.name} family (its image features "
             "reach the language model neither through the input embedding nor as precomputed encoder "
@@ -131,7 +147,7 @@ def _separate_passes(model, inputs, exemplar, negative_index, neg_rows, forward)
         if len(neg_rows):
             passes.negative = out(forward(**negative_rows(model, inputs, negative_index, neg_rows)))
         else:
-            passes.negative = PassOutput(plain.response_logits[:0], plain.response_targets[:0])
+            passes.negative = passes.plain.take(0)
     return passes
 
 
@@ -276,10 +292,21 @@ def _pass_parts(model, inputs, exemplar, negative_index, neg_rows, positions=Non
 
 
 def _run_stacked(
-    model, parts, slot_parts, exemplar_rows, dense_features, counts, mode, exemplar, neg_rows, **kwargs
+    model,
+    parts,
+    slot_parts,
+    exemplar_rows,
+    dense_features,
+    counts,
+    mode,
+    exemplar,
+    neg_rows,
+    hidden,
+    **kwargs,
 ):
     """One forward of the stacked passes; exemplar (and, in "batch" mode, image features) are
-    written into the input embedding at their positions."""
+    written into the input embedding at their positions. ``hidden``: return the final hidden states
+    at the response positions instead of logits."""
     batch = _stack(parts, {"input_ids": model.slot_token_id, "labels": IGNORE_INDEX})
     slots = _stack([{"input_ids": s} for s in slot_parts], {})["input_ids"]
     labels = batch.pop("labels")
@@ -299,9 +326,13 @@ def _run_stacked(
             mask = image_mask
         values = dense[mask]
     context = contextlib.nullcontext() if mask is None else model.inject(mask, values[None])
-    with context:
+    head = deferred_output_layer(model.vlm) if hidden else contextlib.nullcontext()
+    with context, head:
         logits = model.vlm(**batch, **kwargs, logits_to_keep=keep).logits
-    return _assemble(_split(logits, labels, keep, counts), exemplar, neg_rows, mode)
+    outs = _split(logits, labels, keep, counts)
+    if hidden:
+        outs = [PassOutput(None, out.response_targets, out.response_logits) for out in outs]
+    return _assemble(outs, exemplar, neg_rows, mode)
 
 
 # -- "batch": vision tower once, passes stacked ------------------------------------------------------
@@ -355,7 +386,7 @@ def _encoder_outputs_for(outputs, rows: list[int], n_images: int):
     return type(outputs)(**fields)
 
 
-def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
+def _batch_passes(model, inputs, exemplar, negative_index, neg_rows, hidden: bool = False) -> Passes:
     parts, slot_parts, sources, counts = _pass_parts(model, inputs, exemplar, negative_index, neg_rows)
     source = torch.cat(sources).tolist()
     rows = _rows_with_response(inputs["labels"])
@@ -373,6 +404,7 @@ def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
             "batch",
             exemplar,
             neg_rows,
+            hidden,
             mm_encoder_outputs=encoder,
         )
     features = _image_features(model, inputs)
@@ -385,7 +417,9 @@ def _batch_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
         out[image_mask] = flat
         return out
 
-    return _run_stacked(model, parts, slot_parts, exemplar_rows, dense, counts, "batch", exemplar, neg_rows)
+    return _run_stacked(
+        model, parts, slot_parts, exemplar_rows, dense, counts, "batch", exemplar, neg_rows, hidden
+    )
 
 
 def _checkpointing(base) -> bool:
@@ -419,7 +453,7 @@ def _prefix_blocker(model, inputs) -> str | None:
     return None
 
 
-def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
+def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows, hidden: bool = False) -> Passes:
     fam = model.family
     ids = inputs["input_ids"]
     p = int(exemplar_positions(ids, model.image_token_id, model.image_end_token_id)[0])
@@ -459,6 +493,7 @@ def _prefix_passes(model, inputs, exemplar, negative_index, neg_rows) -> Passes:
             "prefix",
             exemplar,
             neg_rows,
+            hidden,
             attention_mask=prefix_mask,
             **_cache_kwargs(model.vlm, cache, use_cache=not checkpointed),
         )
@@ -481,11 +516,7 @@ def _assemble(outs: list[PassOutput], exemplar, neg_rows, mode: str) -> Passes:
     if exemplar is not None:
         passes.ep = outs.pop(0)
     if neg_rows is not None:
-        passes.negative = (
-            outs.pop(0)
-            if len(neg_rows)
-            else PassOutput(passes.plain.response_logits[:0], passes.plain.response_targets[:0])
-        )
+        passes.negative = outs.pop(0) if len(neg_rows) else passes.plain.take(0)
     return passes
 
 

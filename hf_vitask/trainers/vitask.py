@@ -26,6 +26,7 @@ from hf_vitask.data.collator import VITaskCollator
 from hf_vitask.losses import (
     IGNORE_INDEX,
     crt_loss,
+    fused_head_losses,
     rda_kl,
     rda_kl_cached,
     reduce_tokens,
@@ -33,6 +34,7 @@ from hf_vitask.losses import (
     token_ce,
 )
 from hf_vitask.models.exemplar import ExemplarConnector
+from hf_vitask.models.head import output_layer
 from hf_vitask.models.modeling import (
     VITASK_CONFIG_FILE,
     VITaskModel,
@@ -454,6 +456,16 @@ class VITaskTrainer(VLMTrainer):
                 "CRT (crt_weight > 0) needs crt_negative_index in the batch: the collator picks the negatives "
                 "(VITaskCollator(..., with_negatives=True), the default collator of this trainer)"
             )
+        crt = args.effective_crt_weight > 0
+        layer = output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head else None
+        topk_teacher = (
+            args.rda_weight > 0
+            and args.rda_teacher == "frozen"
+            and sample_keys is not None
+            and self.teacher_cache_plan.mode != "off"
+            and bool(self.teacher_cache_plan.topk)
+        )
+        hidden = layer is not None and not return_outputs and not topk_teacher
         # one forward for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes),
         # through the distributed wrapper when there is one
         passes = model(
@@ -461,50 +473,36 @@ class VITaskTrainer(VLMTrainer):
             tsm_pixel_values=tsm_pixel_values if args.uses_exemplar else None,
             passes={
                 "mode": args.pass_fusion,
-                "negative_index": negative_index if args.effective_crt_weight > 0 else None,
+                "negative_index": negative_index if crt else None,
+                "logits": not hidden,
             },
         )
-        exemplar = passes.exemplar
         student = passes.plain
         targets = student.response_targets
-        terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
-        if passes.ep is not None:
-            terms["ep"] = token_ce(passes.ep.response_logits, targets)
-        if args.rda_weight > 0:
-            if args.rda_teacher == "self":
-                teacher = passes.ep.response_logits
-                if not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
-                    teacher = self._self_teacher_without_dropout(model, inputs, exemplar)
-                terms["rda"] = rda_kl(
-                    student.response_logits, teacher, args.rda_temperature, detach=args.rda_detach
-                )
-            else:
-                terms["rda"] = self._frozen_rda(
-                    unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys
-                )
-        scale = {}
-        if args.effective_crt_weight > 0:
-            keep = (negative_index >= 0)[response_row_ids(inputs["labels"])]
-            terms["crt"] = crt_loss(
-                student.response_logits[keep], passes.negative.response_logits, targets[keep]
-            )
-            self._log_crt_coverage(model, inputs["labels"], negative_index)
-            if (
-                num_items_in_batch is not None and keep.any()
-            ):  # sum / all tokens -> mean over the covered ones
-                scale["crt"] = keep.numel() / keep.sum().item()
-
+        keep = (negative_index >= 0)[response_row_ids(inputs["labels"])] if crt else None
         weights = {
             "van": args.van_weight,
             "ep": args.ep_weight,
             "rda": args.rda_weight,
             "crt": args.effective_crt_weight,
         }
-        loss = sum(
-            weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
-            for k, v in terms.items()
-            if weights[k] > 0
-        )
+        scale = {}
+        if crt:
+            self._log_crt_coverage(model, inputs["labels"], negative_index)
+            if num_items_in_batch is not None and keep.any():  # sum / all tokens -> mean over the covered ones
+                scale["crt"] = keep.numel() / keep.sum().item()
+        if student.response_hidden is not None:
+            loss, terms = self._fused_loss(
+                model, unwrapped, inputs, passes, layer, keep, tsm_pixel_values, sample_keys,
+                weights, scale, num_items_in_batch,
+            )  # fmt: skip
+        else:
+            terms = self._loss_terms(model, unwrapped, inputs, passes, keep, tsm_pixel_values, sample_keys)
+            loss = sum(
+                weights[k] * scale.get(k, 1.0) * reduce_tokens(v, num_items_in_batch)
+                for k, v in terms.items()
+                if weights[k] > 0
+            )
         weight = targets.numel() if num_items_in_batch is not None else 1.0  # as the terms enter the loss
         for k, v in terms.items():
             if v.numel():
@@ -515,6 +513,76 @@ class VITaskTrainer(VLMTrainer):
                 loss=loss, response_logits=student.response_logits, response_targets=targets
             )
         return loss
+
+    def _loss_terms(self, model, unwrapped, inputs, passes, keep, tsm_pixel_values, sample_keys) -> dict:
+        """The per-token terms from the passes' response logits."""
+        args: VITaskConfig = self.args
+        student = passes.plain
+        targets = student.response_targets
+        terms: dict[str, torch.Tensor] = {"van": token_ce(student.response_logits, targets)}
+        if passes.ep is not None:
+            terms["ep"] = token_ce(passes.ep.response_logits, targets)
+        if args.rda_weight > 0:
+            if args.rda_teacher == "self":
+                teacher = passes.ep.response_logits
+                if not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
+                    teacher = self._self_teacher_without_dropout(model, inputs, passes.exemplar)
+                terms["rda"] = rda_kl(
+                    student.response_logits, teacher, args.rda_temperature, detach=args.rda_detach
+                )
+            else:
+                terms["rda"] = self._frozen_rda(
+                    unwrapped, inputs, tsm_pixel_values, student.response_logits, sample_keys
+                )
+        if keep is not None:
+            terms["crt"] = crt_loss(
+                student.response_logits[keep], passes.negative.response_logits, targets[keep]
+            )
+        return terms
+
+    def _fused_loss(
+        self, model, unwrapped, inputs, passes, layer, keep, tsm_pixel_values, sample_keys, weights, scale, num_items
+    ) -> tuple[torch.Tensor, dict]:
+        """The loss and its per-token terms from the passes' final hidden states: the output layer and
+        every term in one chunked pass over the vocabulary (:func:`~hf_vitask.losses.fused_head_losses`)."""
+        args: VITaskConfig = self.args
+        student = passes.plain
+        targets = student.response_targets
+        temperature = args.rda_temperature
+        teacher_logprobs = None
+        if args.rda_weight > 0:
+            if args.rda_teacher == "frozen":
+                if sample_keys is None or self.teacher_cache_plan.mode == "off":
+                    logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
+                    teacher_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+                else:
+                    teacher_logprobs, _ = self._cached_teacher(unwrapped, inputs, tsm_pixel_values, sample_keys)
+            elif not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
+                logits = self._self_teacher_without_dropout(model, inputs, passes.exemplar)
+                teacher_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        counts = {"van": targets.numel(), "ep": targets.numel(), "rda": targets.numel()}
+        counts["crt"] = 0 if keep is None else int(keep.sum())
+        coefficients = {
+            k: w * scale.get(k, 1.0) / (num_items if num_items is not None else max(counts[k], 1))
+            for k, w in weights.items()
+            if w > 0
+        }
+        if args.rda_weight <= 0:
+            coefficients.pop("rda", None)
+        return fused_head_losses(
+            layer.weight,
+            layer.bias,
+            student.response_hidden,
+            targets,
+            coefficients,
+            teacher=None if passes.ep is None else passes.ep.response_hidden,
+            teacher_logprobs=teacher_logprobs,
+            negative=None if keep is None else passes.negative.response_hidden,
+            keep=keep,
+            temperature=temperature,
+            detach_teacher=args.rda_detach,
+            softcap=layer.softcap,
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss with the same terms as training (logged as ``eval_loss_*``).
