@@ -59,6 +59,10 @@ VARIANTS = {  # name: VITaskConfig overrides (None: a baseline, not a VITaskTrai
     "stage 2, naive (pass_fusion none)": dict(stage=2, pass_fusion="none"),
     "stage 2, passes stacked (batch)": dict(stage=2, pass_fusion="batch"),
     "stage 2 (EP + RDA + CRT)": dict(stage=2),
+    "vanilla, logits loss (fused_loss_head off)": dict(
+        ep_weight=0.0, rda_weight=0.0, crt_weight=0.0, fused_loss_head=False
+    ),
+    "stage 2, logits loss (fused_loss_head off)": dict(stage=2, fused_loss_head=False),
     "RDA frozen teacher, uncached": dict(
         stage=1, ep_weight=0.0, rda_teacher="frozen", rda_teacher_cache=False
     ),

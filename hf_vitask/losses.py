@@ -161,22 +161,27 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap: float | Non
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def _nll_grad(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``-log p[target]`` and its gradient with respect to the logits, ``p - onehot``."""
-    grad = logp.exp()
-    grad[torch.arange(len(targets), device=targets.device), targets] -= 1
-    return -logp.gather(-1, targets[:, None])[:, 0], grad
+def _picked(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, targets[:, None])[:, 0]
+
+
+def _minus_onehot(grad: torch.Tensor, targets: torch.Tensor, c: float) -> torch.Tensor:
+    """``grad - c * onehot(targets)``, in place: with ``grad = c * softmax`` the gradient of ``c * CE``."""
+    grad[torch.arange(len(targets), device=targets.device), targets] -= c
+    return grad
 
 
 class _FusedHeadLosses(torch.autograd.Function):
     """Forward computes the losses and, when a gradient is needed, the gradient of their weighted sum
     with respect to every input, one chunk of tokens at a time; backward only scales them. Nothing of
-    vocabulary size outlives a chunk (the same trick as Liger's fused linear cross-entropy)."""
+    vocabulary size outlives a chunk (the same trick as Liger's fused linear cross-entropy), and each
+    pass's softmax is computed once for every term that reads it."""
 
     @staticmethod
     def forward(ctx, weight, bias, student, teacher, negative, teacher_logprobs, targets, keep, options):
         c = options["coefficients"]
         temperature, softcap, detach = options["temperature"], options["softcap"], options["detach_teacher"]
+        c_van, c_ep, c_rda, c_crt = (c.get(k, 0.0) for k in ("van", "ep", "rda", "crt"))
         rda = "rda" in c and (teacher is not None or teacher_logprobs is not None)
         grads = ctx.needs_input_grad
         want = any(grads[:5])
@@ -196,54 +201,83 @@ class _FusedHeadLosses(torch.autograd.Function):
         d_bias = torch.zeros_like(bias, dtype=torch.float32) if grads[1] else None
         step = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
 
-        def backprop(dz, z, hidden, out, rows):  # dL/dlogits -> dL/dhidden (and the layer's weight)
-            if softcap is not None:
-                dz = dz * (1 - (z / softcap) ** 2)
-            dz = dz.to(weight.dtype)
-            out[rows] = (dz @ weight).to(out.dtype)
-            if d_weight is not None:
-                d_weight.add_(dz.t().float() @ hidden.to(weight.dtype).float())
-            if d_bias is not None:
-                d_bias.add_(dz.float().sum(0))
-
         for a in range(0, n, step):
             rows = slice(a, min(a + step, n))
             y = targets[rows]
-            zs = _head(student[rows], weight, bias, softcap)
-            logp_s = torch.log_softmax(zs, -1)
-            terms["van"][rows], g = _nll_grad(logp_s, y)
-            dzs = c.get("van", 0.0) * g
+            # the passes' hidden states of this chunk through the layer in ONE product (the weight is
+            # read once), and their logit gradients back through it in one more
+            hidden = [student[rows]]
             if teacher is not None:
-                zt = _head(teacher[rows], weight, bias, softcap)
-                terms["ep"][rows], g = _nll_grad(torch.log_softmax(zt, -1), y)
-                dzt = c.get("ep", 0.0) * g
+                hidden.append(teacher[rows])
+            kept = keep[rows] if negative is not None else None
+            if kept is not None and kept.any():
+                every = bool(kept.all())
+                at = neg_pos[rows][kept]
+                hidden.append(negative[at])
+            else:
+                kept = None
+            hidden = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+            z = _head(hidden, weight, bias, softcap)
+            dz = torch.empty_like(z) if want else None
+            sizes = [rows.stop - rows.start] * (1 + (teacher is not None))
+            if kept is not None:
+                sizes.append(len(at))
+            zs, zt, zn = _passes(z, sizes, teacher is not None, kept is not None)
+            dzs, dzt, dzn = _passes(dz, sizes, teacher is not None, kept is not None)
+
+            logp_s = torch.log_softmax(zs, -1)
+            terms["van"][rows] = -_picked(logp_s, y)
+            p_s = logp_s.exp()
+            if want:
+                torch.mul(p_s, c_van, out=dzs)
+            if teacher is not None:
+                logp_t = torch.log_softmax(zt, -1)
+                terms["ep"][rows] = -_picked(logp_t, y)
+                if want:
+                    _minus_onehot(torch.exp(logp_t, out=dzt).mul_(c_ep), y, c_ep)
             if rda:
-                log_p = logp_s if temperature == 1 else torch.log_softmax(zs / temperature, -1)
+                log_p, p = (logp_s, p_s) if temperature == 1 else _softmaxes(zs / temperature)
                 if teacher_logprobs is not None:
                     log_q = teacher_logprobs[rows].float()
                 else:
-                    log_q = torch.log_softmax(zt / temperature, -1)
-                p = log_p.exp()
+                    log_q = logp_t if temperature == 1 else torch.log_softmax(zt / temperature, -1)
                 gap = log_p - log_q
-                kl = (p * gap).sum(-1)
+                kl = torch.bmm(p[:, None, :], gap[:, :, None]).flatten()  # sum(p * gap), no (C, V) product
                 terms["rda"][rows] = kl * temperature**2
-                dzs = dzs + c["rda"] * temperature * p * (gap - kl[:, None])
-                if teacher is not None and teacher_logprobs is None and not detach:
-                    dzt = dzt + c["rda"] * temperature * (log_q.exp() - p)
-            if negative is not None:
-                kept = keep[rows]
-                if kept.any():
-                    at = neg_pos[rows][kept]
-                    zn = _head(negative[at], weight, bias, softcap)
-                    terms["crt"][at], g = _nll_grad(torch.log_softmax(zs[kept] - zn, -1), y[kept])
-                    g = c.get("crt", 0.0) * g
-                    dzs[kept] += g
-                    if want:
-                        backprop(-g, zn, negative[at], d_negative, at)
+                if want:
+                    if teacher is not None and teacher_logprobs is None and not detach:
+                        dzt.add_((log_q.exp() - p).mul_(c_rda * temperature))
+                    dzs.add_(gap.sub_(kl[:, None]).mul_(p).mul_(c_rda * temperature))
+                del gap, log_p, p, log_q
+            del p_s
             if want:
-                backprop(dzs, zs, student[rows], d_student, rows)
+                _minus_onehot(dzs, y, c_van)
+            if kept is not None:
+                log_m = torch.log_softmax((zs if every else zs[kept]) - zn, -1)
+                terms["crt"][at] = -_picked(log_m, y[kept])
+                if want:  # d/d(student) = c * (softmax(margin) - onehot) = -d/d(negative)
+                    _minus_onehot(torch.exp(log_m, out=dzn).mul_(c_crt), y[kept], c_crt)
+                    if every:
+                        dzs.add_(dzn)
+                    else:
+                        dzs[kept] += dzn
+                    dzn.neg_()
+                del log_m
+            if want:
+                if softcap is not None:
+                    dz.mul_(1 - (z / softcap) ** 2)
+                del z
+                dz = dz.to(weight.dtype)
+                d_hidden = (dz @ weight).split(sizes)
+                d_student[rows] = d_hidden[0].to(d_student.dtype)
                 if teacher is not None:
-                    backprop(dzt, zt, teacher[rows], d_teacher, rows)
+                    d_teacher[rows] = d_hidden[1].to(d_teacher.dtype)
+                if kept is not None:
+                    d_negative[at] = d_hidden[-1].to(d_negative.dtype)
+                if d_weight is not None:
+                    d_weight.add_(dz.t().float() @ hidden.to(weight.dtype).float())
+                if d_bias is not None:
+                    d_bias.add_(dz.float().sum(0))
         total = sum(c.get(k, 0.0) * v.sum() for k, v in terms.items())
         total = torch.as_tensor(total, dtype=torch.float32, device=student.device)
         ctx.save_for_backward(d_weight, d_bias, d_student, d_teacher, d_negative)
@@ -273,6 +307,20 @@ class _FusedHeadLosses(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _passes(stacked: torch.Tensor | None, sizes: list[int], teacher: bool, negative: bool) -> tuple:
+    """(student, teacher, negative) row blocks of a stacked chunk (None for a pass that is absent)."""
+    if stacked is None:
+        return None, None, None
+    blocks = list(stacked.split(sizes))
+    student = blocks.pop(0)
+    return student, blocks.pop(0) if teacher else None, blocks.pop(0) if negative else None
+
+
+def _softmaxes(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_p = torch.log_softmax(logits, -1)
+    return log_p, log_p.exp()
 
 
 def fused_head_losses(

@@ -286,7 +286,9 @@ def test_fused_head_losses_equal_the_logits_path_in_values_and_gradients(case, m
         if grad is None:
             assert fused[2][name] is None, name
         else:
-            torch.testing.assert_close(fused[2][name].double(), grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(
+                fused[2][name].double(), grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+            )
 
 
 def test_fused_head_losses_keep_nothing_of_vocabulary_size_for_backward():
