@@ -507,21 +507,29 @@ def _evaluation(teacher_trainer, data, task, device, cli) -> dict:
         "generate-and-parse": lambda: generate(longest + 1),
         "generate-and-parse, 16 new tokens": lambda: generate(16),
     }
+    def timed(fn):
+        """Median seconds of three runs after a warm-up (one run is at the mercy of machine noise)."""
+        fn()
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            out = fn()
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds), out
+
     results = {}
     for name, fn in methods.items():
-        fn()  # warm-up
-        start = time.perf_counter()
-        predictions = fn()
-        seconds = time.perf_counter() - start
+        seconds, predictions = timed(fn)
         accuracy = statistics.fmean(p == y for p, y in zip(predictions, labels))
         results[name] = {"seconds": seconds, "accuracy": accuracy}
         print(f"evaluation of {len(images)} images, {name}: {seconds:.3f} s, accuracy {accuracy:.3f}")
-    start = time.perf_counter()  # the bound: the prompt prefill, which both methods pay
-    with torch.no_grad():
-        for i in range(0, len(images), 8):
-            prompts = build_prompts(processor, task, images[i : i + 8])
-            model.vlm(**{k: v.to(device) for k, v in prompts.items()}, logits_to_keep=1)
-    prefill = time.perf_counter() - start
+    def prefill_only():  # the bound: the prompt prefill, which both methods pay
+        with torch.no_grad():
+            for i in range(0, len(images), 8):
+                prompts = build_prompts(processor, task, images[i : i + 8])
+                model.vlm(**{k: v.to(device) for k, v in prompts.items()}, logits_to_keep=1)
+
+    prefill, _ = timed(prefill_only)
     shared = results["likelihood, shared prompt"]["seconds"]
     print(
         f"likelihood (shared prompt) is {results['generate-and-parse']['seconds'] / shared:.2f}x "

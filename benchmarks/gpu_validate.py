@@ -406,6 +406,44 @@ def train_run(model, tsm, processor, rows, cli, variant: str, counts: dict, dead
     return trainer, figures
 
 
+def evaluation_run(model, processor, rows, images: int) -> dict:
+    """Seconds to classify ``images`` images with the trained stage-2 model (no TSM): option likelihood
+    (every class answer packed after one cached prompt), generate-and-parse (greedy, as many new
+    tokens as the longest answer + 1) and, the bound both pay, the prompt prefill alone."""
+    from hf_vitask.data.collator import build_prompts
+    from hf_vitask.evaluation import generate_answers, score_options
+
+    chosen = [row["image"] for row in rows[:images]]
+    longest = max(len(processor.tokenizer(TASK.response(c))["input_ids"]) for c in range(TASK.num_classes))
+    device = model.get_input_embeddings().weight.device
+
+    def prefill():
+        with torch.no_grad():
+            for i in range(0, len(chosen), 8):
+                prompts = build_prompts(processor, TASK, chosen[i : i + 8])
+                model.vlm(**{k: v.to(device) for k, v in prompts.items()}, logits_to_keep=1)
+
+    methods = {
+        "likelihood_s": lambda: score_options(model, processor, TASK, chosen, batch_size=8),
+        "generate_s": lambda: generate_answers(model, processor, TASK, chosen, batch_size=8, max_new_tokens=longest + 1),
+        "prefill_s": prefill,
+    }  # fmt: skip
+    model.eval()
+    out = {"eval_images": len(chosen)}
+    for name, fn in methods.items():
+        fn()  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out[name] = time.perf_counter() - began
+    out["likelihood_vs_generate"] = out["likelihood_s"] / out["generate_s"]
+    out["likelihood_vs_prefill"] = out["likelihood_s"] / out["prefill_s"]
+    return out
+
+
 def load(folder: str, mode: str, bf16: bool):
     """The saved model through ``load_vlm``: 4-bit NF4 (QLoRA) or not, bf16 or float32 (also the 4-bit compute dtype)."""
     return load_vlm(
@@ -474,6 +512,8 @@ def validate_family(family, cli, tsm, rows, workdir, start, records):
                     model, tsm, processor, rows, cli, variant, counts, deadline, os.path.join(workdir, "run")
                 )
                 record.update(figures)
+                if variant == "stage2" and cli.eval_images:
+                    record.update(evaluation_run(trainer.model, processor, rows, cli.eval_images))
                 if variant == "stage1":
                     stage1 = (trainer.model, processor, layout)
             except Exception as err:  # report it and go on with the next run
@@ -579,6 +619,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--budget-s", type=float, default=420.0, help="wall-clock budget; later runs are skipped"
     )
     parser.add_argument(
+        "--eval-images",
+        type=int,
+        default=16,
+        help="after stage 2, time option likelihood vs generate-and-parse on this many images (0: skip)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
@@ -628,6 +674,13 @@ def main(argv: list[str] | None = None) -> dict:
     memory_title = "peak GiB" if torch.cuda.is_available() else "peak RSS GiB"
     print("\n" + table(records, memory_title))
     print(f"\nMFU: (6 N_lm T_lm + 2 N_vis T_vis) / (step time x {cli.peak_tflops:g} TFLOP/s)")
+    for r in records:
+        if "likelihood_s" in r:
+            print(
+                f"{r['model']} {r['mode']}: {r['eval_images']} images, option likelihood {r['likelihood_s']:.3f} s, "
+                f"generate-and-parse {r['generate_s']:.3f} s ({r['likelihood_vs_generate']:.2f}x), "
+                f"prompt prefill {r['prefill_s']:.3f} s ({r['likelihood_vs_prefill']:.2f}x)"
+            )
     print("\n".join(["", "checks that did not hold:", *problems] if problems else ["", "every check held"]))
     import transformers
 

@@ -156,7 +156,7 @@ def render(report: dict) -> str:
         m = ev["methods"]
         shared = m["likelihood, shared prompt"]["seconds"]
         notes.append(
-            f"evaluation of {ev['images']} images (the trained teacher, no TSM): prompt prefill alone "
+            f"evaluation of {ev['images']} images (the trained teacher, no TSM; median of 3 runs): prompt prefill alone "
             f"{ev['prefill_seconds']:.3f} s; likelihood with a shared prompt {shared:.3f} s "
             f"({shared / ev['prefill_seconds']:.2f}x the prefill); full sequences "
             f"{m['likelihood, full sequences']['seconds']:.3f} s; generate-and-parse "

@@ -233,7 +233,7 @@ class VITaskConfig(VLMTuningArguments):
             "help": "With a fused pass_fusion, apply the output layer inside the loss, a chunk of response tokens at "
             "a time, so no (tokens x vocabulary) logits are kept for backward and every term shares each pass's "
             "softmax (same losses and gradients). Used when the output layer is a plain Linear that the model "
-            "applies last; not with a top-k teacher cache."
+            "applies last; not with a top-k teacher cache, nor under FSDP or DeepSpeed (sharded weights)."
         },
     )
     rda_temperature: float = field(

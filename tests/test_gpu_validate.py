@@ -89,6 +89,13 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
         assert vanilla["lm_tokens_per_step"] == batch * vanilla["sequence_length"]
         assert vanilla["lm_tokens_per_step"] < stage1["lm_tokens_per_step"] < stage2["lm_tokens_per_step"]
         assert vanilla["vision_tokens_per_step"] == batch * (32 // 4) ** 2
+        # after stage 2: option likelihood vs generate-and-parse vs the prompt prefill, on 16 images
+        assert stage2["eval_images"] == 16 and "likelihood_s" not in stage1
+        for name in ("likelihood_s", "generate_s", "prefill_s"):
+            assert stage2[name] > 0
+        assert stage2["likelihood_vs_generate"] == stage2["likelihood_s"] / stage2["generate_s"]
+        assert stage2["likelihood_vs_prefill"] == stage2["likelihood_s"] / stage2["prefill_s"]
+        assert f"tiny-qwen2_vl {mode}: 16 images, option likelihood {stage2['likelihood_s']:.3f} s" in out
     assert runs["qlora", "vanilla"]["vs_vanilla"] == 1.0
     # the printed table shows each run's ratio
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny-qwen2_vl")]

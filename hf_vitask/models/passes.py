@@ -19,7 +19,9 @@ gradients, for less:
   against.
 
 The fused modes compute logits only at response positions (``logits_to_keep`` as a boolean
-mask): no full-vocabulary logits for prompt or image tokens. LoRA dropout draws one mask for
+mask): no full-vocabulary logits for prompt or image tokens; with ``logits=False`` none at all:
+they return the final hidden states there and the loss applies the output layer
+(:mod:`hf_vitask.models.head`, :func:`~hf_vitask.losses.fused_head_losses`). LoRA dropout draws one mask for
 the shared prefix instead of one per pass (same expectation; with dropout 0 the modes agree
 to float rounding, tested).
 """

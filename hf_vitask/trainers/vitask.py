@@ -457,7 +457,9 @@ class VITaskTrainer(VLMTrainer):
                 "(VITaskCollator(..., with_negatives=True), the default collator of this trainer)"
             )
         crt = args.effective_crt_weight > 0
-        layer = output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head else None
+        # FSDP and DeepSpeed shard the weights outside their forward: the output layer stays in the model there
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        layer = output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head and not sharded else None
         topk_teacher = (
             args.rda_weight > 0
             and args.rda_teacher == "frozen"
