@@ -38,18 +38,30 @@ def _audit_writes(root: Path, written: list[str]):
 
 
 def run_cli() -> None:
-    """``distributed_worker.py OUT_DIR cli COMMAND ARGS...``: one ``hf-vitask`` command, its writes audited
+    """``distributed_worker.py OUT_DIR cli COMMAND ARGS... [+ COMMAND ARGS...]``: ``hf-vitask`` commands one
+    after the other in this process (one launch, one process group), each one's writes audited
     (``written-<command>-rank<r>.json``)."""
-    out, command = Path(sys.argv[1]), sys.argv[3]
+    out = Path(sys.argv[1])
     written: list[str] = []
     _audit_writes(out, written)
     from hf_vitask.cli import main as hf_vitask
 
-    code = hf_vitask(sys.argv[3:])
-    (out / f"written-{command}-rank{os.environ.get('RANK', '0')}.json").write_text(
-        json.dumps(sorted(set(written)))
-    )
-    raise SystemExit(code)
+    commands, current = [], []
+    for arg in sys.argv[3:]:
+        if arg == "+":
+            commands.append(current)
+            current = []
+        else:
+            current.append(arg)
+    commands.append(current)
+    for argv in commands:
+        written.clear()
+        code = hf_vitask(argv)
+        (out / f"written-{argv[0]}-rank{os.environ.get('RANK', '0')}.json").write_text(
+            json.dumps(sorted(set(written)))
+        )
+        if code:
+            raise SystemExit(code)
 
 
 def main() -> None:

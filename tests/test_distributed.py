@@ -163,20 +163,19 @@ def test_the_command_line_pipeline_under_two_processes(tmp_path):
                 }
             )
         )
-        _run_cli(out, processes, "train-tsm", str(config))
-        if (
-            processes == 2
-        ):  # the TSM trains with DDP (other BatchNorm statistics): compare the rest on one TSM
+        later = [
+            "train", str(config), "--stage", "1", "+", "evaluate", str(config), "+",
+            "predict", str(config), "--predict_inputs", str(images), "--predictions_file", str(out / "preds.csv"),
+        ]  # fmt: skip
+        if processes == 1:  # one launch runs every command
+            _run_cli(out, processes, "train-tsm", str(config), "+", *later)
+        else:  # the TSM trains with DDP (other BatchNorm statistics): compare the rest on one TSM
+            _run_cli(out, processes, "train-tsm", str(config))
             history = json.loads((out / "tsm" / "history.json").read_text())
             assert len(history["train_loss"]) == len(history["eval_accuracy"]) == TINY["tsm_epochs"]
             shutil.rmtree(out / "tsm")
             shutil.copytree(outputs[1] / "tsm", out / "tsm")
-        for command in (
-            ["train", "--stage", "1"],
-            ["evaluate"],
-            ["predict", "--predict_inputs", str(images), "--predictions_file", str(out / "preds.csv")],
-        ):
-            _run_cli(out, processes, command[0], str(config), *command[1:])
+            _run_cli(out, processes, *later)
         outputs[processes] = out
     one, two = outputs[1], outputs[2]
     results = [json.loads((run / "eval" / "results.json").read_text()) for run in (one, two)]

@@ -287,7 +287,7 @@ def test_fused_head_losses_equal_the_logits_path_in_values_and_gradients(case, m
             assert fused[2][name] is None, name
         else:
             torch.testing.assert_close(
-                fused[2][name].double(), grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+                fused[2][name].double(), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
             )
 
 

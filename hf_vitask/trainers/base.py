@@ -272,6 +272,13 @@ class VLMTrainer(Trainer):
     def load_extras(self, path: Path, model) -> None:
         """Restore what :meth:`save_extras` wrote (exact resume)."""
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' ``save_model``; then every process waits for the main one to finish writing,
+        so a script that saves and then loads the bundle on every process reads a complete bundle."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Adapter (or full model) + package extras (safetensors), processor, training config.
 
