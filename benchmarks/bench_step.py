@@ -507,6 +507,7 @@ def _evaluation(teacher_trainer, data, task, device, cli) -> dict:
         "generate-and-parse": lambda: generate(longest + 1),
         "generate-and-parse, 16 new tokens": lambda: generate(16),
     }
+
     def timed(fn):
         """Median seconds of three runs after a warm-up (one run is at the mercy of machine noise)."""
         fn()
@@ -523,6 +524,7 @@ def _evaluation(teacher_trainer, data, task, device, cli) -> dict:
         accuracy = statistics.fmean(p == y for p, y in zip(predictions, labels))
         results[name] = {"seconds": seconds, "accuracy": accuracy}
         print(f"evaluation of {len(images)} images, {name}: {seconds:.3f} s, accuracy {accuracy:.3f}")
+
     def prefill_only():  # the bound: the prompt prefill, which both methods pay
         with torch.no_grad():
             for i in range(0, len(images), 8):

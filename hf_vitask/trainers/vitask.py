@@ -459,7 +459,9 @@ class VITaskTrainer(VLMTrainer):
         crt = args.effective_crt_weight > 0
         # FSDP and DeepSpeed shard the weights outside their forward: the output layer stays in the model there
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        layer = output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head and not sharded else None
+        layer = (
+            output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head and not sharded else None
+        )
         topk_teacher = (
             args.rda_weight > 0
             and args.rda_teacher == "frozen"
@@ -491,7 +493,8 @@ class VITaskTrainer(VLMTrainer):
         scale = {}
         if crt:
             self._log_crt_coverage(model, inputs["labels"], negative_index)
-            if num_items_in_batch is not None and keep.any():  # sum / all tokens -> mean over the covered ones
+            if num_items_in_batch is not None and keep.any():
+                # the sum over all tokens -> the mean over the covered ones
                 scale["crt"] = keep.numel() / keep.sum().item()
         if student.response_hidden is not None:
             loss, terms = self._fused_loss(
@@ -543,7 +546,18 @@ class VITaskTrainer(VLMTrainer):
         return terms
 
     def _fused_loss(
-        self, model, unwrapped, inputs, passes, layer, keep, tsm_pixel_values, sample_keys, weights, scale, num_items
+        self,
+        model,
+        unwrapped,
+        inputs,
+        passes,
+        layer,
+        keep,
+        tsm_pixel_values,
+        sample_keys,
+        weights,
+        scale,
+        num_items,
     ) -> tuple[torch.Tensor, dict]:
         """The loss and its per-token terms from the passes' final hidden states: the output layer and
         every term in one chunked pass over the vocabulary (:func:`~hf_vitask.losses.fused_head_losses`)."""
@@ -558,7 +572,9 @@ class VITaskTrainer(VLMTrainer):
                     logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
                     teacher_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
                 else:
-                    teacher_logprobs, _ = self._cached_teacher(unwrapped, inputs, tsm_pixel_values, sample_keys)
+                    teacher_logprobs, _ = self._cached_teacher(
+                        unwrapped, inputs, tsm_pixel_values, sample_keys
+                    )
             elif not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
                 logits = self._self_teacher_without_dropout(model, inputs, passes.exemplar)
                 teacher_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
