@@ -585,8 +585,6 @@ class VITaskTrainer(VLMTrainer):
             for k, w in weights.items()
             if w > 0
         }
-        if args.rda_weight <= 0:
-            coefficients.pop("rda", None)
         return fused_head_losses(
             layer.weight,
             layer.bias,
