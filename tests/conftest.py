@@ -17,6 +17,33 @@ from hf_vitask.trainers.tsm import train_tsm  # noqa: E402
 
 FAMILIES = ["llava", "qwen2_vl"]
 
+#: Trainer arguments of a short run on a tiny model (a test adds the output dir and what it is about).
+SHORT_RUN = dict(
+    max_steps=3,
+    per_device_train_batch_size=4,
+    learning_rate=5e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    seed=0,
+    disable_tqdm=True,
+)
+#: Trainer arguments of a run meant to learn (the loss falls over its steps).
+LEARNING_RUN = dict(
+    per_device_train_batch_size=8,
+    learning_rate=5e-3,
+    lora_r=8,
+    lora_alpha=16,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    seed=0,
+    disable_tqdm=True,
+)
+
 
 @pytest.fixture(scope="session")
 def digits():

@@ -8,24 +8,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer, load_vitask, predict_classes, train_tsm
 from hf_vitask.data.digits import digits_task, load_digits_dataset
 from hf_vitask.models.tiny import save_tiny_vlm
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, LEARNING_RUN
 
 
 def _config(out, stage, steps):
-    return VITaskConfig(
-        output_dir=str(out),
-        stage=stage,
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        lora_r=8,
-        lora_alpha=16,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-    )
+    return VITaskConfig(**LEARNING_RUN, output_dir=str(out), stage=stage, max_steps=steps)
 
 
 def _falls(losses):

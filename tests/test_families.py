@@ -37,6 +37,7 @@ from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.passes import run_passes
 from hf_vitask.models.tiny import TINY_FAMILIES, build_tiny_vlm
 from hf_vitask.trainers.base import wrap_lora
+from tests.conftest import LEARNING_RUN
 
 pytestmark = pytest.mark.parametrize("name", TINY_FAMILIES)
 
@@ -222,21 +223,7 @@ def test_the_deferred_output_layer_gives_the_losses_and_gradients_of_the_logits(
 
 # -- training, saving, scoring, generation ----------------------------------------------------------------
 def _config(out, stage, steps, **kw):
-    return VITaskConfig(
-        output_dir=str(out),
-        stage=stage,
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=5e-3,
-        lora_r=8,
-        lora_alpha=16,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        **kw,
-    )
+    return VITaskConfig(**LEARNING_RUN, output_dir=str(out), stage=stage, max_steps=steps, **kw)
 
 
 def _falls(values):

@@ -26,6 +26,7 @@ from hf_vitask.models.modeling import VITaskModel
 from hf_vitask.models.proxy import PROXY_FILE, ProxyInstruction, load_proxy, resize_tokens
 from hf_vitask.models.tiny import build_tiny_vlm
 from hf_vitask.trainers.instruction_free import InstructionFreeTrainer
+from tests.conftest import SHORT_RUN
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "instruction_free.md"
 
@@ -36,21 +37,7 @@ def described(digits):
 
 
 def _args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return InstructionFreeConfig(**{**defaults, **kw})
+    return InstructionFreeConfig(**{**SHORT_RUN, "output_dir": str(tmp_path / "out"), **kw})
 
 
 def _trainer(tmp_path, dataset, family="llava", **kw):

@@ -7,24 +7,11 @@ from hf_vitask import VITaskConfig, VITaskTrainer
 from hf_vitask.config import DEFAULT_CRT_WEIGHT
 from hf_vitask.data.collator import VITaskCollator
 from hf_vitask.models.tiny import build_tiny_vlm
+from tests.conftest import SHORT_RUN
 
 
 def _args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return VITaskConfig(**{**defaults, **kw})
+    return VITaskConfig(**{**SHORT_RUN, "output_dir": str(tmp_path / "out"), **kw})
 
 
 def _trainer(tmp_path, digits, task, tsm, model=None, family="llava", **kw):
