@@ -224,36 +224,49 @@ class _FusedHeadLosses(torch.autograd.Function):
                 sizes.append(len(at))
             zs, zt, zn = _passes(z, sizes, teacher is not None, kept is not None)
             dzs, dzt, dzn = _passes(dz, sizes, teacher is not None, kept is not None)
-
-            logp_s = torch.log_softmax(zs, -1)
+            # the log-softmaxes overwrite the logits (a log-softmax of the CRT margin or at another
+            # temperature is the same from them: it ignores a per-row shift), and the student's
+            # softmax is written straight into its gradient block: no further (C, V) buffer per pass
+            lse_s = _log_softmax_(zs)
+            logp_s = zs
             terms["van"][rows] = -_picked(logp_s, y)
-            p_s = logp_s.exp()
-            if want:
-                torch.mul(p_s, c_van, out=dzs)
+            p_s = torch.exp(logp_s, out=dzs) if want else logp_s.exp()
             if teacher is not None:
-                logp_t = torch.log_softmax(zt, -1)
+                lse_t = _log_softmax_(zt)
+                logp_t = zt
                 terms["ep"][rows] = -_picked(logp_t, y)
                 if want:
                     _minus_onehot(torch.exp(logp_t, out=dzt).mul_(c_ep), y, c_ep)
             if rda:
-                log_p, p = (logp_s, p_s) if temperature == 1 else _softmaxes(zs / temperature)
+                if temperature == 1:
+                    log_p, p = logp_s, p_s
+                else:
+                    log_p, p = _softmaxes(logp_s / temperature)
                 if teacher_logprobs is not None:
                     log_q = teacher_logprobs[rows].float()
                 else:
-                    log_q = logp_t if temperature == 1 else torch.log_softmax(zt / temperature, -1)
+                    log_q = logp_t if temperature == 1 else torch.log_softmax(logp_t / temperature, -1)
                 gap = log_p - log_q
                 kl = torch.bmm(p[:, None, :], gap[:, :, None]).flatten()  # sum(p * gap), no (C, V) product
                 terms["rda"][rows] = kl * temperature**2
                 if want:
                     if teacher is not None and teacher_logprobs is None and not detach:
                         dzt.add_((log_q.exp() - p).mul_(c_rda * temperature))
-                    dzs.add_(gap.sub_(kl[:, None]).mul_(p).mul_(c_rda * temperature))
+                    # d/d(student) of c_van * CE + c_rda * T^2 * KL: p_s * c_van + p * (gap - kl) * c_rda * T
+                    gap.sub_(kl[:, None]).mul_(c_rda * temperature)
+                    if temperature == 1:
+                        dzs.mul_(gap.add_(c_van))  # dzs holds p_s = p
+                    else:
+                        dzs.mul_(c_van).add_(gap.mul_(p))
                 del gap, log_p, p, log_q
+            elif want:
+                dzs.mul_(c_van)
             del p_s
             if want:
                 _minus_onehot(dzs, y, c_van)
             if kept is not None:
-                log_m = torch.log_softmax((zs if every else zs[kept]) - zn, -1)
+                log_m = (logp_s if every else logp_s[kept]) - zn
+                _log_softmax_(log_m)
                 terms["crt"][at] = -_picked(log_m, y[kept])
                 if want:  # d/d(student) = c * (softmax(margin) - onehot) = -d/d(negative)
                     _minus_onehot(torch.exp(log_m, out=dzn).mul_(c_crt), y[kept], c_crt)
@@ -263,6 +276,10 @@ class _FusedHeadLosses(torch.autograd.Function):
                         dzs[kept] += dzn
                     dzn.neg_()
                 del log_m
+            if softcap is not None and want:  # the capped logits back, for the derivative of the cap
+                zs.add_(lse_s)
+                if teacher is not None:
+                    zt.add_(lse_t)
             if want:
                 if softcap is not None:
                     dz.mul_(1 - (z / softcap) ** 2)
@@ -316,6 +333,13 @@ def _passes(stacked: torch.Tensor | None, sizes: list[int], teacher: bool, negat
     blocks = list(stacked.split(sizes))
     student = blocks.pop(0)
     return student, blocks.pop(0) if teacher else None, blocks.pop(0) if negative else None
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` -> their log-softmax, in place; returns the per-row log-sum-exp that was subtracted."""
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    logits.sub_(lse)
+    return lse
 
 
 def _softmaxes(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,6 +224,12 @@ FUSED_CASES = {
                                                      coefficients=dict(van=1.0, ep=1.0, rda=1.0, crt=1.0)),
     "given teacher log-probs": dict(teacher_logprobs=True, temperature=1.5, coefficients=dict(van=1.0, rda=2.0)),
     "vanilla": dict(coefficients=dict(van=1.0)),
+    "undetached teacher at temperature 1": dict(teacher=True, negative=True, detach_teacher=False,
+                                                coefficients=dict(van=0.4, ep=1.0, rda=0.9, crt=0.6)),
+    "given teacher log-probs at temperature 1, CRT": dict(teacher_logprobs=True, negative=True,
+                                                          coefficients=dict(van=1.0, rda=0.5, crt=2.0)),
+    "soft-capped, temperature 2": dict(teacher=True, softcap=2.0, temperature=2.0,
+                                       coefficients=dict(van=1.0, ep=0.3, rda=1.0)),
 }  # fmt: skip
 
 
@@ -278,6 +284,13 @@ def test_fused_head_losses_equal_the_logits_path_in_values_and_gradients(case, m
         return total.detach(), {k: v.detach() for k, v in terms.items()}, grads
 
     fused, reference = run(losses.fused_head_losses), run(_reference_head_losses)
+    with torch.no_grad():  # evaluation: the same values without computing any gradient
+        total, terms = losses.fused_head_losses(
+            weight, bias, inputs["student"], targets, coefficients,
+            **{k: v for k, v in inputs.items() if k != "student"}, **spec,
+        )  # fmt: skip
+    torch.testing.assert_close(total, fused[0])
+    assert all(torch.equal(terms[k], fused[1][k]) for k in terms) and sorted(terms) == sorted(fused[1])
     torch.testing.assert_close(fused[0], reference[0].to(fused[0].dtype), rtol=1e-5, atol=1e-6)
     assert sorted(fused[1]) == sorted(reference[1])
     for name in fused[1]:
