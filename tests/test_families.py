@@ -194,7 +194,10 @@ def test_gradient_checkpointing_keeps_the_fused_step_exact(name, tsm, task, digi
 def test_the_deferred_output_layer_gives_the_losses_and_gradients_of_the_logits(name, tsm, task, digits):
     """The fused passes hand back final hidden states and fused_head_losses applies the output layer
     itself: the four terms and every gradient equal those of the separate passes' logits."""
-    model, processor = _model(name, tsm)
+    _assert_deferred_head_matches_logits(*_model(name, tsm), name, tsm, task, digits)
+
+
+def _assert_deferred_head_matches_logits(model, processor, name, tsm, task, digits):
     batch = VITaskCollator(processor, task, tsm=tsm, with_negatives=True, seed=1)(_rows(digits, mixed=False))
     _, ref_losses, ref_grads = _losses(model, batch, "none")
     layer = output_layer(model.vlm, model.family)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hf_vitask.data.collator import VITaskCollator
+from hf_vitask.models.head import output_layer
 from hf_vitask.models.passes import run_passes
-from tests.test_families import _losses, _model
+from tests.test_families import _assert_deferred_head_matches_logits, _losses, _model
 
 
 def _batch(processor, task, tsm, digits, n=6, dataset_top_up=True):
@@ -76,3 +77,15 @@ def test_unknown_mode_is_an_error(tsm, digits, task):
     model, processor = _model("llava", tsm)
     with pytest.raises(ValueError, match="pass mode"):
         run_passes(model, _batch(processor, task, tsm, digits, n=2), mode="fast")
+
+
+@pytest.mark.parametrize("name", ["paligemma", "gemma3"])
+def test_a_soft_capped_output_layer_is_capped_as_the_model_caps_it(name, tsm, task, digits):
+    """A text config with ``final_logit_softcapping``: PaliGemma's forward caps its logits (the fused
+    loss caps them once, not the hidden states as well), Gemma 3's vision model never does (the
+    fused loss must not either)."""
+    model, processor = _model(name, tsm)
+    model.vlm.config.get_text_config().final_logit_softcapping = 2.0
+    assert (output_layer(model.vlm, model.family).softcap is not None) == (name == "paligemma")
+    _assert_deferred_head_matches_logits(model, processor, name, tsm, task, digits)
+    assert model.vlm.config.get_text_config().final_logit_softcapping == 2.0  # restored after each pass

@@ -116,6 +116,10 @@ class VLMFamily:
     #: take the final hidden states and apply the layer itself (``hf_vitask.models.head``). Set False
     #: for a model that transforms its logits in other ways.
     deferred_output_layer: bool = True
+    #: Whether the forward soft-caps its logits after the output layer with the text config's
+    #: ``final_logit_softcapping`` (PaliGemma, whose Gemma 2 decoder sets it). Gemma 3's vision model
+    #: never applies it, even when its text config carries one.
+    softcaps_logits: bool = False
 
     # -- tokens ----------------------------------------------------------------------------------
     def image_token_id(self, tokenizer: Any) -> int:
@@ -463,6 +467,7 @@ register_family(
         tokenize_text_alone=True,
         completion_fill=(("token_type_ids", 1),),
         default_chat_template=PALIGEMMA_CHAT_TEMPLATE,
+        softcaps_logits=True,
     )
 )
 

@@ -24,7 +24,8 @@ class OutputLayer:
     weight: torch.Tensor
     bias: torch.Tensor | None
     softcap: float | None
-    """``final_logit_softcapping`` (Gemma 3, PaliGemma 2): logits become ``c * tanh(logits / c)``."""
+    """``final_logit_softcapping`` where the family's forward applies it (PaliGemma 2): logits become
+    ``c * tanh(logits / c)``."""
 
 
 def output_layer(vlm, family) -> OutputLayer | None:
@@ -35,21 +36,31 @@ def output_layer(vlm, family) -> OutputLayer | None:
     head = vlm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return None
-    config = vlm.config.get_text_config() if hasattr(vlm.config, "get_text_config") else vlm.config
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = getattr(_text_config(vlm), "final_logit_softcapping", None) if family.softcaps_logits else None
     return OutputLayer(head.weight, head.bias, None if softcap is None else float(softcap))
 
 
 @contextlib.contextmanager
 def deferred_output_layer(vlm):
     """Within the block, ``vlm``'s output layer returns its input: ``.logits`` holds the final hidden
-    states (at the ``logits_to_keep`` positions)."""
+    states (at the ``logits_to_keep`` positions), which the forward does not soft-cap either (the
+    loss applies the cap after the layer, :attr:`OutputLayer.softcap`)."""
     head = vlm.get_output_embeddings()
+    config = _text_config(vlm)
+    softcap = getattr(config, "final_logit_softcapping", None)
     head.forward = _identity
+    if softcap is not None:
+        config.final_logit_softcapping = None
     try:
         yield
     finally:
         del head.forward
+        if softcap is not None:
+            config.final_logit_softcapping = softcap
+
+
+def _text_config(vlm):
+    return vlm.config.get_text_config() if hasattr(vlm.config, "get_text_config") else vlm.config
 
 
 def _identity(hidden: torch.Tensor) -> torch.Tensor:
