@@ -130,6 +130,7 @@ INSTRUCTION_FREE = (
     "shuffle_prob",
     "shuffle_separator",
     "max_length",
+    "fused_loss_head",
 )
 TRAINING = (
     "output_dir",

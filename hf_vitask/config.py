@@ -76,6 +76,16 @@ class VLMTuningArguments(TrainingArguments):
             "help": "Regex of modules to adapt. Default: the family's language-model linear layers (never the vision tower)."
         },
     )
+    fused_loss_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the output layer inside the loss, a chunk of response tokens at a time, so no (tokens x "
+            "vocabulary) logits are kept for backward (same losses and gradients; VITask's terms also share each "
+            "pass's softmax). Used when the output layer is a plain Linear that the model applies last and, for "
+            "VITask, with a fused pass_fusion; not with a top-k teacher cache, nor under FSDP or DeepSpeed "
+            "(sharded weights)."
+        },
+    )
     # -- TrainingArguments defaults that suit these trainers -----------------------------------------
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep raw columns: the collator needs the images and their targets."}
@@ -225,15 +235,6 @@ class VITaskConfig(VLMTuningArguments):
             "tower once, the passes stacked in one forward) or 'none' (one forward per pass). All three give the "
             "same losses and gradients; the fused ones compute logits only at response tokens.",
             "choices": list(PASS_MODES),
-        },
-    )
-    fused_loss_head: bool = field(
-        default=True,
-        metadata={
-            "help": "With a fused pass_fusion, apply the output layer inside the loss, a chunk of response tokens at "
-            "a time, so no (tokens x vocabulary) logits are kept for backward and every term shares each pass's "
-            "softmax (same losses and gradients). Used when the output layer is a plain Linear that the model "
-            "applies last; not with a top-k teacher cache, nor under FSDP or DeepSpeed (sharded weights)."
         },
     )
     rda_temperature: float = field(

@@ -243,6 +243,38 @@ def test_forward_feeds_the_chosen_copy_and_gradient_reaches_the_proxy(tmp_path, 
     assert all(p is not proxy.weight for g in groups[:-1] for p in g["params"])
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "mllama"])
+def test_the_fused_loss_head_gives_the_loss_and_gradients_of_the_logits(
+    tmp_path, described, family, monkeypatch
+):
+    """fused_loss_head (the default) applies the output layer inside the loss on the final hidden
+    states: the loss and the gradients of LoRA and the proxy equal those of the logits path. Mllama
+    has no stacked single pass; it keeps the logits path."""
+    import hf_vitask.trainers.instruction_free as module
+
+    calls = []
+    real = module.fused_head_losses
+    monkeypatch.setattr(module, "fused_head_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = _trainer(tmp_path, described["train"], family=family, shuffle_prob=0.0)
+    model = trainer.model
+    batch = trainer.data_collator([described["train"][i] for i in range(3)])
+    results = {}
+    for fused in (True, False):
+        trainer.args.fused_loss_head = fused
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(7))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fused] = (loss.detach(), grads | {"proxy": trainer.proxy.weight.grad.clone()})
+        trainer.proxy.weight.grad = None
+    assert len(calls) == (0 if family == "mllama" else 1)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert set(results[True][1]) == set(results[False][1]) and "proxy" in results[True][1]
+    assert any("lora_" in n for n in results[True][1])
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- training ---------------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vitask.config import VLMTuningArguments
 from hf_vitask.files import TRAINING_CONFIG_FILE
+from hf_vitask.models.head import OutputLayer, output_layer
 from hf_vitask.models.modeling import VITaskModel, is_peft_model
 from hf_vitask.processing import VITaskProcessor
 from hf_vitask.trainers.bundles import OutputDirLock, publish_bundle, staging_dir
@@ -212,6 +213,14 @@ class VLMTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             return loss * self.accelerator.num_processes
         return loss
+
+    def loss_output_layer(self, unwrapped) -> OutputLayer | None:
+        """The output layer the loss applies itself (``fused_loss_head``), or None for the logits path:
+        off, or FSDP / DeepSpeed (they shard the weights outside their forward), or a layer the model
+        must apply (LoRA-wrapped, quantised, transformed logits)."""
+        if not self.args.fused_loss_head or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        return output_layer(unwrapped.vlm, unwrapped.family)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation loss with the same terms as training."""

@@ -20,7 +20,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_vitask.config import InstructionFreeConfig
 from hf_vitask.data.instruction_free import PROXY_SLOT_MASK, InstructionFreeCollator
-from hf_vitask.losses import reduce_tokens, token_ce
+from hf_vitask.losses import fused_head_losses, reduce_tokens, token_ce
 from hf_vitask.models.modeling import VITaskModel, submodule_state
 from hf_vitask.models.proxy import PROXY_FILE, ProxyInstruction, inject_proxy
 from hf_vitask.trainers.base import VLMTrainer, check_trainer_inputs, wrap_lora
@@ -177,17 +177,34 @@ class InstructionFreeTrainer(VLMTrainer):
         inputs = dict(inputs)
         slot_mask = inputs.pop(PROXY_SLOT_MASK, None)
         proxy = self.proxy
-        if proxy is not None:
-            if slot_mask is None:
-                raise ValueError(
-                    f"The batch has no {PROXY_SLOT_MASK}: use InstructionFreeCollator(use_proxy=True)"
-                )
-            with inject_proxy(self.accelerator.unwrap_model(model), proxy, slot_mask):
-                out = model(**inputs)
+        if proxy is not None and slot_mask is None:
+            raise ValueError(
+                f"The batch has no {PROXY_SLOT_MASK}: use InstructionFreeCollator(use_proxy=True)"
+            )
+        unwrapped = self.accelerator.unwrap_model(model)
+        layer = None if return_outputs else self.loss_output_layer(unwrapped)
+        # with the output layer left to the loss, the forward returns final hidden states at the
+        # response tokens (one pass of run_passes, through the distributed wrapper when there is one)
+        passes = {"mode": "batch", "logits": False} if layer is not None else None
+        with inject_proxy(unwrapped, proxy, slot_mask) if proxy is not None else contextlib.nullcontext():
+            out = model(**inputs, passes=passes)
+        if passes is not None:
+            out = out.plain
+        if getattr(out, "response_hidden", None) is not None:
+            targets = out.response_targets
+            count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+            loss, terms = fused_head_losses(
+                layer.weight,
+                layer.bias,
+                out.response_hidden,
+                targets,
+                {"van": 1 / count},
+                softcap=layer.softcap,
+            )
+            per_token = terms["van"]
         else:
-            out = model(**inputs)
-        per_token = token_ce(out.response_logits, out.response_targets)
-        loss = reduce_tokens(per_token, num_items_in_batch)
+            per_token = token_ce(out.response_logits, out.response_targets)
+            loss = reduce_tokens(per_token, num_items_in_batch)
         self.record(model, "loss_ce", per_token, per_token.numel() if num_items_in_batch is not None else 1.0)
         if proxy is not None and model.training:
             self.record(model, "proxy_ema_gap", (proxy.weight.detach() - proxy.ema).norm(dim=-1).mean())

@@ -34,7 +34,6 @@ from hf_vitask.losses import (
     token_ce,
 )
 from hf_vitask.models.exemplar import ExemplarConnector
-from hf_vitask.models.head import output_layer
 from hf_vitask.models.modeling import (
     VITASK_CONFIG_FILE,
     VITaskModel,
@@ -457,11 +456,7 @@ class VITaskTrainer(VLMTrainer):
                 "(VITaskCollator(..., with_negatives=True), the default collator of this trainer)"
             )
         crt = args.effective_crt_weight > 0
-        # FSDP and DeepSpeed shard the weights outside their forward: the output layer stays in the model there
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        layer = (
-            output_layer(unwrapped.vlm, unwrapped.family) if args.fused_loss_head and not sharded else None
-        )
+        layer = self.loss_output_layer(unwrapped)
         topk_teacher = (
             args.rda_weight > 0
             and args.rda_teacher == "frozen"
