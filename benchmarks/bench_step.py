@@ -37,9 +37,16 @@ from pathlib import Path
 
 import torch
 
-from hf_vitask import TaskSpecificModel, VITaskCollator, VITaskConfig, VITaskTrainer
+from hf_vitask import (
+    InstructionFreeConfig,
+    InstructionFreeTrainer,
+    TaskSpecificModel,
+    VITaskCollator,
+    VITaskConfig,
+    VITaskTrainer,
+)
 from hf_vitask.data.collator import build_prompts
-from hf_vitask.data.digits import digits_task, load_digits_dataset
+from hf_vitask.data.digits import add_digit_descriptions, digits_task, load_digits_dataset
 from hf_vitask.evaluation import generate_answers, score_options
 from hf_vitask.losses import rda_kl, rda_kl_cached
 from hf_vitask.models.loading import lora_config
@@ -140,6 +147,19 @@ class Run:
         self.trainer.model.zero_grad(set_to_none=True)
         return sum(storages.values()) / 2**20
 
+    def gflop(self, batch: dict) -> float:
+        """Floating-point work of one forward + backward, counted by torch's ``FlopCounterMode``
+        (matrix products and attention; elementwise work such as a softmax is not counted): the
+        floor a variant's time cannot go below at a given machine throughput."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _count_cpu_attention()
+        self.trainer.model.train()
+        with FlopCounterMode(display=False) as counter:
+            self.loss(batch).backward()
+        self.trainer.model.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
+
     def step_rss_mb(self, batch: dict, device: torch.device) -> float:
         """Peak resident memory one training step adds to the process (CPU), in a forked child: every
         weight, optimizer state and batch tensor is touched first, so only what the step allocates
@@ -170,6 +190,24 @@ class Run:
             value = pipe.read()
         os.waitpid(pid, 0)
         return float(value) if value else float("nan")
+
+
+def _count_cpu_attention() -> None:
+    """``FlopCounterMode`` knows the CUDA attention kernels; count the CPU one with the same formulas."""
+    from torch.utils import flop_counter
+
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(forward)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)  # shapes
+
+    @flop_counter.register_flop_formula(backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
 def _rss_mb() -> float:
@@ -213,6 +251,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the collator, teacher-cache and evaluation parts"
+    )
+    parser.add_argument(
+        "--instruction-free",
+        action="store_true",
+        help="also time an instruction-free step (proxy, digit descriptions) with and without the fused loss head",
     )
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -374,7 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             row["saved_for_backward_mb"] = run.saved_for_backward_mb(run.batches[0])
             row["step_rss_mb"] = run.step_rss_mb(run.batches[0], device)
+        row["gflop"] = run.gflop(run.batches[0])
         variants.append(row)
+    for row in variants:  # the work ratio next to the time ratio: how close a variant is to its floor
+        row["gflop_vs_vanilla"] = row["gflop"] / next(r["gflop"] for r in variants if r["name"] == VANILLA)
     sequence = runs[SFT].batches[0]["input_ids"].shape[1]
     report = {
         "command": "python benchmarks/bench_step.py"
@@ -401,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
         "variants": variants,
     }
     _print_steps(report)
+    if cli.instruction_free:
+        report["instruction_free"] = _instruction_free(vlm, config, data, device, cli)
 
     if not cli.no_eval:
         report.update(_collator_rate(runs, rows, task, tsm, cli))
@@ -431,13 +479,75 @@ def _print_steps(report: dict) -> None:
     memory = [
         k for k in ("peak_allocated_mb", "saved_for_backward_mb", "step_rss_mb") if k in report["variants"][0]
     ]
-    head = ["variant", "step (ms)", "vs SFT", "vs trl", "vs vanilla", *memory]
+    head = ["variant", "step (ms)", "vs SFT", "vs trl", "vs vanilla", *memory, "GFLOP", "GFLOP vs vanilla"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in report["variants"]:
         cells = [row["name"], f"{row['step_ms']:.1f}"]
         cells += [f"{row[k]:.2f}x" for k in ("vs_sft", "vs_trl", "vs_vanilla")]
         cells += [f"{row[k]:.1f}" for k in memory]
+        cells += [f"{row['gflop']:.1f}", f"{row['gflop_vs_vanilla']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
+
+
+def _instruction_free(vlm, config, data, device, cli) -> dict:
+    """An InstructionFreeTrainer step (proxy instruction, digit descriptions as responses) with the
+    output layer inside the loss and on the logits path, on the same batches, taking turns."""
+    described = add_digit_descriptions(data)["train"]
+    rows = [described[i] for i in range(cli.batch * (cli.steps + 1))]
+    runs = {}
+    for name, fused in (
+        ("instruction-free", True),
+        ("instruction-free, logits loss (fused_loss_head off)", False),
+    ):
+        model, processor = vlm()
+        base = config()
+        args = InstructionFreeConfig(
+            **{
+                k: getattr(base, k)
+                for k in ("output_dir", "report_to", "save_strategy", "lora_r", "lora_dropout")
+            },
+            use_cpu=device.type == "cpu",
+            per_device_train_batch_size=cli.batch,
+            disable_tqdm=True,
+            fused_loss_head=fused,
+        )
+        trainer = InstructionFreeTrainer(
+            model=model.to(device), args=args, processing_class=processor, train_dataset=described
+        )
+        trainer.model.to(device)
+        if cli.gradient_checkpointing:
+            enable_checkpointing(trainer.model)
+        collate = trainer.data_collator
+        batches = [
+            {
+                k: (v.to(device) if torch.is_tensor(v) else v)
+                for k, v in collate(rows[i * cli.batch : (i + 1) * cli.batch]).items()
+            }
+            for i in range(cli.steps + 1)
+        ]
+        runs[name] = Run(name, trainer, batches if not runs else next(iter(runs.values())).batches, "vitask")
+    for step in range(cli.steps + 1):
+        for run in runs.values():
+            seconds = run.step(run.batches[step], device)
+            if step:
+                run.times.append(seconds)
+    fused = statistics.median(runs["instruction-free"].times)
+    batch = runs["instruction-free"].batches[0]
+    responses = int((batch["labels"] != -100).sum())
+    rows_out = []
+    for run in runs.values():
+        median = statistics.median(run.times)
+        row = {"name": run.name, "step_ms": median * 1e3, "vs_fused": median / fused}
+        if device.type == "cpu":
+            row["saved_for_backward_mb"] = run.saved_for_backward_mb(run.batches[0])
+            row["step_rss_mb"] = run.step_rss_mb(run.batches[0], device)
+        row["gflop"] = run.gflop(run.batches[0])
+        rows_out.append(row)
+    print(f"\ninstruction-free step, {responses} description tokens in a batch of {cli.batch}")
+    print("| " + " | ".join(["instruction-free step", *list(rows_out[0])[1:]]) + " |")
+    for row in rows_out:
+        print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return {"response_tokens": responses, "variants": rows_out}
 
 
 def _collator_rate(runs: dict[str, Run], rows, task, tsm, cli) -> dict:

@@ -35,6 +35,7 @@ def _check_step_table(bench, report: dict, out: str, names: list[str]) -> None:
         for line in out.splitlines()
         if line.startswith("| ") and not line.startswith("| variant")
     ]
+    rows = [r for r in rows if not r[0].startswith("instruction-free")]  # its own table
     variants = {v["name"]: v for v in report["variants"]}
     assert [r[0] for r in rows] == list(variants) == names
     base = {
@@ -49,6 +50,9 @@ def _check_step_table(bench, report: dict, out: str, names: list[str]) -> None:
             assert float(row[column].rstrip("x")) == pytest.approx(v[f"vs_{key}"], abs=0.005)
         # CPU memory: what autograd saves, and what a step adds to a forked child's resident memory
         assert v["saved_for_backward_mb"] > 0 and v["step_rss_mb"] >= 0, row[0]
+        # the counted work, next to the times
+        assert v["gflop"] > 0 and float(row[-2]) == pytest.approx(v["gflop"], abs=0.05)
+        assert v["gflop_vs_vanilla"] == pytest.approx(v["gflop"] / variants[bench.VANILLA]["gflop"])
     assert variants[bench.SFT]["vs_sft"] == 1.0 and variants[bench.TRL]["vs_trl"] == 1.0
 
 
@@ -124,6 +128,7 @@ def test_bench_step_with_checkpointing_runs_the_fused_prefix(tmp_path, capsys, c
                 "--no-eval",
                 "--variants",
                 "stage 1 (EP + RDA)",
+                "--instruction-free",
                 "--output-dir",
                 str(tmp_path),
             ]
@@ -132,6 +137,15 @@ def test_bench_step_with_checkpointing_runs_the_fused_prefix(tmp_path, capsys, c
     assert report["config"]["gradient_checkpointing"] is True and "evaluation" not in report
     names = [bench.SFT, bench.TRL, bench.VANILLA, "stage 1 (EP + RDA)", bench.STAGE2]
     _check_step_table(bench, report, capsys.readouterr().out, names)
+    # --instruction-free: the same batches with and without the fused loss head; the logits path
+    # computes the output layer at every position, the fused head at the description tokens only
+    section = report["instruction_free"]
+    fused, logits = section["variants"]
+    assert fused["name"] == "instruction-free" and "fused_loss_head off" in logits["name"]
+    assert fused["vs_fused"] == 1.0 and logits["vs_fused"] == pytest.approx(
+        logits["step_ms"] / fused["step_ms"]
+    )
+    assert section["response_tokens"] > 0 and 0 < fused["gflop"] < logits["gflop"]
 
 
 def test_bench_distributed_runs_each_layout_with_its_process_count(capsys):
