@@ -82,8 +82,7 @@ class VLMTuningArguments(TrainingArguments):
             "help": "Apply the output layer inside the loss, a chunk of response tokens at a time, so no (tokens x "
             "vocabulary) logits are kept for backward (same losses and gradients; VITask's terms also share each "
             "pass's softmax). Used when the output layer is a plain Linear that the model applies last and, for "
-            "VITask, with a fused pass_fusion; not with a top-k teacher cache, nor under FSDP or DeepSpeed "
-            "(sharded weights)."
+            "VITask, with a fused pass_fusion; not under FSDP or DeepSpeed (sharded weights)."
         },
     )
     # -- TrainingArguments defaults that suit these trainers -----------------------------------------

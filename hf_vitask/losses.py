@@ -178,7 +178,9 @@ class _FusedHeadLosses(torch.autograd.Function):
     pass's softmax is computed once for every term that reads it."""
 
     @staticmethod
-    def forward(ctx, weight, bias, student, teacher, negative, teacher_logprobs, targets, keep, options):
+    def forward(
+        ctx, weight, bias, student, teacher, negative, teacher_logprobs, teacher_index, targets, keep, options
+    ):
         c = options["coefficients"]
         temperature, softcap, detach = options["temperature"], options["softcap"], options["detach_teacher"]
         c_van, c_ep, c_rda, c_crt = (c.get(k, 0.0) for k in ("van", "ep", "rda", "crt"))
@@ -242,7 +244,9 @@ class _FusedHeadLosses(torch.autograd.Function):
                     log_p, p = logp_s, p_s
                 else:
                     log_p, p = _softmaxes(logp_s / temperature)
-                if teacher_logprobs is not None:
+                if teacher_index is not None:  # top-k: the rest of the mass spread evenly (rda_kl_cached)
+                    log_q = _dense_topk(teacher_logprobs[rows].float(), teacher_index[rows], weight.shape[0])
+                elif teacher_logprobs is not None:
                     log_q = teacher_logprobs[rows].float()
                 else:
                     log_q = logp_t if temperature == 1 else torch.log_softmax(logp_t / temperature, -1)
@@ -323,7 +327,22 @@ class _FusedHeadLosses(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _dense_topk(values: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(C, V)`` log-probabilities from a top-k ``(C, k)``: the k given, and the mass left
+    (``1 - sum(exp(values))``) spread evenly over the other ``V - k`` tokens. The KL against it is
+    :func:`rda_kl_cached`'s: ``sum_v p_v (log p_v - l_v)`` splits into its top-k and rest terms."""
+    k = index.shape[-1]
+    if k >= vocab:
+        return torch.empty(values.shape[0], vocab, dtype=values.dtype, device=values.device).scatter_(
+            1, index, values
+        )
+    rest = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
+    dense = torch.log(rest / (vocab - k)).expand(-1, vocab).clone()
+    return dense.scatter_(1, index, values)
 
 
 def _passes(stacked: torch.Tensor | None, sizes: list[int], teacher: bool, negative: bool) -> tuple:
@@ -356,6 +375,7 @@ def fused_head_losses(
     *,
     teacher: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
+    teacher_index: torch.Tensor | None = None,
     negative: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -366,8 +386,8 @@ def fused_head_losses(
 
     Equal to applying the output layer (``logits = hidden @ weight.T + bias``, then ``softcap *
     tanh(logits / softcap)`` when the model soft-caps its logits) and then :func:`token_ce` (``van``
-    on the student, ``ep`` on the teacher), :func:`rda_kl` (or :func:`rda_kl_cached` against the full
-    ``teacher_logprobs``) and :func:`crt_loss` (student rows where ``keep`` is True vs ``negative``),
+    on the student, ``ep`` on the teacher), :func:`rda_kl` (or :func:`rda_kl_cached` against
+    ``teacher_logprobs``, all of them or the top-k) and :func:`crt_loss` (student rows where ``keep`` is True vs ``negative``),
     but no ``(N, V)`` tensor is kept for backward and each pass's log-softmax is computed once and
     shared by every loss that reads it. At a 152k vocabulary the logits of a stage-2 step are most
     of its memory.
@@ -380,7 +400,8 @@ def fused_head_losses(
             ``{"van": w / num_tokens, ...}``; a term without one (or 0) is computed but not learnt.
         teacher: ``(N, H)`` hidden states of the EP pass (gives ``ep`` and, as the RDA teacher, ``rda``).
         teacher_logprobs: ``(N, V)`` teacher log-probabilities at ``temperature`` instead (a frozen or
-            cached teacher), detached.
+            cached teacher), detached; with ``teacher_index`` ``(N, k)``, the teacher's top-k
+            log-probabilities at those vocabulary ids (the KL of :func:`rda_kl_cached`).
         negative, keep: ``(M, H)`` hidden states of the CRT negative pass and the ``(N,)`` mask of the
             student tokens they pair with (``M = keep.sum()``).
         detach_teacher: False lets the RDA gradient reach the teacher (ablation control).
@@ -400,8 +421,12 @@ def fused_head_losses(
         "softcap": softcap,
         "detach_teacher": detach_teacher,
     }
+    if teacher_index is not None and (
+        teacher_logprobs is None or teacher_index.shape != teacher_logprobs.shape
+    ):
+        raise ValueError("teacher_index needs teacher_logprobs of the same (N, k) shape")
     total, *per_token = _FusedHeadLosses.apply(
-        weight, bias, student, teacher, negative, teacher_logprobs, targets, keep, options
+        weight, bias, student, teacher, negative, teacher_logprobs, teacher_index, targets, keep, options
     )
     names = ("van", "ep", "rda", "crt")
     return total, {k: v for k, v in zip(names, per_token) if v is not None}

@@ -193,7 +193,8 @@ def test_losses_keep_only_their_inputs_for_backward_and_give_the_same_gradients(
 
 # -- the fused output layer + losses ---------------------------------------------------------------------
 def _reference_head_losses(weight, bias, student, targets, coefficients, *, teacher=None, teacher_logprobs=None,
-                           negative=None, keep=None, temperature=1.0, detach_teacher=True, softcap=None):  # fmt: skip
+                           teacher_index=None, negative=None, keep=None, temperature=1.0, detach_teacher=True,
+                           softcap=None):  # fmt: skip
     """The unfused path: logits first, then the per-token losses of this module."""
 
     def head(h):
@@ -207,7 +208,7 @@ def _reference_head_losses(weight, bias, student, targets, coefficients, *, teac
         terms["ep"] = token_ce(zt, targets)
     if "rda" in coefficients:
         if teacher_logprobs is not None:
-            terms["rda"] = rda_kl_cached(zs, teacher_logprobs, None, temperature)
+            terms["rda"] = rda_kl_cached(zs, teacher_logprobs, teacher_index, temperature)
         else:
             terms["rda"] = rda_kl(zs, zt, temperature, detach=detach_teacher)
     if negative is not None:
@@ -228,6 +229,9 @@ FUSED_CASES = {
                                                 coefficients=dict(van=0.4, ep=1.0, rda=0.9, crt=0.6)),
     "given teacher log-probs at temperature 1, CRT": dict(teacher_logprobs=True, negative=True,
                                                           coefficients=dict(van=1.0, rda=0.5, crt=2.0)),
+    "top-k teacher log-probs, CRT": dict(teacher_topk=7, negative=True, coefficients=dict(van=1.0, rda=1.5, crt=0.5)),
+    "top-k teacher log-probs, temperature 2": dict(teacher_topk=7, temperature=2.0, coefficients=dict(van=0.5, rda=1.0)),
+    "top-k teacher, every token kept": dict(teacher_topk=50, coefficients=dict(van=1.0, rda=1.0)),
     "soft-capped, temperature 2": dict(teacher=True, softcap=2.0, temperature=2.0,
                                        coefficients=dict(van=1.0, ep=0.3, rda=1.0)),
 }  # fmt: skip
@@ -261,6 +265,9 @@ def test_fused_head_losses_equal_the_logits_path_in_values_and_gradients(case, m
         spec["keep"] = keep
     if spec.pop("teacher_logprobs", False):
         spec["teacher_logprobs"] = torch.randn(n, vocab, generator=g, dtype=torch.float64).log_softmax(-1)
+    if "teacher_topk" in spec:  # a peaked teacher's top-k, as the teacher cache stores it
+        full = (3 * torch.randn(n, vocab, generator=g, dtype=torch.float64)).log_softmax(-1)
+        spec["teacher_logprobs"], spec["teacher_index"] = full.topk(spec.pop("teacher_topk"), dim=-1)
     coefficients = spec.pop("coefficients")
 
     def run(fn):

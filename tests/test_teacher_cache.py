@@ -440,6 +440,55 @@ def test_the_disk_store_gives_exactly_the_in_memory_loss_and_gradients(
     assert store.nbytes == tokens * token_bytes(512, topk)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_top_k_cache_keeps_the_fused_loss_head(tmp_path, train16, task, tsm, trained_teacher, stage):
+    """The fused loss head reads the cached top-k (the rest of the mass spread evenly, as
+    rda_kl_cached does): the loss and gradients of the logits path, with no logits computed."""
+    from hf_vitask.trainers import vitask as vitask_module
+
+    extra = {} if stage == 1 else {"stage": 2, "ep_weight": 0.5, "crt_weight": 0.5, "freeze_connector": False}
+    trainer = _frozen_trainer(
+        tmp_path,
+        train16,
+        task,
+        tsm,
+        trained_teacher,
+        rda_teacher_cache="memory",
+        rda_teacher_topk=16,
+        **extra,
+    )
+    assert trainer.teacher_cache_plan.topk == 16
+    batch = trainer.data_collator([train16[i] for i in range(8)])
+    calls = []
+    real = vitask_module.fused_head_losses
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("teacher_index"))
+        return real(*args, **kwargs)
+
+    vitask_module.fused_head_losses = spy
+    try:
+        results = {}
+        for fused in (True, False, True):  # the first fills the cache; the next two read it
+            trainer.args.fused_loss_head = fused
+            trainer.model.zero_grad(set_to_none=True)
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+            loss.backward()
+            results[fused] = (
+                loss.detach(),
+                {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
+            )
+    finally:
+        vitask_module.fused_head_losses = real
+    assert len(calls) == 2 and all(index is not None and index.shape[-1] == 16 for index in calls)
+    assert trainer.teacher_passes == 8  # computed once, then read from the cache
+    (loss, grads), (reference, reference_grads) = results[True], results[False]
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys() and grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_choice_is_announced_once_with_its_size(tmp_path, train16, task, tsm, trained_teacher, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_vitask.trainers.vitask"):
         auto = _frozen_trainer(tmp_path / "auto", train16, task, tsm, trained_teacher)

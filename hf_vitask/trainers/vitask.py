@@ -457,14 +457,7 @@ class VITaskTrainer(VLMTrainer):
             )
         crt = args.effective_crt_weight > 0
         layer = self.loss_output_layer(unwrapped)
-        topk_teacher = (
-            args.rda_weight > 0
-            and args.rda_teacher == "frozen"
-            and sample_keys is not None
-            and self.teacher_cache_plan.mode != "off"
-            and bool(self.teacher_cache_plan.topk)
-        )
-        hidden = layer is not None and not return_outputs and not topk_teacher
+        hidden = layer is not None and not return_outputs
         # one forward for the no-EP, EP and negative passes (shared image prefix; see hf_vitask.models.passes),
         # through the distributed wrapper when there is one
         passes = model(
@@ -560,14 +553,14 @@ class VITaskTrainer(VLMTrainer):
         student = passes.plain
         targets = student.response_targets
         temperature = args.rda_temperature
-        teacher_logprobs = None
+        teacher_logprobs = teacher_index = None
         if args.rda_weight > 0:
             if args.rda_teacher == "frozen":
                 if sample_keys is None or self.teacher_cache_plan.mode == "off":
                     logits = self._frozen_teacher_logits(unwrapped, inputs, tsm_pixel_values)
                     teacher_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-                else:
-                    teacher_logprobs, _ = self._cached_teacher(
+                else:  # all of the distribution, or its top-k (teacher_index)
+                    teacher_logprobs, teacher_index = self._cached_teacher(
                         unwrapped, inputs, tsm_pixel_values, sample_keys
                     )
             elif not args.rda_teacher_dropout and unwrapped.training and self._has_dropout(unwrapped):
@@ -588,6 +581,7 @@ class VITaskTrainer(VLMTrainer):
             coefficients,
             teacher=None if passes.ep is None else passes.ep.response_hidden,
             teacher_logprobs=teacher_logprobs,
+            teacher_index=teacher_index,
             negative=None if keep is None else passes.negative.response_hidden,
             keep=keep,
             temperature=temperature,
