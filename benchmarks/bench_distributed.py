@@ -146,7 +146,13 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
             command = [*launcher, __file__, "--worker", "--out", out, "--pass-fusion", fusion, *shapes]
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            if done.returncode:  # say why: the workers' own error, not only an exit status
+                raise RuntimeError(
+                    f"{name} ({processes} processes) exited with {done.returncode}:\n{done.stderr[-4000:]}"
+                )
             result = json.loads(Path(out, "times.json").read_text())
         assert result["world_size"] == processes
         medians[name] = statistics.median(result["times"])
