@@ -39,6 +39,7 @@ def worker(cli) -> None:
 
     from hf_vitask import TaskSpecificModel, VITaskConfig, VITaskTrainer
     from hf_vitask.data.digits import digits_task, load_digits_dataset
+    from hf_vitask.distributed import end_process_group
     from hf_vitask.models.tiny import build_tiny_vlm
 
     torch.set_num_threads(1)
@@ -93,6 +94,7 @@ def worker(cli) -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         Path(cli.out, "times.json").write_text(json.dumps({"times": times[2:], "world_size": world}))
+    end_process_group()
 
 
 def _free_port() -> int:

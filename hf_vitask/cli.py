@@ -593,5 +593,17 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``hf-vitask`` executable: :func:`main`, then, after a command that succeeded, leave the
+    process group of a multi-process launch together (see
+    :func:`hf_vitask.distributed.end_process_group`) and exit with the command's status."""
+    code = main()
+    if code == 0 and "torch.distributed" in sys.modules:
+        from hf_vitask.distributed import end_process_group
+
+        end_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

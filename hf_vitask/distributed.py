@@ -43,6 +43,16 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier()
 
 
+def end_process_group() -> None:
+    """Leave the process group this process joined (a no-op without one): wait for the others, then
+    destroy it. A process that exits with a gloo group still alive can abort at interpreter exit
+    ("terminate called without an active exception", SIGABRT) after a run that finished, and the
+    launcher then reports the whole job as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def my_block(n: int) -> range:
     """This process's contiguous block of ``range(n)`` (the first ``n % size`` blocks one longer)."""
     rank, size = rank_and_size()

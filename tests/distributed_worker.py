@@ -62,6 +62,9 @@ def run_cli() -> None:
         )
         if code:
             raise SystemExit(code)
+    from hf_vitask.distributed import end_process_group
+
+    end_process_group()
 
 
 def main() -> None:
@@ -202,6 +205,9 @@ def main() -> None:
             out / "result.pt",
         )
     (out / f"written-rank{rank}.json").write_text(json.dumps(sorted(set(written))))
+    from hf_vitask.distributed import end_process_group
+
+    end_process_group()
 
 
 if __name__ == "__main__":

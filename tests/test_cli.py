@@ -381,6 +381,22 @@ def test_console_script_module_entry(capsys):
     )
 
 
+@pytest.mark.parametrize("code", [0, 1])
+def test_the_executable_leaves_the_process_group_after_a_command_that_succeeded(code, monkeypatch):
+    """``hf-vitask`` (``cli.run``) exits with the command's status; after a success it leaves the
+    process group of a launch (all processes together), after a failure it does not wait for peers
+    that may never come."""
+    import hf_vitask.cli as cli
+    import hf_vitask.distributed as distributed
+
+    left = []
+    monkeypatch.setattr(cli, "main", lambda: code)
+    monkeypatch.setattr(distributed, "end_process_group", lambda: left.append(True))
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == code and left == ([True] if code == 0 else [])
+
+
 # -- per-command help --------------------------------------------------------------------------------
 HELP_VARIANTS = (
     "train-tsm",
