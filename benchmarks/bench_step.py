@@ -517,15 +517,15 @@ def _instruction_free(vlm, config, data, device, cli) -> dict:
         trainer.model.to(device)
         if cli.gradient_checkpointing:
             enable_checkpointing(trainer.model)
-        collate = trainer.data_collator
-        batches = [
-            {
-                k: (v.to(device) if torch.is_tensor(v) else v)
-                for k, v in collate(rows[i * cli.batch : (i + 1) * cli.batch]).items()
-            }
-            for i in range(cli.steps + 1)
-        ]
-        runs[name] = Run(name, trainer, batches if not runs else next(iter(runs.values())).batches, "vitask")
+        if not runs:  # collated once (responses shuffled once): both variants step on these batches
+            batches = [
+                {
+                    k: (v.to(device) if torch.is_tensor(v) else v)
+                    for k, v in trainer.data_collator(rows[i * cli.batch : (i + 1) * cli.batch]).items()
+                }
+                for i in range(cli.steps + 1)
+            ]
+        runs[name] = Run(name, trainer, batches, "vitask")
     for step in range(cli.steps + 1):
         for run in runs.values():
             seconds = run.step(run.batches[step], device)
