@@ -419,8 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["step_rss_mb"] = run.step_rss_mb(run.batches[0], device)
         row["gflop"] = run.gflop(run.batches[0])
         variants.append(row)
+    vanilla_gflop = next(r["gflop"] for r in variants if r["name"] == VANILLA)
     for row in variants:  # the work ratio next to the time ratio: how close a variant is to its floor
-        row["gflop_vs_vanilla"] = row["gflop"] / next(r["gflop"] for r in variants if r["name"] == VANILLA)
+        row["gflop_vs_vanilla"] = row["gflop"] / vanilla_gflop
     sequence = runs[SFT].batches[0]["input_ids"].shape[1]
     report = {
         "command": "python benchmarks/bench_step.py"
@@ -494,13 +495,12 @@ def _instruction_free(vlm, config, data, device, cli) -> dict:
     output layer inside the loss and on the logits path, on the same batches, taking turns."""
     described = add_digit_descriptions(data)["train"]
     rows = [described[i] for i in range(cli.batch * (cli.steps + 1))]
-    runs = {}
+    runs, base = {}, config()
     for name, fused in (
         ("instruction-free", True),
         ("instruction-free, logits loss (fused_loss_head off)", False),
     ):
         model, processor = vlm()
-        base = config()
         args = InstructionFreeConfig(
             **{
                 k: getattr(base, k)

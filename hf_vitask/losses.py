@@ -115,9 +115,15 @@ def rda_kl_cached(
     p_top = p.gather(-1, teacher_index)
     kl = (p * log_p).sum(-1) - (p_top * log_q).sum(-1)
     if k < vocab:
-        rest = (1 - log_q.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl - (1 - p_top.sum(-1)).clamp_min(0) * torch.log(rest / (vocab - k))
+        kl = kl - (1 - p_top.sum(-1)).clamp_min(0) * tail_logprob(log_q, vocab)
     return kl * temperature**2
+
+
+def tail_logprob(topk_logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(N,)`` log-probability of each token outside a ``(N, k)`` top-k: the mass the top-k leave,
+    spread evenly over the other ``vocab - k`` tokens (how a top-k teacher cache stands in for the rest)."""
+    rest = (1 - topk_logprobs.exp().sum(-1)).clamp_min(1e-12)
+    return torch.log(rest / (vocab - topk_logprobs.shape[-1]))
 
 
 @recomputed
@@ -335,14 +341,9 @@ def _dense_topk(values: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.
     """``(C, V)`` log-probabilities from a top-k ``(C, k)``: the k given, and the mass left
     (``1 - sum(exp(values))``) spread evenly over the other ``V - k`` tokens. The KL against it is
     :func:`rda_kl_cached`'s: ``sum_v p_v (log p_v - l_v)`` splits into its top-k and rest terms."""
-    k = index.shape[-1]
-    if k >= vocab:
-        return torch.empty(values.shape[0], vocab, dtype=values.dtype, device=values.device).scatter_(
-            1, index, values
-        )
-    rest = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
-    dense = torch.log(rest / (vocab - k)).expand(-1, vocab).clone()
-    return dense.scatter_(1, index, values)
+    if index.shape[-1] >= vocab:
+        return values.new_empty(values.shape[0], vocab).scatter_(1, index, values)
+    return tail_logprob(values, vocab)[:, None].expand(-1, vocab).clone().scatter_(1, index, values)
 
 
 def _passes(stacked: torch.Tensor | None, sizes: list[int], teacher: bool, negative: bool) -> tuple:
